@@ -1,0 +1,86 @@
+"""The Method contract: what the trainer calls, and what a method may ask of the run.
+
+A method is an ``nn.Module`` holding its backbone, heads and buffers (queues, centres, teachers), so that
+its ``state_dict`` is everything a checkpoint needs. The trainer drives it through ``forward`` and four
+hooks; everything a method needs from the run (the epoch, the step, the world size, an extraction pass)
+reaches it through the ``TrainContext`` handed to those hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.types import Batch, FeatureBank, LossOutput
+
+
+class TrainContext(Protocol):
+    """What the trainer tells a method about the run. Implemented by ``pipeline.trainer``."""
+
+    epoch: int
+    """Current epoch, 0-based."""
+    epochs: int
+    """Total number of epochs of the run."""
+    step: int
+    """Global optimizer step, 0-based: the number of steps already taken before the current one."""
+    steps_per_epoch: int
+    rank: int
+    world_size: int
+    device: torch.device
+    num_samples: int
+    """N, the number of samples in the training set (global indices are 0..N-1)."""
+
+    def extract(self, module: nn.Module, *, name: str) -> FeatureBank:
+        """Run ``module`` in eval mode over every training sample once (``eval`` view) and return the
+        (N, D) features, row i for global index i, complete on every rank."""
+        ...
+
+    def set_sample_repeats(self, repeats: np.ndarray | None) -> None:
+        """How many times each sample (by global index) is drawn in the coming epoch; None = once each.
+        Called from ``on_epoch_start`` (DeepCluster's uniform sampling over clusters)."""
+        ...
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Record metrics at the current step (rank 0 writes them; other ranks ignore the call)."""
+        ...
+
+
+class Method(nn.Module):
+    """Base class of the four methods. Subclasses set ``name`` and ``config_class`` and implement
+    ``forward``; the hooks default to doing nothing."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[Any]]
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, batch: Batch) -> LossOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def on_train_start(self, ctx: TrainContext) -> None:
+        """Once, before the first step of the run (also after a resume)."""
+
+    def on_epoch_start(self, ctx: TrainContext) -> None:
+        """Before each epoch's loader is built: DeepCluster and PCL run extraction and clustering here."""
+
+    def on_after_backward(self, ctx: TrainContext) -> None:
+        """After the gradients are unscaled and clipped, before the optimizer step."""
+
+    def on_step_end(self, ctx: TrainContext) -> None:
+        """After the optimizer step: EMA teachers, queues, centres."""
+
+    def frozen_parameters(self, ctx: TrainContext) -> Iterable[nn.Parameter]:
+        """Parameters whose gradients the trainer drops at this step (after clipping, before the step):
+        SwAV's prototypes for the first iterations, DINO's last layer during the first epoch."""
+        return ()
+
+    def feature_extractor(self) -> nn.Module:
+        """The module evaluation embeds images with, mapping (batch, 3, H, W) to (batch, D) features.
+        The student backbone by default; DINO uses the teacher's."""
+        return self.backbone

@@ -1,0 +1,81 @@
+"""The tar writer and DALI index: byte layout identical to what tar readers and DALI's wds2idx expect."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from shards.format import decode_int, encode_int, sample_key
+from shards.tario import ShardTarWriter, format_dali_index, parse_dali_index, read_dali_index
+
+SAMPLES = [
+    (
+        sample_key(0, i),
+        [("jpg", bytes([i]) * (37 * i + 1)), ("cls", str(i).encode()), ("index", encode_int(i))],
+    )
+    for i in range(7)
+]
+
+
+def write(path: Path) -> ShardTarWriter:
+    with ShardTarWriter(path) as writer:
+        for key, components in SAMPLES:
+            writer.add_sample(key, components)
+    writer.write_dali_index(path.with_suffix(".idx"))
+    return writer
+
+
+def test_tar_round_trips_through_tarfile_and_webdataset(tmp_path: Path) -> None:
+    writer = write(tmp_path / "a.tar")
+    with tarfile.open(tmp_path / "a.tar") as archive:
+        members = archive.getmembers()
+        assert [m.name for m in members] == [f"{k}.{ext}" for k, comps in SAMPLES for ext, _ in comps]
+        assert archive.extractfile(members[3]).read() == SAMPLES[1][1][0][1]
+    read = list(wds.WebDataset(str(tmp_path / "a.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in read] == [k for k, _ in SAMPLES]
+    assert [decode_int(s["index"]) for s in read] == list(range(7))
+    assert writer.sha256 == hashlib.sha256((tmp_path / "a.tar").read_bytes()).hexdigest()
+    assert writer.bytes_written == (tmp_path / "a.tar").stat().st_size
+
+
+def test_index_offsets_point_at_the_data(tmp_path: Path) -> None:
+    write(tmp_path / "a.tar")
+    data = (tmp_path / "a.tar").read_bytes()
+    samples = read_dali_index(tmp_path / "a.idx")
+    assert len(samples) == len(SAMPLES)
+    for (_, components), entries in zip(SAMPLES, samples, strict=True):
+        for (ext, payload), entry in zip(components, entries, strict=True):
+            assert entry.ext == ext
+            assert data[entry.offset : entry.offset + entry.size] == payload
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar is needed by wds2idx")
+def test_index_matches_dalis_wds2idx(tmp_path: Path) -> None:
+    write(tmp_path / "a.tar")
+    wds2idx = Path(sys.executable).with_name("wds2idx")
+    subprocess.run(
+        [str(wds2idx), str(tmp_path / "a.tar"), str(tmp_path / "ref.idx")], check=True, capture_output=True
+    )
+    assert (tmp_path / "a.idx").read_text() == (tmp_path / "ref.idx").read_text()
+
+
+def test_index_parser_rejects_bad_headers() -> None:
+    good = format_dali_index([[]])
+    assert parse_dali_index("v1.2 0\n") == []
+    assert good.startswith("v1.2 1")
+    for bad in ["", "v1.1 0\n", "v1.2 2\njpg 0 1 a.jpg\n", "v1.2 1\njpg 0 1\n"]:
+        with pytest.raises(ValueError):
+            parse_dali_index(bad)
+
+
+def test_keys_with_dots_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="dots"), ShardTarWriter(tmp_path / "a.tar") as writer:
+        writer.add_sample("a.b", [("jpg", b"x")])
+    assert not (tmp_path / "a.tar").exists(), "a failed writer leaves no partial file"

@@ -1,0 +1,1 @@
+"""The click CLI (``clusterssl``) and the benchmarks."""

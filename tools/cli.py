@@ -1,0 +1,79 @@
+"""The ``clusterssl`` command line.
+
+Commands live in one module per stage (``tools/shards_cmd.py``, …) and import their heavy dependencies
+(torch, DALI, mlflow) inside the command, so ``clusterssl --help`` stays instant. Errors a user can cause
+are raised as ``ShardsError``/``ModelError``/``PipelineError`` anywhere below and end here as one line on
+stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import click
+
+from models.errors import ModelError
+from pipeline.errors import PipelineError
+from shards.errors import ShardsError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ShardsError, ModelError, PipelineError)
+USER_ERROR_EXIT_CODE = 2
+
+
+class UserError(click.ClickException):
+    """A user-caused problem, shown as ``Error: <message>`` with exit code 2."""
+
+    exit_code = USER_ERROR_EXIT_CODE
+
+
+class ClusterSSLGroup(click.Group):
+    """A click group that turns the packages' user errors into one line and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as error:
+            raise UserError(str(error)) from None
+
+
+def emit(summary: Mapping[str, Any], as_json: bool, human: Callable[[Mapping[str, Any]], str]) -> None:
+    """Print a command's final summary: one JSON object with ``--json``, else the human-readable text."""
+    if as_json:
+        click.echo(json.dumps(summary, indent=None, sort_keys=True, default=str))
+    else:
+        click.echo(human(summary))
+
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print the final summary as one JSON object."
+)
+
+
+@click.group(cls=ClusterSSLGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="clusterssl")
+def cli() -> None:
+    """Clustering-based self-supervised pretraining on sharded WebDataset streams.
+
+    Stages: `shards convert` → `train` → `extract` → `cluster` → `eval`, or all of them with `run`.
+    """
+
+
+def _register_commands() -> None:
+    """Attach the stage commands (kept in their own modules to keep this file about plumbing)."""
+    from tools import shards_cmd
+
+    cli.add_command(shards_cmd.shards)
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="clusterssl")
+
+
+if __name__ == "__main__":
+    main()
