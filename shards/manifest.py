@@ -1,0 +1,141 @@
+"""``manifest.json``: what a shard set holds, written last by a conversion and trusted by every reader.
+
+{
+  "format_version": 1,
+  "count": N,                       # samples in the set; global indices are 0..N-1
+  "classes": ["cat", "dog"],        # class id i is classes[i]; [] when unlabelled
+  "shards": [{"file": "shard-000000.tar", "index_file": "shard-000000.idx", "count": 1000,
+              "bytes": 52428800, "sha256": "…", "index_range": [0, 1000]}, …],   # index_range is [start, stop)
+  "skipped": [{"input": "train/cat/x.jpg", "reason": "not an image: cannot identify image file"}],
+  "params": {...}                   # the conversion's parameters (source, seed, shard size, …)
+}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shards.errors import ShardsError
+from shards.format import FORMAT_VERSION, MANIFEST_NAME
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    file: str
+    index_file: str
+    count: int
+    bytes: int
+    sha256: str
+    index_range: tuple[int, int]
+    """Global indices [start, stop) held by this shard."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    input: str
+    reason: str
+
+
+@dataclass
+class Manifest:
+    count: int
+    classes: list[str]
+    shards: list[ShardEntry]
+    skipped: list[Skipped] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    root: Path | None = field(default=None, compare=False)
+    """The directory the manifest was loaded from (not stored)."""
+
+    def shard_paths(self) -> list[Path]:
+        """Absolute paths of the tar files, in manifest order (needs ``root``)."""
+        root = self._require_root()
+        return [root / shard.file for shard in self.shards]
+
+    def index_paths(self) -> list[Path]:
+        root = self._require_root()
+        return [root / shard.index_file for shard in self.shards]
+
+    def _require_root(self) -> Path:
+        if self.root is None:
+            raise ShardsError("this manifest was not loaded from a directory, so its shard paths are unknown")
+        return self.root
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("root")
+        data["shards"] = [{**s, "index_range": list(s["index_range"])} for s in data["shards"]]
+        return {"format_version": data.pop("format_version"), **data}
+
+    def content_hash(self) -> str:
+        """A short hash identifying the data (counts, classes, shard checksums), for tags and bank metadata."""
+        payload = json.dumps(
+            {"count": self.count, "classes": self.classes, "shards": [s.sha256 for s in self.shards]},
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``manifest.json`` atomically (temp file, fsync, rename)."""
+        path = Path(directory) / MANIFEST_NAME
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(self.to_json(), handle, indent=1)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], root: Path | None = None) -> Manifest:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ShardsError(
+                f"manifest format version {version!r} is not supported (expected {FORMAT_VERSION})"
+            )
+        try:
+            return cls(
+                count=int(data["count"]),
+                classes=[str(c) for c in data["classes"]],
+                shards=[
+                    ShardEntry(
+                        file=s["file"],
+                        index_file=s["index_file"],
+                        count=int(s["count"]),
+                        bytes=int(s["bytes"]),
+                        sha256=s["sha256"],
+                        index_range=(int(s["index_range"][0]), int(s["index_range"][1])),
+                    )
+                    for s in data["shards"]
+                ],
+                skipped=[Skipped(str(s["input"]), str(s["reason"])) for s in data.get("skipped", [])],
+                params=dict(data.get("params", {})),
+                format_version=version,
+                root=root,
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise ShardsError(f"malformed manifest: {error!r}") from None
+
+
+def manifest_path(location: str | Path) -> Path:
+    """``DIR/manifest.json`` for a directory, the path itself for a file."""
+    location = Path(location)
+    return location / MANIFEST_NAME if location.is_dir() else location
+
+
+def load_manifest(location: str | Path) -> Manifest:
+    """Load a shard set's manifest from its directory (or the manifest file itself)."""
+    path = manifest_path(location)
+    if not path.exists():
+        raise ShardsError(f"no shard set at {location}: {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ShardsError(f"cannot read {path}: {error}") from None
+    return Manifest.from_json(data, root=path.parent.resolve())
