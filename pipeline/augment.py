@@ -23,7 +23,11 @@ Per view the parameters are (see ``pipeline.spec`` for the semantics):
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -364,11 +368,65 @@ def normalization(
 
 def default_chunk(x: Tensor) -> int:
     """Samples per pass: the whole batch on a GPU; on a CPU about 1 MiB of floats, so the several
-    passes of the colour/blur/normalise chain hit the cache instead of memory (measured 2-3x faster)."""
+    passes of the colour/blur chain hit the cache instead of memory (measured 2-3x faster)."""
     if x.is_cuda:
         return x.shape[0]
     per_sample = 4 * x[0].numel()
     return max(1, (1 << 20) // per_sample)
+
+
+_MADV_HUGEPAGE = 14
+_HUGE_PAGE_WORTH = 4 << 20
+
+
+def fresh_float_tensor(shape: tuple[int, ...], device: torch.device | str = "cpu") -> Tensor:
+    """An uninitialised float32 tensor for views handed to the caller.
+
+    On Linux CPUs the memory is advised for transparent huge pages: a new batch of views is tens of
+    MB touched for the first time, and faulting it in 4 KiB pages cost as much as normalising it
+    (measured: 0.6 vs 0.2 ms per 224×224 view). Elsewhere this is plain ``torch.empty``.
+    """
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    nbytes = out.numel() * 4
+    if out.device.type == "cpu" and nbytes >= _HUGE_PAGE_WORTH and sys.platform == "linux":
+        start = (out.data_ptr() + 4095) & ~4095
+        stop = (out.data_ptr() + nbytes) & ~4095
+        with contextlib.suppress(OSError, AttributeError):  # a hint only
+            _libc().madvise(
+                ctypes.c_void_p(start), ctypes.c_size_t(stop - start), ctypes.c_int(_MADV_HUGEPAGE)
+            )
+    return out
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _pixel_ops(x: Tensor, params: PixelParams, scratch: Tensor, y: Tensor) -> Tensor:
+    """Colour, blur and solarise of uint8 crops x (m, 3, S, S) into float y (0..255), in place."""
+    if bool(params.color.any()):
+        tmp = scratch[: len(x)]
+        tmp.copy_(x)
+        apply_color(tmp, params.lin, params.off, out=y)
+    else:
+        y.copy_(x)
+    sigma = params.sigma.detach().cpu().numpy()
+    blurred = np.flatnonzero(sigma > 0)
+    if len(blurred) == len(x):
+        y.copy_(gaussian_blur(y, sigma))
+    elif len(blurred):
+        rows = torch.from_numpy(blurred).to(x.device)
+        y[rows] = gaussian_blur(y[rows], sigma[blurred])
+    solar = np.flatnonzero(params.solarize.detach().cpu().numpy())
+    if len(solar):
+        rows = torch.from_numpy(solar).to(x.device)
+        y[rows] = solarize_(y[rows])
+    return y
+
+
+def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(start, min(n, start + chunk)) for start in range(0, n, chunk)]
 
 
 def finish_views(
@@ -379,37 +437,16 @@ def finish_views(
     out: Tensor | None = None,
     chunk: int | None = None,
 ) -> Tensor:
-    """The pixel ops of one view, batched: colour, blur, solarise, normalise.
+    """The pixel ops of one view, batched: colour, blur, solarise, then normalise.
 
     x: (n, 3, S, S) uint8 crops (already boxed, resized and flipped); returns (n, 3, S, S) float32
     normalised, written into ``out`` when given. Works on any device; ``chunk`` samples at a time.
     """
-    n = x.shape[0]
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device) if out is None else out
+    out = fresh_float_tensor(tuple(x.shape), x.device) if out is None else out
     shift, scale = normalization(mean, std, x.device)
     chunk = chunk or default_chunk(x)
-    scratch = torch.empty((min(chunk, n), *x.shape[1:]), dtype=torch.float32, device=x.device)
-    color_any = bool(params.color.any())
-    sigma_np = params.sigma.detach().cpu().numpy()
-    solarize_np = params.solarize.detach().cpu().numpy()
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        y = out[start:stop]
-        if color_any and bool(params.color[start:stop].any()):
-            tmp = scratch[: stop - start]
-            tmp.copy_(x[start:stop])
-            apply_color(tmp, params.lin[start:stop], params.off[start:stop], out=y)
-        else:
-            y.copy_(x[start:stop])
-        blurred = np.flatnonzero(sigma_np[start:stop] > 0)
-        if len(blurred) == stop - start:
-            y.copy_(gaussian_blur(y, sigma_np[start:stop]))
-        elif len(blurred):
-            rows = torch.from_numpy(blurred).to(x.device)
-            y[rows] = gaussian_blur(y[rows], sigma_np[start:stop][blurred])
-        solar = np.flatnonzero(solarize_np[start:stop])
-        if len(solar):
-            rows = torch.from_numpy(solar).to(x.device)
-            y[rows] = solarize_(y[rows])
+    scratch = torch.empty((min(chunk, len(x)), *x.shape[1:]), dtype=torch.float32, device=x.device)
+    for start, stop in _chunks(len(x), chunk):
+        y = _pixel_ops(x[start:stop], params.slice(start, stop), scratch, out[start:stop])
         y.sub_(shift).mul_(scale)
     return out

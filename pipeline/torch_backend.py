@@ -7,7 +7,8 @@
     pixel ops (colour, blur, solarise, normalise; ``augment.finish_views``), batched:
         on a GPU: in the main process, on the device (workers ship uint8 + parameters)
         on a CPU: in the worker right after cropping, in cache-sized chunks (the "device" is these same
-        cores, and the worker holds the crops hot in cache), shipping float views
+        cores, and the worker holds the crops hot in cache), shipping float views (measured: shipping
+        uint8 and normalising in the main process costs more than it saves)
 
 A corrupt sample (bad JPEG, truncated tar, missing component) is skipped and its slot filled with a copy
 of a good sample of the same batch, marked padding: batch sizes and counts never change.
@@ -26,7 +27,12 @@ from torch import Tensor
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_jpeg as tv_decode_jpeg
 
-from pipeline.augment import PixelParams, ViewParams, draw_params, finish_views
+from pipeline.augment import (
+    PixelParams,
+    ViewParams,
+    draw_params,
+    finish_views,
+)
 from pipeline.epoch import PADDING_REPEAT, RankPlan
 from pipeline.errors import PipelineError
 from pipeline.integrity import inspect_jpeg_bytes
@@ -114,6 +120,7 @@ class BatchBuilder:
         self.pixel_ops_here = pixel_ops_here
         self._readers: dict[int, IndexedShardReader | StreamShardReader] = {}
         self._units_seen: set[int] = set()
+        self._crop_buffers: dict[tuple[int, ...], Tensor] = {}
 
     def _reader(self, shard: int) -> IndexedShardReader | StreamShardReader:
         if shard not in self._readers:
@@ -204,27 +211,27 @@ class BatchBuilder:
         params = draw_params(self.spec, self.seed, self.epoch, index, repeat, heights, widths)
         views = []
         for view, p in zip(self.spec.views, params, strict=True):
-            size = view.size
-            crops = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
+            shape = (len(images), 3, view.size, view.size)
+            # Crops that leave the worker must be in fresh shared memory; crops finished here go to a
+            # buffer reused from batch to batch (fresh memory costs page faults).
+            crops = self._crop_buffer(shape) if self.pixel_ops_here else _new_tensor(shape, torch.uint8)
+            top, left, height, width, flip = (a.tolist() for a in (p.top, p.left, p.height, p.width, p.flip))
             for i, image in enumerate(images):
                 assert image is not None
-                crops[i] = crop_resize(
-                    image,
-                    int(p.top[i]),
-                    int(p.left[i]),
-                    int(p.height[i]),
-                    int(p.width[i]),
-                    size,
-                    bool(p.flip[i]),
-                )
+                crops[i] = crop_resize(image, top[i], left[i], height[i], width[i], view.size, flip[i])
             if self.pixel_ops_here:
-                out = _new_tensor(tuple(crops.shape), torch.float32)
+                out = _new_tensor(shape, torch.float32)
                 views.append(
                     finish_views(crops, PixelParams.from_view(p), self.spec.mean, self.spec.std, out=out)
                 )
             else:
                 views.append(crops)
         return views, params
+
+    def _crop_buffer(self, shape: tuple[int, ...]) -> Tensor:
+        if shape not in self._crop_buffers:
+            self._crop_buffers[shape] = torch.empty(shape, dtype=torch.uint8)
+        return self._crop_buffers[shape]
 
     def close(self) -> None:
         for reader in self._readers.values():

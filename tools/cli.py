@@ -63,9 +63,10 @@ def cli() -> None:
 
 def _register_commands() -> None:
     """Attach the stage commands (kept in their own modules to keep this file about plumbing)."""
-    from tools import shards_cmd
+    from tools import bench_cmd, shards_cmd
 
     cli.add_command(shards_cmd.shards)
+    cli.add_command(bench_cmd.bench)
 
 
 _register_commands()

@@ -1,0 +1,110 @@
+"""``clusterssl bench …``: benchmarks that print a figure next to a baseline measured in the same run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tools.cli import emit, json_option
+
+
+@click.group()
+def bench() -> None:
+    """Measure throughput against a baseline run on the same machine, in the same run."""
+
+
+@bench.command("loader")
+@click.argument("data", type=str)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "torch", "dali"]),
+    default="auto",
+    show_default=True,
+    help="Loader backend to measure (auto: DALI on a GPU, torch otherwise).",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(["swav", "dino", "eval"]),
+    default="swav",
+    show_default=True,
+    help="Views to make.",
+)
+@click.option(
+    "--global-size", type=click.IntRange(min=1), default=224, show_default=True, help="Global crop side."
+)
+@click.option(
+    "--local-size", type=click.IntRange(min=1), default=96, show_default=True, help="Local crop side."
+)
+@click.option(
+    "--num-local", type=click.IntRange(min=0), help="Local crops (default: the preset's, 6 for swav)."
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--num-workers",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="DataLoader workers (torch) or DALI threads; match the machine's cores.",
+)
+@click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True, help="Batches timed.")
+@click.option(
+    "--warmup", type=click.IntRange(min=1), default=3, show_default=True, help="Batches before timing."
+)
+@click.option(
+    "--device", default="auto", show_default=True, help="Where views are delivered: auto, cpu, cuda."
+)
+@click.option(
+    "--pixel-ops",
+    type=click.Choice(["auto", "worker", "device"]),
+    default="auto",
+    show_default=True,
+    help="torch backend: colour/blur/normalise in the workers (auto on CPU) or batched on the device.",
+)
+@click.option(
+    "--grid", type=click.Path(dir_okay=False, path_type=Path), help="Save a PNG of one batch's views here."
+)
+@json_option
+def loader_benchmark(
+    data: str,
+    backend: str,
+    preset: str,
+    global_size: int,
+    local_size: int,
+    num_local: int | None,
+    batch_size: int,
+    num_workers: int,
+    batches: int,
+    warmup: int,
+    device: str,
+    pixel_ops: str,
+    grid: Path | None,
+    as_json: bool,
+) -> None:
+    """Images/s of the multi-crop loader on DATA (a shard directory) after warm-up, beside the
+    decode-only ceiling (bytes → RGB with the same workers) measured in the same run.
+
+    Generate ImageNet-sized data first, e.g. with `clusterssl bench convert --keep` and point DATA at
+    the converted shards.
+    """
+    import torch
+
+    from pipeline.loader import default_device
+    from pipeline.spec import MultiCropSpec
+    from tools.bench_loader import render, run_benchmark
+
+    spec = MultiCropSpec.preset(preset, global_size=global_size, local_size=local_size, num_local=num_local)
+    summary = run_benchmark(
+        data,
+        backend=backend,
+        spec=spec,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        batches=batches,
+        warmup=warmup,
+        device=default_device() if device == "auto" else torch.device(device),
+        pixel_ops=pixel_ops,
+        grid=grid,
+        progress=not as_json,
+    )
+    emit(summary, as_json, lambda s: render(dict(s)))
