@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.types import FeatureBank
 from pipeline.errors import PipelineError
 
 
@@ -81,3 +82,63 @@ def _labelled(
     labels_t = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).long()
     keep = labels_t >= 0
     return features_t[keep], labels_t[keep]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """k-NN accuracy of the val features against the train features, and k-means (k = number of
+    classes) NMI/ARI of the val features against their labels."""
+
+    knn_top1: float
+    knn_top5: float
+    nmi: float
+    ari: float
+    num_train: int
+    num_val: int
+
+    def metrics(self) -> dict[str, float]:
+        return {"knn_top1": self.knn_top1, "knn_top5": self.knn_top5, "nmi": self.nmi, "ari": self.ari}
+
+
+def kmeans_agreement(
+    features: np.ndarray, labels: np.ndarray, *, seed: int = 0, nredo: int = 5
+) -> tuple[float, float]:
+    """NMI and ARI between the labels and k-means clusters of the L2-normalised features, k = #classes.
+
+    Samples labelled -1 are left out. Several restarts (``nredo``) keep the figure stable on small sets.
+    """
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from models.clustering import kmeans
+
+    keep = np.asarray(labels) >= 0
+    feats = np.asarray(features, dtype=np.float32)[keep]
+    truth = np.asarray(labels)[keep]
+    num_classes = len(np.unique(truth))
+    if num_classes < 2:
+        raise PipelineError("NMI/ARI need labelled samples of at least two classes")
+    feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    result = kmeans(feats, num_classes, seed=seed, nredo=nredo)
+    return float(normalized_mutual_info_score(truth, result.assignments)), float(
+        adjusted_rand_score(truth, result.assignments)
+    )
+
+
+def evaluate_features(
+    train: FeatureBank, val: FeatureBank, *, k: int = 20, temperature: float = 0.07, seed: int = 0
+) -> EvalResult:
+    if train.labels is None or val.labels is None:
+        raise PipelineError("evaluation needs labelled train and val sets (their manifests list no labels)")
+    knn = knn_accuracy(train.features, train.labels, val.features, val.labels, k=k, temperature=temperature)
+    nmi, ari = kmeans_agreement(np.asarray(val.features), val.labels, seed=seed)
+    return EvalResult(
+        knn_top1=knn.top1, knn_top5=knn.top5, nmi=nmi, ari=ari, num_train=knn.num_train, num_val=knn.num_query
+    )
+
+
+def extract_eval_features(module: torch.nn.Module, data: object, **extraction: object) -> FeatureBank:
+    """Embed a whole labelled set in memory with the extraction pass (eval view, each sample once)."""
+    from pipeline.extraction import extract_features
+
+    bank = extract_features(module, data, out_dir=None, progress=False, **extraction)  # type: ignore[arg-type]
+    return bank.as_feature_bank()

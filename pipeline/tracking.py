@@ -176,9 +176,12 @@ def open_tracker(
     run_name: str,
     rank: int = 0,
     parent_run_id: str | None = None,
+    run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> Tracker:
     """Start a run (rank 0 only; other ranks and ``enabled=False`` get a NullTracker).
+
+    ``run_id`` continues an existing run (a resumed training logs into the run it started in).
 
     Raises PipelineError with one line when the store cannot be reached, so the user can fix the URI or
     pass --no-track before any work is done.
@@ -192,6 +195,8 @@ def open_tracker(
     uri = resolve_tracking_uri(config.uri)
     try:
         client = MlflowClient(tracking_uri=uri)
+        if run_id is not None and _reopen(client, run_id):
+            return MlflowTracker(client, run_id, uri, system_metrics=config.system_metrics)
         experiment = client.get_experiment_by_name(config.experiment)
         if experiment is None:
             artifact_location = _default_artifact_location(uri, config.experiment)
@@ -208,6 +213,19 @@ def open_tracker(
             f"cannot reach the MLflow tracking store at {uri} ({message}); fix the URI or run with --no-track"
         ) from None
     return MlflowTracker(client, run.info.run_id, uri, system_metrics=config.system_metrics)
+
+
+def _reopen(client: Any, run_id: str) -> bool:
+    """Mark an existing run as running again; False when the store does not know it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        log.warning("MLflow run %s is not in this store; starting a new run", run_id)
+        return False
+    client.update_run(run_id, status="RUNNING")
+    return True
 
 
 def _short(message: str, limit: int = 160) -> str:
