@@ -30,10 +30,14 @@ def build_method(
     backbone_kwargs: Mapping[str, Any] | None = None,
 ) -> Method:
     """The method ``name`` on a fresh backbone ``backbone_name``; kwargs override the config defaults."""
-    method_class = METHODS[name]
-    cfg = config_from_dict(method_class.config_class, method_kwargs or {}, what=f"method config for {name}")
+    cfg = method_config_from_dict(name, method_kwargs or {})
     backbone = create_backbone(backbone_name, **dict(backbone_kwargs or {}))
-    return method_class(backbone, cfg)
+    return METHODS[name](backbone, cfg)
+
+
+def method_config_from_dict(name: str, values: Mapping[str, Any]) -> Any:
+    """The config dataclass of method ``name`` with ``values`` applied (validates without building a model)."""
+    return config_from_dict(METHODS[name].config_class, values, what=f"method config for {name}")
 
 
 def config_from_dict(config_class: type[C], values: Mapping[str, Any], *, what: str) -> C:

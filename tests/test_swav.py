@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.errors import ModelError
-from models.factory import build_method
+from models.factory import build_method, method_config_from_dict
 from models.sinkhorn import sinkhorn
 from models.swav import SwAV, SwAVConfig, code_metrics, swav_loss
 from models.types import PADDING_INDEX, Batch
@@ -288,6 +288,11 @@ def test_queue_travels_with_the_state_dict() -> None:
 def test_config_errors_and_factory() -> None:
     with pytest.raises(ModelError, match="swav: epsilon must be positive"):
         SwAVConfig(epsilon=0.0)
+    with pytest.raises(ModelError, match="unknown method 'swv'; known: .*swav"):
+        method_config_from_dict("swv", {})
+    with pytest.raises(ModelError, match=r"'crops_for_assign' must be a list, got 0"):
+        method_config_from_dict("swav", {"crops_for_assign": 0})
+    assert method_config_from_dict("swav", {"queue_length": 3840}) == SwAVConfig(queue_length=3840)
     with pytest.raises(
         ModelError, match="unknown key 'epsilonn' in method config for swav; known: crops_for_assign"
     ):
