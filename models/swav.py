@@ -100,7 +100,8 @@ def swav_loss(
         flat_codes = codes.float().reshape(num_assign, batch * num_prototypes)
         cross = -(flat_codes @ log_probs.reshape(num_views, batch * num_prototypes).t()) / batch
         mask = torch.ones_like(cross)
-        mask[torch.arange(num_assign), torch.as_tensor(list(crops_for_assign))] = 0.0
+        assigned = torch.as_tensor(list(crops_for_assign), device=mask.device)
+        mask[torch.arange(num_assign, device=mask.device), assigned] = 0.0
         return (cross * mask).sum() / (num_assign * (num_views - 1))
 
 
@@ -174,16 +175,20 @@ class SwAV(Method):
         scores = self.prototypes(embeddings).view(num_views, size, cfg.num_prototypes)
         embeddings = embeddings.detach().view(num_views, size, cfg.feat_dim)
 
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device_type=embeddings.device.type, enabled=False):
+            # Scores for the codes are recomputed in float32 from the detached embeddings: under bf16
+            # autocast the forward's scores carry ~3 significant digits, an error that exp(s/ε) magnifies
+            # by 1/ε = 20. The loss keeps the forward's scores (and their gradient).
+            prototypes = self.prototypes.weight.detach().float()
             assign_embeddings = embeddings[list(cfg.crops_for_assign)].float()  # (A, B, D)
-            assign_scores = scores.detach()[list(cfg.crops_for_assign)].float()  # (A, B, K)
+            assign_scores = assign_embeddings @ prototypes.t()  # (A, B, K)
             if self.training and self._queue_active():
                 self._ensure_queue(size)
             use_queue = self._queue_ready()
             if use_queue:
                 # Past embeddings scored with the *current* prototypes, placed before the batch; the
                 # queue rows only widen Sinkhorn's equipartition, so only the batch's codes are kept.
-                queue_scores = self.queue @ self.prototypes.weight.detach().float().t()  # (A, L, K)
+                queue_scores = self.queue @ prototypes.t()  # (A, L, K)
                 assign_scores = torch.cat([queue_scores, assign_scores], dim=1)
             codes = torch.stack(
                 [sinkhorn(s, cfg.epsilon, cfg.sinkhorn_iterations)[-size:] for s in assign_scores]

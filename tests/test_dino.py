@@ -276,3 +276,16 @@ def test_config_errors_and_factory() -> None:
     assert isinstance(model, DINO) and model.head.last_layer.direction.shape == (64, 16)
     output = model(random_batch(2, sizes=(32, 32, 16)))
     assert torch.isfinite(output.loss) and output.loss.item() > 0
+
+
+def test_bf16_autocast_gives_the_float32_loss_within_bf16_precision() -> None:
+    model = make_dino()
+    batch = random_batch(8, seed=4)
+    reference = make_dino()
+    reference.load_state_dict(model.state_dict())
+    expected = reference(batch).loss
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        output = model(batch)
+    assert output.loss.dtype == torch.float32
+    torch.testing.assert_close(output.loss, expected, rtol=0.03, atol=0)
+    torch.testing.assert_close(model.loss_fn.center, reference.loss_fn.center, rtol=0.03, atol=1e-3)

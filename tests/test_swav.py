@@ -288,7 +288,7 @@ def test_queue_travels_with_the_state_dict() -> None:
 def test_config_errors_and_factory() -> None:
     with pytest.raises(ModelError, match="swav: epsilon must be positive"):
         SwAVConfig(epsilon=0.0)
-    with pytest.raises(ModelError, match="unknown method 'swv'; known: .*swav"):
+    with pytest.raises(ModelError, match=r"unknown method 'swv'; known: .*swav"):
         method_config_from_dict("swv", {})
     with pytest.raises(ModelError, match=r"'crops_for_assign' must be a list, got 0"):
         method_config_from_dict("swav", {"crops_for_assign": 0})
@@ -302,3 +302,15 @@ def test_config_errors_and_factory() -> None:
     )
     assert isinstance(model, SwAV) and model.cfg.crops_for_assign == (0, 1) and model.cfg.epsilon == 1.0
     assert model.prototypes.weight.shape == (30, 128) and model.projection.mlp[0].in_features == 512
+
+
+def test_bf16_autocast_gives_the_float32_loss_within_bf16_precision() -> None:
+    model = make_swav(replace(SMALL, num_prototypes=50))
+    batch = random_batch(8, seed=4)
+    reference = make_swav(replace(SMALL, num_prototypes=50))
+    reference.load_state_dict(model.state_dict())
+    expected = reference(batch).loss
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        output = model(batch)
+    assert output.loss.dtype == torch.float32
+    torch.testing.assert_close(output.loss, expected, rtol=0.02, atol=0)
