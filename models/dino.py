@@ -23,6 +23,7 @@ from models.backbones import embed_views
 from models.ema import ema_update_
 from models.errors import ModelError
 from models.heads import DINOHead
+from models.losses import cross_entropy_to_other_views
 from models.method import Method, TrainContext
 from models.metrics import to_floats
 from models.schedules import cosine_schedule, linear_warmup
@@ -82,24 +83,6 @@ class DINOConfig:
         return cosine_schedule(self.momentum_teacher, 1.0, step, total_steps)
 
 
-def pair_cross_entropy(targets: Tensor, log_probs: Tensor) -> Tensor:
-    """(T, B, K) target distributions and (S, B, K) log-probabilities → (T, S) batch-mean cross-entropies.
-
-    ``out[t, s] = mean_b −Σ_k targets[t, b, k] · log_probs[s, b, k]``: one (T, B·K) × (B·K, S) product.
-    """
-    num_targets, batch, dim = targets.shape
-    flat_targets = targets.reshape(num_targets, batch * dim)
-    return -(flat_targets @ log_probs.reshape(log_probs.shape[0], batch * dim).t()) / batch
-
-
-def _different_crop_mask(num_teacher: int, num_student: int, device: torch.device) -> Tensor:
-    """(T, S) float mask, 0 where teacher crop t and student crop s are the same view (s == t)."""
-    mask = torch.ones(num_teacher, num_student, device=device)
-    diagonal = torch.arange(min(num_teacher, num_student), device=device)
-    mask[diagonal, diagonal] = 0.0
-    return mask
-
-
 class DINOLoss(nn.Module):
     """DINO's loss with its centre.
 
@@ -135,17 +118,12 @@ class DINOLoss(nn.Module):
         if len(teacher_outputs) > len(student_outputs):
             raise ValueError(f"{len(teacher_outputs)} teacher crops but {len(student_outputs)} student crops")
         with torch.autocast(device_type=self.center.device.type, enabled=False):
-            student = torch.stack(list(student_outputs)).float()  # (S, B, K)
-            teacher = torch.stack(list(teacher_outputs)).detach().float()  # (T, B, K)
-            targets = self.teacher_probabilities(teacher, teacher_temp)
-            log_probs = F.log_softmax(student / self.student_temp, dim=-1)
-            cross = pair_cross_entropy(targets, log_probs)  # (T, S)
-            mask = _different_crop_mask(*cross.shape, device=cross.device)
-            if not mask.any():
-                raise ModelError("dino needs at least 2 crops (one teacher crop and one other)")
-            loss = (cross * mask).sum() / mask.sum()
+            targets = [self.teacher_probabilities(t.detach(), teacher_temp) for t in teacher_outputs]
+            log_probs = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_outputs]
+            # Teacher crop t is student crop t (the global crops come first): that pair is skipped.
+            loss = cross_entropy_to_other_views(targets, range(len(targets)), log_probs)
         if update_center:
-            self.update_center(teacher)
+            self.update_center(torch.cat([t.detach() for t in teacher_outputs]))
         return loss
 
     @torch.no_grad()
@@ -184,10 +162,9 @@ def collapse_metrics(
     marginal_entropy = -(marginal * torch.log(marginal.clamp_min(1e-12))).sum()
 
     log_student = F.log_softmax(student.float() / student_temp, dim=-1)
-    cross = pair_cross_entropy(targets, log_student)  # (T, S)
-    mask = _different_crop_mask(*cross.shape, device=cross.device)
+    cross = cross_entropy_to_other_views(list(targets), range(len(targets)), list(log_student))
     # KL = CE − H, and every teacher crop appears in the same number of pairs.
-    kl_student = (cross * mask).sum() / mask.sum() - entropy.mean()
+    kl_student = cross - entropy.mean()
 
     log_raw = F.log_softmax(teacher / teacher_temp, dim=-1)
     log_center = F.log_softmax(center.float() / teacher_temp, dim=-1)

@@ -22,6 +22,7 @@ from models import distributed
 from models.backbones import embed_views
 from models.errors import ModelError
 from models.heads import ProjectionHead, Prototypes
+from models.losses import cross_entropy_to_other_views
 from models.method import Method, TrainContext
 from models.metrics import to_floats
 from models.sinkhorn import sinkhorn
@@ -85,24 +86,11 @@ def swav_loss(
     Returns ``(1/A) Σ_a (1/(V−1)) Σ_{v ≠ crops_for_assign[a]} mean_b −Σ_k q_a[b,k] log softmax(s_v[b]/τ)_k``,
     computed in float32.
     """
+    if len(scores) < 2:
+        raise ModelError(f"swav needs at least 2 views per sample, got {len(scores)}")
     with torch.autocast(device_type=_device_type(scores), enabled=False):
-        scores = torch.stack(list(scores)) if not isinstance(scores, Tensor) else scores
-        codes = torch.stack(list(codes)) if not isinstance(codes, Tensor) else codes
-        num_views, batch, num_prototypes = scores.shape
-        num_assign = codes.shape[0]
-        if num_assign != len(crops_for_assign):
-            raise ValueError(f"{num_assign} codes for {len(crops_for_assign)} assignment crops")
-        if num_views < 2:
-            raise ModelError(f"swav needs at least 2 views per sample, got {num_views}")
-        log_probs = F.log_softmax(scores.float() / temperature, dim=-1)
-        # cross[a, v] = mean over the batch of the cross-entropy between code a and view v's prediction:
-        # one (A, B·K) × (B·K, V) product instead of a double loop over views.
-        flat_codes = codes.float().reshape(num_assign, batch * num_prototypes)
-        cross = -(flat_codes @ log_probs.reshape(num_views, batch * num_prototypes).t()) / batch
-        mask = torch.ones_like(cross)
-        assigned = torch.as_tensor(list(crops_for_assign), device=mask.device)
-        mask[torch.arange(num_assign, device=mask.device), assigned] = 0.0
-        return (cross * mask).sum() / (num_assign * (num_views - 1))
+        log_probs = [F.log_softmax(view_scores.float() / temperature, dim=-1) for view_scores in scores]
+        return cross_entropy_to_other_views([q.float() for q in codes], crops_for_assign, log_probs)
 
 
 def code_metrics(codes: Tensor) -> dict[str, Tensor]:
