@@ -7,7 +7,6 @@ there are no duplicated precision branches.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from models.method import Method, TrainContext
+from models.schedules import warmup_cosine_schedule
 from pipeline.errors import PipelineError
 
 OPTIMIZERS = ("sgd", "lars", "adamw")
@@ -65,11 +65,7 @@ class StepSchedule:
     start: float = 0.0
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.start + (self.peak - self.start) * step / self.warmup_steps
-        decay_steps = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
-        return self.final + 0.5 * (self.peak - self.final) * (1.0 + math.cos(math.pi * progress))
+        return warmup_cosine_schedule(self.peak, self.final, step, self.total_steps, self.warmup_steps, self.start)
 
 
 def parameter_groups(module: nn.Module) -> list[dict]:

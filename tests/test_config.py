@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import apply_overrides, flatten, from_dict, parse_override, read_yaml, to_dict
+from pipeline.config import (
+    ConfigError,
+    apply_overrides,
+    flatten,
+    from_dict,
+    parse_override,
+    read_yaml,
+    to_dict,
+)
 from pipeline.errors import PipelineError
 
 
@@ -63,7 +71,7 @@ def test_from_dict_builds_nested_dataclasses_with_overrides() -> None:
     ],
 )
 def test_bad_configs_fail_with_one_line(data: dict, message: str) -> None:
-    with pytest.raises(PipelineError) as error:
+    with pytest.raises(ConfigError) as error:
         from_dict(Outer, data)
     assert message in str(error.value)
     assert "\n" not in str(error.value)

@@ -266,7 +266,7 @@ def test_collapse_metrics_definitions() -> None:
 def test_config_errors_and_factory() -> None:
     with pytest.raises(ModelError, match=r"dino: momentum_teacher must lie in \[0, 1\]"):
         DINOConfig(momentum_teacher=1.5)
-    with pytest.raises(ModelError, match="method config for dino: 'norm_last_layer' must be true or false"):
+    with pytest.raises(ModelError, match=r"config key 'method\.norm_last_layer' must be bool, got 'yes'"):
         build_method("dino", "vit_tiny_p4", {"norm_last_layer": "yes"})
     with pytest.raises(ModelError, match="at least 2 views"):
         make_dino()(random_batch(2, sizes=(8,), num_global=1))
