@@ -17,7 +17,7 @@ Per view the parameters are (see ``pipeline.spec`` for the semantics):
              contrast (around the mean luma: mean luma is affine in the pixels, hence the mu term),
              saturation and hue (YIQ: scale and rotate the chroma plane) and grayscale (saturation 0)
              all compose into this one 3×3 matrix + offset, applied in a single pass, then clamped
-    blur     sigma in pixels (0 = none), separable kernel of radius ceil(3 sigma)
+    blur     sigma in pixels (0 = none), separable kernel of radius ceil(3 sigma), reflect-101 borders
     solarize invert values >= 128
 """
 
@@ -289,67 +289,72 @@ def blur_radius(sigma: float) -> int:
     return max(1, math.ceil(3.0 * sigma))
 
 
-def gaussian_kernels(sigma: np.ndarray, radius: int) -> np.ndarray:
-    """(m,) sigmas → (m, 2 radius + 1) normalised Gaussian weights sampled at integer offsets."""
-    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
-    weights = np.exp(-0.5 * (offsets[None, :] / np.asarray(sigma, dtype=np.float64)[:, None]) ** 2)
-    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+BLUR_BLOCK = 16
+"""Output pixels per block of the blocked blur (see ``gaussian_blur``)."""
 
 
-def _blur_axis_shifted(x: Tensor, kernels: np.ndarray, radius: int, axis: int) -> Tensor:
-    """1-D blur along ``axis`` (2 = rows, 3 = columns) as a weighted sum of shifted copies."""
-    size = x.shape[axis]
-    pad = (radius, radius, 0, 0) if axis == 3 else (0, 0, radius, radius)
-    padded = F.pad(x, pad, mode="reflect")
-    out = torch.empty_like(x)
-    if x.shape[0] == 1:  # scalar weights take torch's fastest elementwise path
-        weights = [float(v) for v in kernels[0]]
-        torch.mul(padded.narrow(axis, 0, size), weights[0], out=out)
-        for k in range(1, 2 * radius + 1):
-            out.add_(padded.narrow(axis, k, size), alpha=weights[k])
-        return out
-    per_sample = torch.from_numpy(kernels).to(x.device).view(x.shape[0], 1, 1, 1, -1)
-    torch.mul(padded.narrow(axis, 0, size), per_sample[..., 0], out=out)
-    for k in range(1, 2 * radius + 1):
-        out.addcmul_(padded.narrow(axis, k, size), per_sample[..., k])
-    return out
+def blur_matrices(sigma: np.ndarray, radius: int, block: int = BLUR_BLOCK) -> np.ndarray:
+    """(m, block, block + 2 radius) float32: row i holds sample j's Gaussian centred on column i + radius.
+
+    Each sample keeps its own kernel — radius ceil(3 sigma) (at most ``radius``), weights
+    exp(-d² / 2σ²) normalised over those taps — so wider blocks change nothing but the zeros.
+    """
+    sigma = np.asarray(sigma, dtype=np.float64)
+    offsets = np.arange(-radius, radius + 1)
+    own = np.minimum([blur_radius(s) for s in sigma], radius)
+    weights = np.exp(-0.5 * (offsets[None, :] / sigma[:, None]) ** 2) * (
+        np.abs(offsets)[None, :] <= own[:, None]
+    )
+    weights /= weights.sum(axis=1, keepdims=True)
+    matrices = np.zeros((len(sigma), block, block + 2 * radius), np.float32)
+    rows = np.arange(block)[:, None]
+    matrices[:, rows, rows + np.arange(2 * radius + 1)[None, :]] = weights[:, None, :]
+    return matrices
 
 
-def _blur_shifted(x: Tensor, kernels: np.ndarray, radius: int) -> Tensor:
-    """Separable blur as sums of shifted copies (fast on CPU, where a small chunk stays in cache)."""
-    return _blur_axis_shifted(_blur_axis_shifted(x, kernels, radius, 3), kernels, radius, 2)
+def _padded(x: Tensor, dim: int, radius: int, size: int) -> Tensor:
+    """Reflect-101 pad ``radius`` on both sides of ``dim`` (2 or 3), then zeros up to ``size``."""
+    length = x.shape[dim]
+    pad = (radius, radius, 0, 0) if dim == 3 else (0, 0, radius, radius)
+    x = F.pad(x, pad, mode="reflect")
+    extra = size - (length + 2 * radius)
+    if extra > 0:  # only blocks past the end read these; their outputs are cut off
+        x = F.pad(x, (0, extra, 0, 0) if dim == 3 else (0, 0, 0, extra))
+    return x
 
 
-def _blur_conv(x: Tensor, kernels: np.ndarray, radius: int) -> Tensor:
-    """Separable blur as two grouped convolutions (one kernel per sample and channel; fast on GPU)."""
-    m, c, h, w = x.shape
-    weights = torch.from_numpy(kernels).to(x.device).repeat_interleave(c, dim=0)  # (m*c, K)
-    padded = F.pad(x, (radius, radius, radius, radius), mode="reflect").reshape(1, m * c, h + 2 * radius, -1)
-    rows = F.conv2d(padded, weights.view(m * c, 1, 1, -1), groups=m * c)
-    return F.conv2d(rows, weights.view(m * c, 1, -1, 1), groups=m * c).view(m, c, h, w)
+def gaussian_blur(x: Tensor, sigma: np.ndarray | Tensor) -> Tensor:
+    """Blur each image of x (m, C, H, W) float with its own sigma (m,) > 0; reflect-101 borders.
 
-
-def gaussian_blur(x: Tensor, sigma: np.ndarray | Tensor, method: str = "auto") -> Tensor:
-    """Blur each image of x (m, 3, H, W) float with its own sigma (m,) > 0; reflect-101 borders.
-
-    Samples are grouped by kernel radius so each group runs with the shortest kernel that covers
-    ±3 sigma. ``method``: "shifted", "conv" or "auto" (conv on GPU, shifted sums on CPU).
+    Separable, each axis as a blocked banded matrix product: the axis is cut into blocks of
+    BLUR_BLOCK outputs, each block is (block × block+2r window) @ the sample's kernel matrix. That
+    spends ~(16 + 2r) multiply-adds per pixel instead of 2r + 1, but as one GEMM per axis instead of
+    2r + 1 memory-bound passes: measured 1.5-2x faster on a CPU than shifted sums, and one batched
+    matmul per axis on a GPU. All samples share the largest radius (their own kernels are exact).
     """
     sigma = sigma.detach().cpu().numpy() if isinstance(sigma, Tensor) else np.asarray(sigma)
-    if method == "auto":
-        method = "conv" if x.is_cuda else "shifted"
-    blur = _blur_conv if method == "conv" else _blur_shifted
-    max_radius = max(1, min(x.shape[2], x.shape[3]) - 1)  # reflect padding needs radius < size
-    radii = np.array([min(blur_radius(s), max_radius) for s in sigma])
-    out = torch.empty_like(x)
-    for radius in np.unique(radii):
-        members = np.flatnonzero(radii == radius)
-        kernels = gaussian_kernels(sigma[members], int(radius))
-        if len(members) == len(x):
-            return blur(x, kernels, int(radius))
-        rows = torch.from_numpy(members).to(x.device)
-        out[rows] = blur(x[rows], kernels, int(radius))
-    return out
+    m, c, h, w = x.shape
+    radius = min(max(blur_radius(s) for s in sigma), min(h, w) - 1)  # reflection needs radius < size
+    if radius < 1:
+        return x.clone()
+    block = BLUR_BLOCK
+    kernels = torch.from_numpy(blur_matrices(sigma, radius, block)).to(x.device)  # (m, block, window)
+    window = block + 2 * radius
+
+    # Rows: windows along W, (m, C·H·blocks, window) @ (m, window, block).
+    blocks = -(-w // block)
+    padded = _padded(x, 3, radius, blocks * block + 2 * radius)
+    s0, s1, s2, _ = padded.stride()
+    windows = padded.as_strided((m, c, h, blocks, window), (s0, s1, s2, block, 1)).reshape(m, -1, window)
+    rows = torch.bmm(windows, kernels.transpose(1, 2)).view(m, c, h, blocks * block)[..., :w]
+
+    # Columns: windows along H, (block × window) @ (window × W) for every (sample, channel, block).
+    blocks = -(-h // block)
+    padded = _padded(rows, 2, radius, blocks * block + 2 * radius)
+    s0, s1, _, s3 = padded.stride()
+    windows = padded.as_strided((m, c, blocks, window, w), (s0, s1, block * s3 * w, w * s3, s3))
+    columns = torch.matmul(kernels.view(m, 1, 1, block, window), windows)
+    return columns.reshape(m, c, blocks * block, w)[:, :, :h]
 
 
 def solarize_(x: Tensor) -> Tensor:
@@ -403,28 +408,6 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _pixel_ops(x: Tensor, params: PixelParams, scratch: Tensor, y: Tensor) -> Tensor:
-    """Colour, blur and solarise of uint8 crops x (m, 3, S, S) into float y (0..255), in place."""
-    if bool(params.color.any()):
-        tmp = scratch[: len(x)]
-        tmp.copy_(x)
-        apply_color(tmp, params.lin, params.off, out=y)
-    else:
-        y.copy_(x)
-    sigma = params.sigma.detach().cpu().numpy()
-    blurred = np.flatnonzero(sigma > 0)
-    if len(blurred) == len(x):
-        y.copy_(gaussian_blur(y, sigma))
-    elif len(blurred):
-        rows = torch.from_numpy(blurred).to(x.device)
-        y[rows] = gaussian_blur(y[rows], sigma[blurred])
-    solar = np.flatnonzero(params.solarize.detach().cpu().numpy())
-    if len(solar):
-        rows = torch.from_numpy(solar).to(x.device)
-        y[rows] = solarize_(y[rows])
-    return y
-
-
 def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
     return [(start, min(n, start + chunk)) for start in range(0, n, chunk)]
 
@@ -440,13 +423,32 @@ def finish_views(
     """The pixel ops of one view, batched: colour, blur, solarise, then normalise.
 
     x: (n, 3, S, S) uint8 crops (already boxed, resized and flipped); returns (n, 3, S, S) float32
-    normalised, written into ``out`` when given. Works on any device; ``chunk`` samples at a time.
+    normalised, written into ``out`` when given. Works on any device. ``chunk`` samples go through the
+    chain at a time in scratch buffers, and only the normalised result is written to ``out``.
     """
+    n = x.shape[0]
     out = fresh_float_tensor(tuple(x.shape), x.device) if out is None else out
     shift, scale = normalization(mean, std, x.device)
-    chunk = chunk or default_chunk(x)
-    scratch = torch.empty((min(chunk, len(x)), *x.shape[1:]), dtype=torch.float32, device=x.device)
-    for start, stop in _chunks(len(x), chunk):
-        y = _pixel_ops(x[start:stop], params.slice(start, stop), scratch, out[start:stop])
-        y.sub_(shift).mul_(scale)
+    chunk = min(n, chunk or default_chunk(x))
+    color = params.color.cpu().numpy()
+    sigma = params.sigma.cpu().numpy()
+    solarize = params.solarize.cpu().numpy()
+    first = torch.empty((chunk, *x.shape[1:]), dtype=torch.float32, device=x.device)
+    second = torch.empty_like(first) if color.any() else first
+    for start, stop in _chunks(n, chunk):
+        m = stop - start
+        current = first[:m].copy_(x[start:stop])
+        if color[start:stop].any():
+            current = apply_color(current, params.lin[start:stop], params.off[start:stop], out=second[:m])
+        blurred = np.flatnonzero(sigma[start:stop] > 0)
+        if len(blurred) == m:
+            current = gaussian_blur(current, sigma[start:stop])
+        elif len(blurred):
+            rows = torch.from_numpy(blurred).to(x.device)
+            current[rows] = gaussian_blur(current[rows], sigma[start:stop][blurred])
+        solar = np.flatnonzero(solarize[start:stop])
+        if len(solar):
+            rows = torch.from_numpy(solar).to(x.device)
+            current[rows] = solarize_(current[rows])
+        torch.sub(current, shift, out=out[start:stop]).mul_(scale)
     return out

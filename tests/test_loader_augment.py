@@ -108,18 +108,18 @@ def _reference_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     return sum(kernel[k] * rows[:, k : k + h, :] for k in range(len(kernel)))
 
 
-@pytest.mark.parametrize("method", ["shifted", "conv"])
-def test_gaussian_blur_equals_a_direct_convolution(method: str) -> None:
+@pytest.mark.parametrize(("height", "width"), [(20, 24), (32, 32), (37, 50)])
+def test_gaussian_blur_equals_a_direct_convolution(height: int, width: int) -> None:
     rng = np.random.default_rng(2)
-    images = rng.uniform(0, 255, (3, 3, 20, 24))
-    sigmas = np.array([0.4, 1.3, 2.0])
-    out = gaussian_blur(torch.tensor(images, dtype=torch.float32), sigmas, method=method).numpy()
+    images = rng.uniform(0, 255, (4, 3, height, width))
+    sigmas = np.array([0.4, 1.3, 2.0, 0.1])
+    out = gaussian_blur(torch.tensor(images, dtype=torch.float32), sigmas).numpy()
     for image, sigma, blurred in zip(images, sigmas, out, strict=True):
         np.testing.assert_allclose(blurred, _reference_blur(image, sigma), atol=2e-3)
-    single = gaussian_blur(torch.tensor(images[1:2], dtype=torch.float32), sigmas[1:2], method=method)
-    np.testing.assert_allclose(single[0].numpy(), out[1], atol=1e-4)
+    single = gaussian_blur(torch.tensor(images[1:2], dtype=torch.float32), sigmas[1:2])
+    np.testing.assert_allclose(single[0].numpy(), out[1], atol=1e-3)  # batch-mates change nothing
     flat = torch.full((1, 3, 9, 9), 77.0)
-    torch.testing.assert_close(gaussian_blur(flat, np.array([1.5]), method=method), flat)
+    torch.testing.assert_close(gaussian_blur(flat, np.array([1.5])), flat)
 
 
 def test_solarize_inverts_values_from_128() -> None:
