@@ -130,8 +130,10 @@ def write_index_files(shardset: ShardSet, reads: ReadList, directory: Path) -> t
 class _ParamSource:
     """external_source callback: the parameters of iteration i's batch, packed per view."""
 
-    def __init__(self, spec: MultiCropSpec, reads: ReadList, batch_size: int, seed: int, epoch: int) -> None:
-        self.spec, self.reads, self.batch_size = spec, reads, batch_size
+    def __init__(
+        self, spec: MultiCropSpec, reads: ReadList, batch_size: int, seed: int, epoch: int, gpu: bool
+    ) -> None:
+        self.spec, self.reads, self.batch_size, self.gpu = spec, reads, batch_size, gpu
         self.seed, self.epoch = seed, epoch
         self.num_batches = len(reads.shard) // batch_size
 
@@ -153,15 +155,15 @@ class _ParamSource:
         packed = []
         for view, p in zip(self.spec.views, params, strict=True):
             fields = _pack(p)
-            packed.extend(fields[name] for name in view_fields(view))
+            packed.extend(fields[name] for name in view_fields(view, self.gpu))
         return packed
 
 
-def view_fields(view: ViewSpec) -> list[str]:
+def view_fields(view: ViewSpec, gpu: bool) -> list[str]:
     """The external inputs one view's ops use (an unused external output costs DALI a warning)."""
     fields = ["start", "end", "mirror"]
     if view.uses_color:
-        fields += ["lin", "off"]
+        fields += ["lin", "off"] if gpu else ["lin34", "off34"]
     if view.blur_p > 0:
         fields += ["blur", "sigma"]
     if view.solarize_p > 0:
@@ -176,6 +178,9 @@ def _pack(p: ViewParams) -> dict[str, np.ndarray]:
         "mirror": p.flip.astype(np.int32),
         "lin": np.ascontiguousarray(p.lin, dtype=np.float32),
         "off": np.ascontiguousarray(p.off, dtype=np.float32),
+        # the same map as a 3×4 [matrix | offset] pair: MT = lin34 + mean_luma * off34
+        "lin34": np.concatenate([p.lin, np.zeros((len(p), 3, 1), np.float32)], axis=2),
+        "off34": np.concatenate([np.zeros((len(p), 3, 3), np.float32), p.off[:, :, None]], axis=2),
         "blur": p.sigma > 0,
         "sigma": np.maximum(p.sigma, 1e-3).astype(np.float32),  # ignored where blur is off, must be valid
         "solarize": p.solarize.copy(),
@@ -201,9 +206,11 @@ def _view_graph(image: Any, view: ViewSpec, params: dict[str, Any], spec: MultiC
         # arithmetic (argument inputs must live on the CPU, the mean of a GPU image does not).
         channel_mean = fn.reductions.mean(v, axes=[0, 1])
         luma = channel_mean[0] * 0.299 + channel_mean[1] * 0.587 + channel_mean[2] * 0.114
-        off = params["off"].gpu() if gpu else params["off"]
-        shifted = fn.coord_transform(v, M=params["lin"], dtype=types.FLOAT) + luma * off
-        v = fn.cast(dmath.clamp(shifted, 0.0, 255.0), dtype=types.UINT8)
+        if gpu:
+            shifted = fn.coord_transform(v, M=params["lin"], dtype=types.FLOAT) + luma * params["off"].gpu()
+            v = fn.cast(dmath.clamp(shifted, 0.0, 255.0), dtype=types.UINT8)
+        else:  # on the CPU the mean is a CPU value: one uint8 pass (rounds and clamps) does it all
+            v = fn.coord_transform(v, MT=params["lin34"] + luma * params["off34"], dtype=types.UINT8)
     # The outer ifs are Python (is the op in the graph at all); the inner ones DALI per-sample conditionals.
     if view.blur_p > 0:  # noqa: SIM102
         if params["blur"]:
@@ -248,7 +255,7 @@ def build_pipeline(
         image = fn.decoders.image(
             jpeg, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False
         )
-        names = [view_fields(view) for view in spec.views]
+        names = [view_fields(view, gpu) for view in spec.views]
         inputs = iter(
             fn.external_source(source=source, num_outputs=sum(map(len, names)), batch=True, batch_info=True)
         )
@@ -305,7 +312,7 @@ def iterate_dali(
     batch_size = plan.batch_size
     with tempfile.TemporaryDirectory(prefix="clusterssl-dali-") as tmp:
         paths, index_paths = write_index_files(shardset, reads, Path(tmp))
-        source = _ParamSource(spec, reads, batch_size, seed, epoch)
+        source = _ParamSource(spec, reads, batch_size, seed, epoch, gpu=device.type == "cuda")
         pipe = build_pipeline(
             spec, paths, index_paths, source, batch_size=batch_size, num_threads=num_threads, device=device
         )

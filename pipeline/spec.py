@@ -246,6 +246,9 @@ class AugmentConfig:
     """Area fraction range of the local crops (default: the preset's)."""
     flip_p: float | None = None
     """Horizontal flip probability (default 0.5); 0 for data where left/right matters (digits)."""
+    blur_sigma: tuple[float, float] | None = None
+    """Gaussian blur sigma range in pixels (default (0.1, 2.0), tuned for 224/96 px crops; scale it down
+    with the crop sizes, e.g. (0.1, 0.3) for 32/16 px)."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     """Per-channel mean on the 0..1 scale used to normalise the views."""
     std: tuple[float, float, float] = field(default=IMAGENET_STD)
@@ -263,9 +266,14 @@ class AugmentConfig:
             mean=self.mean,
             std=self.std,
         )
-        if self.flip_p is not None:
+        overrides = {
+            name: value
+            for name, value in (("flip_p", self.flip_p), ("blur_sigma", self.blur_sigma))
+            if value is not None
+        }
+        if overrides:
             views = tuple(
-                dataclasses.replace(v, flip_p=self.flip_p) if v.crop == "random" else v for v in spec.views
+                dataclasses.replace(v, **overrides) if v.crop == "random" else v for v in spec.views
             )
             spec = dataclasses.replace(spec, views=views)
         return spec

@@ -58,11 +58,17 @@ def test_sizes_are_parameters() -> None:
 
 def test_augment_config_overrides_and_eval_spec() -> None:
     config = AugmentConfig(
-        preset="swav", global_size=32, local_size=16, num_local=2, flip_p=0.0, global_scale=(0.3, 1.0)
+        preset="swav",
+        global_size=32,
+        local_size=16,
+        num_local=2,
+        flip_p=0.0,
+        global_scale=(0.3, 1.0),
+        blur_sigma=(0.1, 0.3),
     )
     spec = config.to_spec()
     assert spec.sizes == [32, 32, 16, 16]
-    assert all(v.flip_p == 0.0 for v in spec.views)
+    assert all(v.flip_p == 0.0 and v.blur_sigma == (0.1, 0.3) and v.blur_p == 0.5 for v in spec.views)
     assert spec.views[0].scale == (0.3, 1.0) and spec.views[2].scale == (0.05, 0.14)
     assert spec.mean == IMAGENET_MEAN
     evaluation = config.eval_spec()
