@@ -71,7 +71,9 @@ def plan_reads(shardset: ShardSet, plan: RankPlan, checks: list[ShardCheck], sta
     shard, position = plan.shard[first:].copy(), plan.position[first:].copy()
     aug_index, aug_repeat = plan.index[first:].copy(), plan.repeat[first:].copy()
     padding = plan.padding[first:].copy()
-    status = np.array([checks[s].status[p] for s, p in zip(shard, position, strict=True)], np.uint8)
+    starts = np.cumsum([0] + [len(c.status) for c in checks])[:-1]
+    status_all = np.concatenate([c.status for c in checks])
+    status = status_all[starts[shard] + position]
     fallback = _first_good(plan, checks)
     corrupt: list[list[tuple[str, str]]] = []
     for start in range(0, len(shard), batch_size):
@@ -94,8 +96,8 @@ def plan_reads(shardset: ShardSet, plan: RankPlan, checks: list[ShardCheck], sta
             else:
                 shard[r], position[r], aug_index[r] = fallback
             aug_repeat[r], padding[r] = PADDING_REPEAT + first + r, True
-    height = np.array([checks[s].height[p] for s, p in zip(shard, position, strict=True)], np.int64)
-    width = np.array([checks[s].width[p] for s, p in zip(shard, position, strict=True)], np.int64)
+    height = np.concatenate([c.height for c in checks]).astype(np.int64)[starts[shard] + position]
+    width = np.concatenate([c.width for c in checks]).astype(np.int64)[starts[shard] + position]
     return ReadList(shard, position, aug_index, aug_repeat, padding, height, width, corrupt)
 
 

@@ -70,11 +70,19 @@ def choose_backend(backend: str, device: torch.device, shardset: ShardSet) -> st
     operators — see the README's performance section — so auto does not pick DALI there.)"""
     if backend not in BACKENDS:
         raise PipelineError(f"unknown loader backend {backend!r}; known: {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend
     from pipeline.dali_backend import dali_available
 
-    return "dali" if dali_available() and device.type == "cuda" and shardset.indexed else "torch"
+    if backend == "auto":
+        return "dali" if dali_available() and device.type == "cuda" and shardset.indexed else "torch"
+    if backend == "dali" and not dali_available():
+        raise PipelineError(
+            "backend 'dali' needs nvidia-dali, which does not import here; use backend='torch'"
+        )
+    if backend == "dali" and not shardset.indexed:
+        raise PipelineError(
+            "backend 'dali' reads local shards with their .idx files; streamed or unindexed shards need backend='torch'"
+        )
+    return backend
 
 
 class EpochLoader:

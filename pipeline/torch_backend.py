@@ -169,7 +169,8 @@ class BatchBuilder:
 
     def build(self, batch: int) -> WorkerBatch:
         self._announce_unit(batch)
-        slots = np.arange(self.plan.num_batches * self.plan.batch_size)[self.plan.slots(batch)]
+        span = self.plan.slots(batch)
+        slots = np.arange(span.start, span.stop)
         n = len(slots)
         images: list[Tensor | None] = [None] * n
         labels = np.full(n, -1, np.int64)

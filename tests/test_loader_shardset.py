@@ -60,6 +60,20 @@ def test_unresolvable_data_fails_with_one_clear_line(shards: Path, tmp_path: Pat
         resolve_shards(["pipe:cat other-000009.tar"], manifest=shards)
 
 
+def test_backend_choice_fails_early_and_clearly(shards: Path) -> None:
+    from pipeline.loader import build_loader
+
+    piped = [f"pipe:cat {shards}/shard-000000.tar"]
+    assert build_loader(piped, "eval", 2, manifest=shards, device="cpu").backend == "torch"  # auto
+    assert build_loader(shards, "eval", 2, device="cpu").backend == "torch"  # auto without a GPU
+    with pytest.raises(PipelineError, match="need backend='torch'"):
+        build_loader(piped, "eval", 2, manifest=shards, backend="dali", device="cpu")
+    with pytest.raises(PipelineError, match="unknown loader backend 'jax'; known: auto, dali, torch"):
+        build_loader(shards, "eval", 2, backend="jax", device="cpu")
+    with pytest.raises(PipelineError, match="start_batch 9 is outside"):
+        build_loader(shards, "eval", 2, device="cpu", start_batch=9)
+
+
 def test_indexed_and_streamed_readers_return_the_same_samples(shards: Path) -> None:
     shard = resolve_shards(shards).shards[1]
     indexed = IndexedShardReader(shard)
