@@ -117,8 +117,8 @@ class ShardTarWriter:
             self._closed = True
         self.path.unlink(missing_ok=True)
 
-    def write_dali_index(self, path: str | Path) -> None:
-        write_dali_index(path, self.samples)
+    def write_dali_index(self, path: str | Path, fsync: bool = False) -> None:
+        write_dali_index(path, self.samples, fsync=fsync)
 
     def __enter__(self) -> ShardTarWriter:
         return self
@@ -138,8 +138,14 @@ def format_dali_index(samples: Sequence[Sequence[IndexComponent]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_dali_index(path: str | Path, samples: Sequence[Sequence[IndexComponent]]) -> None:
-    Path(path).write_text(format_dali_index(samples), encoding="utf-8")
+def write_dali_index(
+    path: str | Path, samples: Sequence[Sequence[IndexComponent]], fsync: bool = False
+) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(format_dali_index(samples))
+        if fsync:
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def parse_dali_index(text: str) -> list[list[IndexComponent]]:
@@ -181,3 +187,57 @@ def sample_components(samples: Iterable[Sequence[IndexComponent]], ext: str) -> 
             raise KeyError(f"sample {components[0].name.split('.')[0]!r} has no {ext!r} component")
         found.append(match)
     return found
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """A member as its ustar header describes it: name, type flag, where its data starts, its size."""
+
+    name: str
+    type: bytes
+    offset: int
+    size: int
+
+
+def read_tar_members(handle: BinaryIO) -> list[TarMember]:
+    """Walk the headers of a tar file (plain ustar, as ``ShardTarWriter`` writes), seeking over the data.
+
+    Raises ValueError on a bad header checksum, a member running past the end of the file, or a missing
+    end-of-archive marker, so a truncated or tampered tar is reported, never half-read.
+    """
+    handle.seek(0, os.SEEK_END)
+    end = handle.tell()
+    members = []
+    position = 0
+    while True:
+        handle.seek(position)
+        header = handle.read(BLOCK)
+        if len(header) < BLOCK:
+            raise ValueError(f"file ends at byte {end} before the end-of-archive marker (truncated?)")
+        if header == b"\0" * BLOCK:
+            return members
+        stored = header[148:156]
+        expected = sum(header[:148]) + 8 * 0x20 + sum(header[156:])
+        try:
+            if int(stored.rstrip(b"\0 ").decode("ascii") or "-1", 8) != expected:
+                raise ValueError
+            size = int(header[124:136].rstrip(b"\0 ").decode("ascii") or "0", 8)
+        except ValueError:
+            raise ValueError(f"bad tar header at byte {position}") from None
+        name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        if prefix:
+            name = f"{prefix}/{name}"
+        data_offset = position + BLOCK
+        if data_offset + size > end:
+            raise ValueError(f"member {name!r} runs past the end of the file (truncated?)")
+        members.append(TarMember(name, header[156:157], data_offset, size))
+        position = data_offset + -(-size // BLOCK) * BLOCK
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

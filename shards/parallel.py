@@ -1,0 +1,102 @@
+"""Running independent tasks (one per shard) in this process or in a pool of worker processes."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
+
+from shards.errors import ShardsError
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def init_worker(parent_pid: int) -> None:
+    """Pool initializer: die with the parent, leave Ctrl-C to the parent.
+
+    After ``kill -9`` of a converter, orphaned workers would otherwise finish their shard and race a
+    re-run writing the same file; on Linux the kernel kills them as soon as the parent is gone.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _spawn_can_start_main() -> bool:
+    """Spawned workers re-import the parent's main script; one read from stdin cannot be re-imported."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file is None or os.path.exists(main_file):
+        return True
+    warnings.warn(
+        f"worker processes cannot re-import the main script {main_file!r}; running in this process",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return False
+
+
+class TaskRunner:
+    """``map_unordered(fn, tasks)`` in this process (one worker, or one task) or in a pool of spawned
+    processes, yielding results as they complete.
+
+    Spawn, not fork: workers start clean (no copied threads, locks or open lock files), so tasks and their
+    functions must be picklable and defined at module level. A ``ProcessPoolExecutor`` rather than a
+    ``multiprocessing.Pool``: when a worker dies (killed, out of memory) it raises instead of hanging.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, workers)
+        self._executor: ProcessPoolExecutor | None = None
+
+    def map_unordered(self, fn: Callable[[_T], _R], tasks: Sequence[_T]) -> Iterator[_R]:
+        if self.workers == 1 or len(tasks) <= 1 or not _spawn_can_start_main():
+            yield from map(fn, tasks)
+            return
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=init_worker,
+                initargs=(os.getpid(),),
+            )
+        futures = [self._executor.submit(fn, task) for task in tasks]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BrokenProcessPool:
+            raise ShardsError(
+                "a worker process died (killed, or out of memory?); run the same command again to resume"
+            ) from None
+
+    def __enter__(self) -> TaskRunner:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        if exc_type is None:
+            executor.shutdown(wait=True)
+            return
+        # Interrupted (Ctrl-C, an error): stop now instead of letting every worker finish its shard.
+        # The executor offers no public way to kill busy workers before Python 3.14.
+        processes = list(getattr(executor, "_processes", {}).values())
+        executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join()
