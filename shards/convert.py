@@ -427,6 +427,7 @@ def _run(source: Source, jobs: list[_SetJob], options: ConvertOptions, progress:
     tasks = [task for job in jobs for task in job.write_tasks(source, options)]
     total_shards = sum(len(job.plans) for job in jobs if job.status != "unchanged")
     with TaskRunner(min(options.workers, max(total_shards, 1))) as runner:
+        results = runner.map_unordered(write_shard, tasks)  # workers start here, before the bar's thread
         bar = tqdm(
             total=sum(len(t.inputs) for t in tasks),
             unit="img",
@@ -434,7 +435,7 @@ def _run(source: Source, jobs: list[_SetJob], options: ConvertOptions, progress:
             disable=None if progress else True,
         )
         with bar:
-            for result in runner.map_unordered(write_shard, tasks):
+            for result in results:
                 by_name[result.set_name].record(result)
                 bar.update(result.count + len(result.skipped))
         renumber = [task for job in jobs for task in job.renumber_tasks()]

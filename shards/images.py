@@ -11,10 +11,12 @@ import io
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CheckMode = Literal["cheap", "decode"]
 CHECK_MODES: tuple[CheckMode, ...] = ("cheap", "decode")
@@ -70,6 +72,19 @@ def prepare_jpeg(data: bytes, options: PrepareOptions) -> bytes:
     """
     if not data:
         raise BadInput("empty file")
+    frame = jpeg_frame(data)
+    if frame is not None:
+        # The common case, decided without PIL: an 8-bit Huffman-coded JPEG (baseline or progressive)
+        # with 1 or 3 components whose segments are intact up to the start of the scan.
+        if not jpeg_ends_properly(data):
+            raise BadInput("JPEG without an end-of-image marker (truncated?)")
+        width, height, _ = frame
+        if options.max_side is None or max(width, height) <= options.max_side:
+            if options.check == "decode":
+                image = _identify(data)
+                image.draft(image.mode, (1, 1))
+                _load(image)
+            return data
     image = _identify(data)
     is_jpeg = image.format == "JPEG"
     if is_jpeg and not data.startswith(_JPEG_SOI):
@@ -83,6 +98,55 @@ def prepare_jpeg(data: bytes, options: PrepareOptions) -> bytes:
             _load(image)
         return data
     return _reencode(image, options)
+
+
+_SOF_KEPT = frozenset({0xC0, 0xC1, 0xC2})
+"""Frame types every JPEG decoder reads (baseline, extended and progressive Huffman). Lossless,
+hierarchical and arithmetic-coded frames go the slow way (PIL), which re-encodes or rejects them."""
+_SOF_ANY = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """``(width, height, components)`` of a JPEG that can be stored as it is, else None.
+
+    Walks the marker segments from SOI to the start of scan (what an "identify" reads) and accepts only
+    an 8-bit frame of a type in ``_SOF_KEPT`` with 1 (grey) or 3 (colour) components; CMYK/YCCK, 12-bit,
+    malformed and non-JPEG data return None and are left to PIL.
+    """
+    if not data.startswith(_JPEG_SOI):
+        return None
+    frame = None
+    position, end = 2, len(data)
+    while position + 4 <= end:
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        if marker in _STANDALONE:
+            position += 2
+            continue
+        if marker in (0xD8, 0xD9):
+            return None
+        length = (data[position + 2] << 8) | data[position + 3]
+        if length < 2 or position + 2 + length > end:
+            return None
+        if marker in _SOF_ANY:
+            if frame is not None or marker not in _SOF_KEPT or length < 8:
+                return None
+            precision = data[position + 4]
+            height = (data[position + 5] << 8) | data[position + 6]
+            width = (data[position + 7] << 8) | data[position + 8]
+            components = data[position + 9]
+            if precision != 8 or width == 0 or height == 0 or components not in (1, 3):
+                return None
+            frame = (width, height, components)
+        elif marker == 0xDA:  # start of scan: the header is complete
+            return frame
+        position += 2 + length
+    return None
 
 
 def _identify(data: bytes) -> Image.Image:
@@ -128,6 +192,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return background
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         # 16-bit/float greyscale: scale to 8 bits by the image's own range instead of clipping at 255.
+        import numpy as np  # only here and for digits: keeps worker start-up cheap
+
         array = np.asarray(image, dtype=np.float64)
         low, high = float(array.min()), float(array.max())
         scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
@@ -146,6 +212,8 @@ def render_digit(pixels: np.ndarray, size: int, quality: int) -> bytes:
 
     The 17 grey levels are stretched to 0..255 and upscaled bilinearly, so strokes stay smooth.
     """
+    import numpy as np
+
     grey = (np.asarray(pixels, dtype=np.float64).reshape(8, 8) * (255.0 / 16.0)).round().astype(np.uint8)
     image = Image.fromarray(grey).resize((size, size), Image.Resampling.BILINEAR)
     return encode_jpeg(image.convert("RGB"), quality)

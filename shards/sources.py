@@ -14,13 +14,14 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from shards.errors import ShardsError
 from shards.format import UNLABELLED
 from shards.images import IMAGE_EXTENSIONS, is_image_file, render_digit
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +258,7 @@ class DigitsSource(Source):
 
     def _load(self) -> tuple[np.ndarray, np.ndarray]:
         if self._pixels is None or self._targets is None:
+            import numpy as np
             from sklearn.datasets import load_digits  # 1 s import: only where digits are used
 
             digits = load_digits()

@@ -12,16 +12,19 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 BLOCK = 512
 _END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
+_ZEROS = bytes(BLOCK)
 DALI_INDEX_VERSION = "v1.2"
 
 
-@dataclass(frozen=True)
-class IndexComponent:
-    """One member of a sample as DALI's index lists it: extension, data offset, data size, member name."""
+class IndexComponent(NamedTuple):
+    """One member of a sample as DALI's index lists it: extension, data offset, data size, member name.
+
+    A NamedTuple, not a dataclass: the writer makes five per sample, and this is ~5x cheaper to build.
+    """
 
     ext: str
     offset: int
@@ -37,23 +40,38 @@ def _octal(value: int, width: int) -> bytes:
     return digits.rjust(width - 1, b"0") + b"\0"
 
 
-def ustar_header(name: str, size: int) -> bytes:
-    """The 512-byte ustar header of a regular file ``name`` holding ``size`` bytes."""
-    encoded = name.encode("utf-8")
-    if len(encoded) > 100:
-        raise ValueError(f"member name longer than 100 bytes: {name!r}")
+def _blank_header() -> bytes:
+    """A ustar header with every constant field set and the name, size and checksum fields blank."""
     header = bytearray(BLOCK)
-    header[0 : len(encoded)] = encoded
     header[100:108] = _octal(0o444, 8)  # mode
     header[108:116] = _octal(0, 8)  # uid
     header[116:124] = _octal(0, 8)  # gid
-    header[124:136] = _octal(size, 12)
     header[136:148] = _octal(0, 12)  # mtime
-    header[148:156] = b" " * 8  # checksum is computed with its own field as spaces
+    header[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
     header[156:157] = b"0"  # regular file
     header[257:263] = b"ustar\0"
     header[263:265] = b"00"
-    header[148:156] = format(sum(header), "06o").encode("ascii") + b"\0 "
+    return bytes(header)
+
+
+_BLANK_HEADER = _blank_header()
+_BLANK_HEADER_SUM = sum(_BLANK_HEADER)
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header of a regular file ``name`` holding ``size`` bytes.
+
+    Built from a precomputed blank header: only the name and size vary, so the checksum is the blank
+    header's sum plus theirs (this runs five times per sample, so it is kept cheap).
+    """
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100:
+        raise ValueError(f"member name longer than 100 bytes: {name!r}")
+    size_field = _octal(size, 12)
+    header = bytearray(_BLANK_HEADER)
+    header[0 : len(encoded)] = encoded
+    header[124:136] = size_field
+    header[148:156] = b"%06o\0 " % (_BLANK_HEADER_SUM + sum(encoded) + sum(size_field))
     return bytes(header)
 
 
@@ -65,34 +83,66 @@ class ShardTarWriter:
     ... w.write_dali_index(path.with_suffix(".idx"))
 
     ``sha256`` and ``bytes_written`` describe exactly the bytes written, available after ``close``.
+
+    Each sample is one ``writev`` of a few buffers (small members are joined, large payloads are passed
+    as they are, never copied in user space). With ``write_behind``, the kernel is asked every that many
+    bytes to start writing the finished part to disk, so the fsync in ``close`` has little left to wait
+    for and the disk works while this process computes.
     """
 
-    def __init__(self, path: str | Path, buffer_size: int = 1 << 20) -> None:
+    LARGE = 4096
+    """Payloads at least this big are handed to writev directly instead of being joined."""
+
+    def __init__(self, path: str | Path, write_behind: int | None = None) -> None:
         self.path = Path(path)
-        self._file: BinaryIO = open(self.path, "wb", buffering=buffer_size)  # noqa: SIM115 - closed in close()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._hash = hashlib.sha256()
         self.bytes_written = 0
         self.samples: list[list[IndexComponent]] = []
         self._closed = False
+        self._write_behind = write_behind
+        self._flushed = 0
 
-    def _write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._hash.update(data)
-        self.bytes_written += len(data)
+    def _write(self, buffers: list[bytes]) -> None:
+        for buffer in buffers:
+            self._hash.update(buffer)
+        total = sum(len(b) for b in buffers)
+        done = os.writev(self._fd, buffers)
+        if done != total:  # a short write (signal, nearly full disk): finish it piece by piece
+            rest = memoryview(b"".join(buffers))[done:]
+            while rest:
+                rest = rest[os.write(self._fd, rest) :]
+        self.bytes_written += total
+        if self._write_behind and self.bytes_written - self._flushed >= self._write_behind:
+            _start_writeback(self._fd, self._flushed, self.bytes_written - self._flushed)
+            self._flushed = self.bytes_written
 
     def add_sample(self, key: str, components: Sequence[tuple[str, bytes]]) -> list[IndexComponent]:
         """Write one sample's members in the given order; returns their index entries."""
         if "." in key or "/" in key:
             raise ValueError(f"sample keys may not contain dots or slashes: {key!r}")
         entries = []
+        buffers: list[bytes] = []
+        small: list[bytes] = []
+        offset = self.bytes_written
         for ext, data in components:
             name = f"{key}.{ext}"
-            self._write(ustar_header(name, len(data)))
-            entries.append(IndexComponent(ext, self.bytes_written, len(data), name))
-            self._write(data)
-            padding = -len(data) % BLOCK
+            size = len(data)
+            small.append(ustar_header(name, size))
+            entries.append(IndexComponent(ext, offset + BLOCK, size, name))
+            if size >= self.LARGE:
+                buffers.append(b"".join(small))
+                buffers.append(data)
+                small = []
+            else:
+                small.append(data)
+            padding = -size % BLOCK
             if padding:
-                self._write(b"\0" * padding)
+                small.append(_ZEROS[:padding])
+            offset += BLOCK + size + padding
+        if small:
+            buffers.append(b"".join(small))
+        self._write(buffers)
         self.samples.append(entries)
         return entries
 
@@ -103,17 +153,16 @@ class ShardTarWriter:
     def close(self, fsync: bool = True) -> None:
         if self._closed:
             return
-        self._write(_END_OF_ARCHIVE)
-        self._file.flush()
+        self._write([_END_OF_ARCHIVE])
         if fsync:
-            os.fsync(self._file.fileno())
-        self._file.close()
+            os.fsync(self._fd)
+        os.close(self._fd)
         self._closed = True
 
     def abort(self) -> None:
         """Close without finishing the archive and delete the partial file."""
         if not self._closed:
-            self._file.close()
+            os.close(self._fd)
             self._closed = True
         self.path.unlink(missing_ok=True)
 
@@ -128,6 +177,14 @@ class ShardTarWriter:
             self.close()
         else:
             self.abort()
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing this range to disk now (Linux starts the writeback of dirty pages
+    on POSIX_FADV_DONTNEED, and drops the pages once clean: a converter's output need not stay cached)."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None:
+        advise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def format_dali_index(samples: Sequence[Sequence[IndexComponent]]) -> str:

@@ -10,15 +10,19 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shards.errors import ShardsError
 from shards.format import INDEX_EXT, INT_SIZE, dali_index_path, encode_int, encode_sample, sample_key
 from shards.images import BadInput, PrepareOptions, prepare_jpeg
-from shards.sources import Source
 from shards.tario import ShardTarWriter, file_sha256, read_dali_index, sample_components
 
+if TYPE_CHECKING:
+    from shards.sources import Source
+
 TMP_SUFFIX = ".tmp"
+WRITE_BEHIND = 8 << 20
+"""Start the disk writeback of a shard every 8 MiB, so its final fsync does not stall the worker."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ def write_shard(task: ShardTask) -> ShardResult:
     idx_path = dali_index_path(tar_path)
     skipped: list[tuple[str, str]] = []
     labels: Counter[int] = Counter()
-    with ShardTarWriter(temporary_path(tar_path)) as writer:
+    with ShardTarWriter(temporary_path(tar_path), write_behind=WRITE_BEHIND) as writer:
         for ref, label, planned_index in task.inputs:
             try:
                 jpeg = prepare_jpeg(task.source.read(ref), task.options)

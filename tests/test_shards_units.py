@@ -188,3 +188,36 @@ def test_manifest_json_has_the_documented_fields(image_folder: ImageFolder, tmp_
     assert set(data["shards"][0]) == {"file", "index_file", "count", "bytes", "sha256", "index_range"}
     assert data["params"]["source"]["kind"] == "imagefolder" and data["params"]["seed"] == 0
     assert data["params"]["samples_per_shard"] == 8 and data["params"]["check"] == "cheap"
+
+
+def test_jpeg_frame_agrees_with_pil() -> None:
+    """The fast header walk decides "keep as is" exactly where PIL would find a 1- or 3-band JPEG."""
+    from shards.images import jpeg_frame
+
+    rng = np.random.default_rng(3)
+    rgb = smooth_image(rng, (61, 37))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotated; the bytes are kept as they are either way
+    cases = {
+        "baseline": encode(rgb, "JPEG", quality=80),
+        "progressive": encode(rgb, "JPEG", progressive=True),
+        "optimized 4:4:4": encode(rgb, "JPEG", optimize=True, subsampling=0),
+        "grey": encode(rgb.convert("L"), "JPEG"),
+        "with exif": encode(rgb, "JPEG", exif=exif.tobytes()),
+    }
+    for name, data in cases.items():
+        image = Image.open(io.BytesIO(data))
+        assert jpeg_frame(data) == (*image.size, len(image.getbands())), name
+    cmyk = encode(rgb.convert("CMYK"), "JPEG")
+    baseline = cases["baseline"]
+    sof = baseline.index(b"\xff\xc0")
+    for name, data in {
+        "cmyk": cmyk,
+        "png": encode(rgb, "PNG"),
+        "cut inside the header": baseline[: sof + 6],
+        "broken segment chain": baseline[:sof] + b"\x00" + baseline[sof + 1 :],
+        "no frame before the scan": baseline[:sof]
+        + baseline[sof + 2 + int.from_bytes(baseline[sof + 2 : sof + 4], "big") :],
+        "random": rng.integers(0, 256, 500, dtype=np.uint8).tobytes(),
+    }.items():
+        assert jpeg_frame(data) is None, name
