@@ -306,22 +306,22 @@ class _SetJob:
             and dali_index_path(tar).is_file()
         )
 
-    def write_tasks(self, source: Source, options: ConvertOptions) -> list[ShardTask]:
+    def pending_plans(self) -> list[ShardPlan]:
+        """The planned shards this run still has to write."""
         if self.status == "unchanged":
             return []
-        return [
-            ShardTask(
-                source=source,
-                set_name=self.name,
-                directory=str(self.directory),
-                number=plan.number,
-                file=shard_file_name(plan.number),
-                inputs=[(self.items[i].ref, self.items[i].label, i) for i in range(plan.start, plan.stop)],
-                options=options.prepare,
-            )
-            for plan in self.plans
-            if plan.number not in self.completed
-        ]
+        return [plan for plan in self.plans if plan.number not in self.completed]
+
+    def write_task(self, plan: ShardPlan, source: Source, options: ConvertOptions) -> ShardTask:
+        return ShardTask(
+            source=source,
+            set_name=self.name,
+            directory=str(self.directory),
+            number=plan.number,
+            file=shard_file_name(plan.number),
+            inputs=[(self.items[i].ref, self.items[i].label, i) for i in range(plan.start, plan.stop)],
+            options=options.prepare,
+        )
 
     def record(self, result: ShardResult) -> None:
         assert self.journal is not None
@@ -424,12 +424,14 @@ def _run(source: Source, jobs: list[_SetJob], options: ConvertOptions, progress:
     from tqdm import tqdm
 
     by_name = {job.name: job for job in jobs}
-    tasks = [task for job in jobs for task in job.write_tasks(source, options)]
+    pending = [(job, plan) for job in jobs for plan in job.pending_plans()]
+    # built one by one as workers free up: the task list of a large set would hold every input again
+    tasks = (job.write_task(plan, source, options) for job, plan in pending)
     total_shards = sum(len(job.plans) for job in jobs if job.status != "unchanged")
     with TaskRunner(min(options.workers, max(total_shards, 1))) as runner:
-        results = runner.map_unordered(write_shard, tasks)  # workers start here, before the bar's thread
+        results = runner.map_unordered(write_shard, tasks, len(pending))  # workers start before the bar
         bar = tqdm(
-            total=sum(len(t.inputs) for t in tasks),
+            total=sum(plan.stop - plan.start for _, plan in pending),
             unit="img",
             desc="convert",
             disable=None if progress else True,

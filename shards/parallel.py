@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
+import itertools
 import multiprocessing
 import os
 import signal
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Iterator, Sized
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
@@ -61,34 +63,31 @@ def _spawn_can_start_main() -> bool:
     return False
 
 
-def _as_results(futures: list[Future[_R]]) -> Iterator[_R]:
-    try:
-        for future in as_completed(futures):
-            yield future.result()
-    except BrokenProcessPool:
-        raise ShardsError(
-            "a worker process died (killed, or out of memory?); run the same command again to resume"
-        ) from None
-
-
 class TaskRunner:
-    """``map_unordered(fn, tasks)`` in this process (one worker, or one task) or in a pool of worker
-    processes, yielding results as they complete.
+    """``map_unordered(fn, tasks, count)`` in this process (one worker, or one task) or in a pool of
+    worker processes, yielding results as they complete.
 
-    Tasks and their functions must be picklable and defined at module level (see ``start_method``). A
-    ``ProcessPoolExecutor`` rather than a
-    ``multiprocessing.Pool``: when a worker dies (killed, out of memory) it raises instead of hanging.
+    Tasks and their functions must be picklable and defined at module level (see ``start_method``).
+    Tasks are drawn from their iterable only a few at a time (``2 × workers`` in flight), so a caller
+    can build them lazily and the parent never holds every task of a large conversion at once.
+    A ``ProcessPoolExecutor`` rather than a ``multiprocessing.Pool``: when a worker dies (killed, out
+    of memory) it raises instead of hanging.
     """
 
     def __init__(self, workers: int) -> None:
         self.workers = max(1, workers)
         self._executor: ProcessPoolExecutor | None = None
 
-    def map_unordered(self, fn: Callable[[_T], _R], tasks: Sequence[_T]) -> Iterator[_R]:
-        """Results as tasks complete. In a pool, every task is submitted (and the workers started) at
-        once, before the first result is asked for."""
+    def map_unordered(
+        self, fn: Callable[[_T], _R], tasks: Iterable[_T], count: int | None = None
+    ) -> Iterator[_R]:
+        """Results as tasks complete; ``count`` is the number of tasks (needed when ``tasks`` has no len).
+
+        In a pool, the workers start and the first tasks are submitted before this returns."""
+        count = len(tasks) if count is None and isinstance(tasks, Sized) else count
         method = start_method()
-        if self.workers == 1 or len(tasks) <= 1 or (method == "spawn" and not _spawn_can_start_main()):
+        serial = self.workers == 1 or count is None or count <= 1
+        if serial or (method == "spawn" and not _spawn_can_start_main()):
             return map(fn, tasks)
         if self._executor is None:
             self._executor = ProcessPoolExecutor(
@@ -97,7 +96,35 @@ class TaskRunner:
                 initializer=init_worker,
                 initargs=(os.getpid(),),
             )
-        return _as_results([self._executor.submit(fn, task) for task in tasks])
+        pending = iter(tasks)
+        # Forked workers start at the first submit. Freezing the parent's objects first keeps the workers'
+        # garbage collector off them, so their pages stay shared instead of being copied on first touch
+        # (measured: peak memory of 2 workers + parent 45 → 67 MB from 2,000 to 8,000 inputs without
+        # this, 41 → 46 MB with it).
+        gc.freeze()
+        try:
+            in_flight = {
+                self._executor.submit(fn, task) for task in itertools.islice(pending, 2 * self.workers)
+            }
+        finally:
+            gc.unfreeze()
+        return self._results(fn, pending, in_flight)
+
+    def _results(
+        self, fn: Callable[[_T], _R], pending: Iterator[_T], in_flight: set[Future[_R]]
+    ) -> Iterator[_R]:
+        assert self._executor is not None
+        try:
+            while in_flight:
+                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                for task in itertools.islice(pending, len(done)):
+                    in_flight.add(self._executor.submit(fn, task))
+                for future in done:
+                    yield future.result()
+        except BrokenProcessPool:
+            raise ShardsError(
+                "a worker process died (killed, or out of memory?); run the same command again to resume"
+            ) from None
 
     def __enter__(self) -> TaskRunner:
         return self

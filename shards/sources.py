@@ -99,7 +99,21 @@ class ImageFolderSource(Source):
         return Listing(items, class_dirs)
 
     def read(self, ref: str) -> bytes:
-        return (self.root / ref).read_bytes()
+        return read_file(os.path.join(self.root, ref))
+
+
+def read_file(path: str | Path) -> bytes:
+    """A whole file, read with plain system calls (cheaper than ``Path.read_bytes`` per small image)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        want = os.fstat(fd).st_size + 1  # one read gets a regular file whole; the next one sees its end
+        while chunk := os.read(fd, max(want, 1 << 16)):
+            chunks.append(chunk)
+            want -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _scan(directory: Path) -> list[os.DirEntry[str]]:
@@ -168,7 +182,7 @@ class ListSource(Source):
         return Listing(items, classes)
 
     def read(self, ref: str) -> bytes:
-        return self._resolve(ref).read_bytes()
+        return read_file(self._resolve(ref))
 
     def _resolve(self, ref: str) -> Path:
         path = Path(ref)

@@ -7,6 +7,7 @@ Headers are deterministic (mtime 0, uid/gid 0, mode 0444), so the same samples a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
@@ -67,12 +68,19 @@ def ustar_header(name: str, size: int) -> bytes:
     encoded = name.encode("utf-8")
     if len(encoded) > 100:
         raise ValueError(f"member name longer than 100 bytes: {name!r}")
-    size_field = _octal(size, 12)
+    size_field, size_sum = _size_field(size)
     header = bytearray(_BLANK_HEADER)
     header[0 : len(encoded)] = encoded
     header[124:136] = size_field
-    header[148:156] = b"%06o\0 " % (_BLANK_HEADER_SUM + sum(encoded) + sum(size_field))
+    header[148:156] = b"%06o\0 " % (_BLANK_HEADER_SUM + sum(encoded) + size_sum)
     return bytes(header)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _size_field(size: int) -> tuple[bytes, int]:
+    """The 12-byte size field and its byte sum (sizes repeat a lot: every label and index is 8 bytes)."""
+    field = _octal(size, 12)
+    return field, sum(field)
 
 
 class ShardTarWriter:

