@@ -254,6 +254,10 @@ def sample_components(samples: Iterable[Sequence[IndexComponent]], ext: str) -> 
     return found
 
 
+REGULAR_FILE_TYPES = (b"0", b"\0")
+"""ustar type flags of a regular file (NUL is the pre-POSIX spelling)."""
+
+
 @dataclass(frozen=True)
 class TarMember:
     """A member as its ustar header describes it: name, type flag, where its data starts, its size."""

@@ -28,9 +28,7 @@ from shards.format import (
 from shards.images import BadInput, decode_rgb
 from shards.manifest import Manifest, ShardEntry, load_manifest
 from shards.parallel import TaskRunner
-from shards.tario import IndexComponent, TarMember, read_dali_index, read_tar_members
-
-REGULAR_FILE = (b"0", b"\0")
+from shards.tario import REGULAR_FILE_TYPES, IndexComponent, TarMember, read_dali_index, read_tar_members
 
 
 @dataclass(frozen=True)
@@ -247,7 +245,7 @@ def _group_members(members: list[TarMember], problem: Any) -> list[tuple[str, li
     groups: list[tuple[str, list[TarMember]]] = []
     seen: set[str] = set()
     for member in members:
-        if member.type not in REGULAR_FILE:
+        if member.type not in REGULAR_FILE_TYPES:
             problem(f"member {member.name!r} is not a regular file")
             continue
         key = member.name.partition(".")[0]
@@ -350,7 +348,11 @@ def describe(location: str | Path) -> dict[str, Any]:
     return {
         "directory": str(manifest.root),
         "count": manifest.count,
-        "unlabelled": manifest.count - sum(manifest.class_counts) if manifest.class_counts else None,
+        "unlabelled": (
+            manifest.count - sum(manifest.class_counts)
+            if manifest.class_counts or not manifest.classes
+            else None  # labelled, but per-class counts were not recorded
+        ),
         "classes": manifest.classes,
         "class_counts": per_class,
         "shards": len(manifest.shards),
