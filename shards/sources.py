@@ -1,9 +1,9 @@
 """Where the images come from: a class-per-folder tree, a CSV/JSONL list, or scikit-learn's digits.
 
 A source lists its inputs deterministically (sorted, so the same data always plans the same shards) and
-reads one input's encoded bytes by its reference. Sources are small picklable objects: the conversion
-sends one to every worker process once, and workers read (or, for digits, render) the images themselves,
-so image bytes never travel through a pipe.
+reads one input's encoded bytes by its reference. Sources are small picklable objects that travel with
+each shard task to a worker process; the workers read (or, for digits, render) the images themselves, so
+image bytes never travel through a pipe.
 """
 
 from __future__ import annotations
@@ -253,8 +253,8 @@ def _as_int(label: object) -> int | None:
 class DigitsSource(Source):
     """scikit-learn's 1,797 handwritten digits (8×8, 0..16), rendered as ``image_size``² RGB JPEGs.
 
-    Labels 0..9. The raw pixels (115 KB) travel with the source to the workers, which render the JPEGs;
-    references are ``digits/<row>``.
+    Labels 0..9. The raw pixels (115 KB) travel with the source to the workers, which render the JPEGs
+    (so workers need not import scikit-learn); references are ``digits/<row>``.
     """
 
     kind = "digits"

@@ -1,4 +1,4 @@
-"""Helpers the shard tests run in other processes (they must be importable by spawned workers)."""
+"""Helpers the shard tests run in a subprocess (a module, so that `python -m` and its workers can import it)."""
 
 from __future__ import annotations
 
