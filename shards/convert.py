@@ -93,6 +93,11 @@ def convert(
     started = time.perf_counter()
     listing = source.list_inputs()
     out = Path(out_dir)
+    walked = source.walked_directory()
+    if walked is not None and out.resolve().is_relative_to(walked.resolve()):
+        raise ShardsError(
+            f"the output directory {out} lies inside the source directory {walked}; write it elsewhere"
+        )
     _make_output_dir(out)
     with _exclusive(out):
         subsets = _split(listing.items, options)

@@ -58,6 +58,10 @@ class Source(ABC):
     def read(self, ref: str) -> bytes:
         """The encoded bytes of one input; raises ``OSError`` when it cannot be read."""
 
+    def walked_directory(self) -> Path | None:
+        """The directory tree the listing walks, if any: output written inside it would become input."""
+        return None
+
 
 _EXTENSIONS_TEXT = ", ".join(sorted(IMAGE_EXTENSIONS))
 
@@ -100,6 +104,9 @@ class ImageFolderSource(Source):
 
     def read(self, ref: str) -> bytes:
         return read_file(os.path.join(self.root, ref))
+
+    def walked_directory(self) -> Path | None:
+        return self.root
 
 
 def read_file(path: str | Path) -> bytes:

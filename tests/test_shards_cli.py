@@ -59,6 +59,14 @@ def test_unwritable_output_is_one_line_exit_2(image_folder: ImageFolder, tmp_pat
     assert_one_line_error(result, "output path exists and is not a directory")
 
 
+def test_output_inside_the_source_is_refused(image_folder: ImageFolder) -> None:
+    result = invoke(
+        "shards", "convert", "imagefolder", str(image_folder.root), str(image_folder.root / "out")
+    )
+    assert_one_line_error(result, "lies inside the source directory")
+    assert not (image_folder.root / "out").exists()
+
+
 def test_verify_and_info_without_a_shard_set_are_exit_2(tmp_path: Path) -> None:
     assert_one_line_error(invoke("shards", "verify", str(tmp_path / "nope")), "no such file or directory")
     assert_one_line_error(invoke("shards", "info", str(tmp_path)), "no shard set at")

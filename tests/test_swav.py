@@ -293,7 +293,9 @@ def test_config_errors_and_factory() -> None:
     with pytest.raises(ModelError, match=r"config key 'method.crops_for_assign' must be a list, got 0"):
         method_config_from_dict("swav", {"crops_for_assign": 0})
     assert method_config_from_dict("swav", {"queue_length": 3840}) == SwAVConfig(queue_length=3840)
-    with pytest.raises(ModelError, match=r"unknown config key 'method\.epsilonn'; known in method: hidden_dim"):
+    with pytest.raises(
+        ModelError, match=r"unknown config key 'method\.epsilonn'; known in method: hidden_dim"
+    ):
         build_method("swav", "resnet18_small", {"epsilonn": 0.03})
     model = build_method(
         "swav", "resnet18_small", {"num_prototypes": 30, "crops_for_assign": [0, 1], "epsilon": 1}
