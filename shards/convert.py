@@ -73,6 +73,8 @@ class SetOutcome:
     shards_written: int
     """Shards written by this run (the others were kept from an interrupted run)."""
     shards_renumbered: int
+    inputs_processed: int = 0
+    """Inputs read by this run (written or skipped), for its rate."""
 
 
 @dataclass
@@ -80,6 +82,10 @@ class ConvertOutcome:
     sets: list[SetOutcome]
     inputs: int
     seconds: float
+
+    @property
+    def inputs_processed(self) -> int:
+        return sum(s.inputs_processed for s in self.sets)
 
     @property
     def unchanged(self) -> bool:
@@ -240,6 +246,7 @@ class _SetJob:
     journal: Journal | None
     existing: Manifest | None = None
     written: int = 0
+    processed: int = 0
     renumbered: int = 0
 
     @classmethod
@@ -333,6 +340,7 @@ class _SetJob:
         self.journal.record(result)
         self.completed[result.number] = result
         self.written += 1
+        self.processed += result.count + len(result.skipped)
 
     def renumber_tasks(self) -> list[RenumberTask]:
         """The shards whose samples' planned indices differ from their final ones: those at or after
@@ -402,7 +410,9 @@ class _SetJob:
         fsync_directory(self.directory)
         assert self.journal is not None
         self.journal.remove()
-        return SetOutcome(self.name, self.directory, manifest, self.status, self.written, self.renumbered)
+        return SetOutcome(
+            self.name, self.directory, manifest, self.status, self.written, self.renumbered, self.processed
+        )
 
 
 def _load_existing(directory: Path, overwrite: bool) -> Manifest | None:

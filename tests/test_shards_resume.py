@@ -107,6 +107,7 @@ def test_kill_9_then_rerun_finishes_with_every_input_exactly_once(
     (written,) = summary["sets"]
     assert written["status"] == "resumed"
     assert written["shards_written"] <= 9 - done_before
+    assert summary["inputs_processed"] == 2 * written["shards_written"], "kept shards are not read again"
 
     manifest = load_manifest(out)
     samples = list(iter_samples(out))

@@ -215,10 +215,12 @@ def conversion_summary(outcome: Any) -> dict[str, Any]:
             }
         )
     seconds = outcome.seconds
+    processed = outcome.inputs_processed
     return {
         "inputs": outcome.inputs,
+        "inputs_processed": processed,
         "seconds": round(seconds, 3),
-        "images_per_s": None if outcome.unchanged else round(outcome.inputs / max(seconds, 1e-9), 1),
+        "images_per_s": round(processed / seconds, 1) if processed and seconds > 0 else None,
         "unchanged": outcome.unchanged,
         "sets": sets,
     }
@@ -237,9 +239,10 @@ def render_conversion(summary: Mapping[str, Any]) -> str:
             lines.append(f"    skipped {skipped['input']}: {skipped['reason']}")
         if len(s["skipped"]) > 5:
             lines.append(f"    … {len(s['skipped']) - 5} more in {s['directory']}/manifest.json")
-    if not summary["unchanged"]:
+    if summary["images_per_s"] is not None:
         lines.append(
-            f"{summary['inputs']} inputs in {summary['seconds']:.1f} s ({summary['images_per_s']:.0f} images/s)"
+            f"{summary['inputs_processed']} of {summary['inputs']} inputs processed in {summary['seconds']:.1f} s "
+            f"({summary['images_per_s']:.0f} images/s)"
         )
     return "\n".join(lines)
 
