@@ -86,9 +86,11 @@ def generate_imagefolder(root: Path, count: int, workers: int, seed: int = 0) ->
         (root / f"class{c:02d}").mkdir(parents=True, exist_ok=True)
     chunk = 250
     tasks = [_GenerateTask(str(root), s, min(s + chunk, count), seed) for s in range(0, count, chunk)]
-    with TaskRunner(workers) as runner:
-        for _ in runner.map_unordered(_generate, tasks):
-            pass
+    from tqdm import tqdm
+
+    with TaskRunner(workers) as runner, tqdm(total=count, unit="img", desc="generate") as bar:
+        for done in runner.map_unordered(_generate, tasks):
+            bar.update(done)
 
 
 def subset_imagefolder(full: Path, root: Path, count: int) -> None:
