@@ -65,7 +65,9 @@ class StepSchedule:
     start: float = 0.0
 
     def __call__(self, step: int) -> float:
-        return warmup_cosine_schedule(self.peak, self.final, step, self.total_steps, self.warmup_steps, self.start)
+        return warmup_cosine_schedule(
+            self.peak, self.final, step, self.total_steps, self.warmup_steps, self.start
+        )
 
 
 def parameter_groups(module: nn.Module) -> list[dict]:
