@@ -60,6 +60,10 @@ def convert_benchmark(
 
     summary = run_benchmark(
         sorted(set(sizes)), workers, repeats, directory, keep=keep, samples_per_shard=samples_per_shard
+    )
+    emit(summary, as_json, lambda s: render(dict(s)))
+
+
 @bench.command("loader")
 @click.argument("data", type=str)
 @click.option(
