@@ -15,15 +15,14 @@ from models.types import Batch
 from pipeline.integrity import SIDECAR_NAME
 from pipeline.loader import CorruptSampleWarning, build_loader
 from pipeline.spec import MultiCropSpec
-from tests.loader_fixtures import make_shard_set
+from tests.loader_fixtures import labels_by_index, make_shard_set, spoil_jpeg, truncate_shard
 
-COUNTS = (7, 5, 9, 3)
 SPEC = MultiCropSpec.preset("dino", global_size=24, local_size=12, num_local=2)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_shard_set(tmp_path_factory.mktemp("shards"), COUNTS)
+    return make_shard_set(tmp_path_factory.mktemp("data") / "shards", 24, 7)  # shards of 7, 7, 7, 3
 
 
 def real_indices(batches: list[Batch]) -> list[int]:
@@ -43,7 +42,7 @@ def test_two_ranks_cover_the_epoch_with_equal_batch_counts(shards: Path) -> None
         for b in per_rank[0] + per_rank[1]
         for i, label in zip(b.index, b.labels, strict=True)
     }
-    assert all(labels[i] == i % 3 for i in range(24))  # the fixture's labels, read as int64
+    assert labels == labels_by_index(shards)  # DALI reads them as int64, as the shards reader does
 
 
 def test_new_order_each_epoch_and_exact_resume(shards: Path) -> None:
@@ -65,7 +64,9 @@ def test_repeats_are_honoured_exactly(shards: Path) -> None:
 
 
 def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path) -> None:
-    data = make_shard_set(tmp_path / "bad", COUNTS, bad_jpeg=(3,), truncate_after={2: 6})
+    data = make_shard_set(tmp_path / "bad", 24, 7)
+    spoil_jpeg(data, 3)
+    truncate_shard(data, 2, 4)  # indices 18, 19, 20 lost
     loader = build_loader(data, SPEC, 4, backend="dali", num_workers=1, device="cpu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -76,5 +77,5 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     assert loader.stats.skipped == 4 and loader.stats.padded == 4
     reasons = dict(loader.stats.skipped_where)
     assert "bad JPEG" in reasons["shard-000000.tar #3 (index 3)"]
-    assert "truncated tar" in reasons["shard-000002.tar #7 (index 19)"]
+    assert "truncated tar" in reasons["shard-000002.tar #5 (index 19)"]
     assert (data / SIDECAR_NAME).is_file()  # the check is cached next to the manifest

@@ -22,19 +22,19 @@ from pipeline.integrity import (
 )
 from pipeline.shardset import IndexedShardReader, SampleUnavailable, StreamShardReader, resolve_shards
 from shards.format import decode_int
-from tests.loader_fixtures import make_shard_set
+from tests.loader_fixtures import make_shard_set, spoil_jpeg, truncate_shard
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_shard_set(tmp_path_factory.mktemp("shards"), (4, 6, 5))
+    return make_shard_set(tmp_path_factory.mktemp("data") / "shards", 15, 6)  # shards of 6, 6, 3
 
 
 def test_every_form_of_data_resolves_to_the_same_shards(shards: Path) -> None:
     by_dir = resolve_shards(shards)
-    assert by_dir.counts == [4, 6, 5] and by_dir.total == by_dir.num_indices == 15 and by_dir.indexed
-    assert [s.first_index for s in by_dir.shards] == [0, 4, 10]
-    assert by_dir.classes == ["0", "1", "2"]
+    assert by_dir.counts == [6, 6, 3] and by_dir.total == by_dir.num_indices == 15 and by_dir.indexed
+    assert [s.first_index for s in by_dir.shards] == [0, 6, 12]
+    assert by_dir.classes == ["class0", "class1", "class2"]
     for data in (
         shards / "manifest.json",
         [str(p) for p in sorted(shards.glob("*.tar"))],
@@ -42,9 +42,9 @@ def test_every_form_of_data_resolves_to_the_same_shards(shards: Path) -> None:
     ):
         assert [s.local_path for s in resolve_shards(data).shards] == [s.local_path for s in by_dir.shards]
     subset = resolve_shards([shards / "shard-000001.tar"])
-    assert subset.counts == [6] and subset.shards[0].first_index == 4 and subset.num_indices == 15
+    assert subset.counts == [6] and subset.shards[0].first_index == 6 and subset.num_indices == 15
     piped = resolve_shards([f"pipe:cat {shards}/shard-000002.tar"], manifest=shards)
-    assert piped.counts == [5] and not piped.indexed and piped.shards[0].url.startswith("pipe:")
+    assert piped.counts == [3] and not piped.indexed and piped.shards[0].url.startswith("pipe:")
 
 
 def test_unresolvable_data_fails_with_one_clear_line(shards: Path, tmp_path: Path) -> None:
@@ -82,12 +82,13 @@ def test_indexed_and_streamed_readers_return_the_same_samples(shards: Path) -> N
     streamed.want(order)
     for position in order:
         a, b = indexed.read(position), streamed.read(position)
-        assert a == {ext: b[ext] for ext in a} and decode_int(a["index"]) == 4 + position
+        assert a == {ext: b[ext] for ext in a} and decode_int(a["index"]) == 6 + position
     assert not streamed._kept  # nothing held once every wanted sample was served
 
 
 def test_truncated_shards_are_reported_per_sample(tmp_path: Path) -> None:
-    data = make_shard_set(tmp_path / "cut", (6,), truncate_after={0: 3})
+    data = make_shard_set(tmp_path / "cut", 6, 6)
+    truncate_shard(data, 0, 3)
     shard = resolve_shards(data).shards[0]
     indexed, streamed = IndexedShardReader(shard), StreamShardReader(shard)
     for reader in (indexed, streamed):
@@ -118,7 +119,9 @@ def test_jpeg_structure_check() -> None:
 
 
 def test_shard_check_is_cached_and_invalidated(tmp_path: Path) -> None:
-    data = make_shard_set(tmp_path / "set", (5, 4), bad_jpeg=(2,), truncate_after={1: 2})
+    data = make_shard_set(tmp_path / "set", 9, 5)  # shards of 5 and 4
+    spoil_jpeg(data, 2)
+    truncate_shard(data, 1, 2)
     shardset = resolve_shards(data)
     first, second = check_shard_set(shardset)
     assert first.status.tolist() == [OK, OK, BAD_JPEG, OK, OK]
@@ -131,7 +134,7 @@ def test_shard_check_is_cached_and_invalidated(tmp_path: Path) -> None:
     assert sidecar.stat().st_mtime_ns == stamp  # served from the cache
     assert again[0].reasons == first.reasons and np.array_equal(again[1].status, second.status)
     # Rewrite shard 0 with good images: its check is redone, the other shard's reused.
-    replacement = make_shard_set(tmp_path / "fresh", (5,), seed=3)
+    replacement = make_shard_set(tmp_path / "fresh", 5, 5, seed=3)
     os.replace(replacement / "shard-000000.tar", data / "shard-000000.tar")
     os.replace(replacement / "shard-000000.idx", data / "shard-000000.idx")
     assert check_shard_set(shardset)[0].status.tolist() == [OK] * 5

@@ -14,21 +14,26 @@ import torch
 from models.types import Batch
 from pipeline.loader import CorruptSampleWarning, build_loader
 from pipeline.spec import MultiCropSpec
-from tests.loader_fixtures import make_shard_set
+from tests.loader_fixtures import make_shard_set, spoil_jpeg, truncate_shard
 
-COUNTS = (7, 5, 9, 3)  # 24 samples in uneven shards
 SPEC = MultiCropSpec.preset("swav", global_size=24, local_size=12, num_local=2)
+
+
+LOST = {3, 18, 19, 20}
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_shard_set(tmp_path_factory.mktemp("shards"), COUNTS)
+    # 24 samples in shards of 7, 7, 7, 3
+    return make_shard_set(tmp_path_factory.mktemp("data") / "shards", 24, 7)
 
 
 @pytest.fixture(scope="module")
 def corrupt_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # index 3: garbage image bytes; shard 2 (indices 12..20) cut inside sample #6 (index 18)
-    return make_shard_set(tmp_path_factory.mktemp("corrupt"), COUNTS, bad_jpeg=(3,), truncate_after={2: 6})
+    directory = make_shard_set(tmp_path_factory.mktemp("data") / "corrupt", 24, 7)
+    spoil_jpeg(directory, 3)  # garbage image bytes
+    assert set(truncate_shard(directory, 2, 4)) | {3} == LOST  # shard 2 (14..20) cut inside #4 (18)
+    return directory
 
 
 def collect(loader) -> list[Batch]:  # type: ignore[no-untyped-def]
@@ -128,18 +133,17 @@ def test_corrupt_samples_are_skipped_counted_and_padded(corrupt_shards: Path) ->
     corrupt_warnings = [w for w in caught if issubclass(w.category, CorruptSampleWarning)]
     assert len(corrupt_warnings) == 1
     assert len(batches) == 6 and all(b.size == 4 for b in batches)  # same count as a clean epoch
-    lost = {3, 18, 19, 20}
-    assert sorted(real_indices(batches)) == sorted(set(range(24)) - lost)
+    assert sorted(real_indices(batches)) == sorted(set(range(24)) - LOST)
     assert loader.stats.skipped == 4 and loader.stats.padded == 4
     where = " ".join(w for w, _ in loader.stats.skipped_where)
-    assert "shard-000000.tar #3 (index 3)" in where and "shard-000002.tar #6 (index 18)" in where
+    assert "shard-000000.tar #3 (index 3)" in where and "shard-000002.tar #4 (index 18)" in where
     reasons = dict(loader.stats.skipped_where)
     assert "bad JPEG" in reasons["shard-000000.tar #3 (index 3)"]
-    assert "truncated tar" in reasons["shard-000002.tar #6 (index 18)"]
+    assert "truncated tar" in reasons["shard-000002.tar #4 (index 18)"]
 
 
 def test_streamed_shards_read_exactly_like_indexed_ones(shards: Path, corrupt_shards: Path) -> None:
-    for directory, lost in ((shards, set()), (corrupt_shards, {3, 18, 19, 20})):
+    for directory, lost in ((shards, set()), (corrupt_shards, LOST)):
         tars = sorted(directory.glob("*.tar"))
         urls = [f"pipe:cat {tar}" for tar in tars]
         kwargs = dict(backend="torch", num_workers=2, device="cpu", seed=2, shuffle_window=3)
