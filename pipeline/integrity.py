@@ -5,7 +5,8 @@ has no option to skip one. So before building a DALI pipeline the loader checks 
 
 * truncated tar: a sample whose components reach past the end of the file (index offsets vs file size);
 * bad JPEG: a structural walk of the JPEG markers — SOI first, well-formed segments up to the first SOS,
-  a frame header (SOF) with non-zero dimensions, EOI at the end. This reads only the header (usually
+  a frame header (SOF) with non-zero dimensions, EOI at the end (the converter's own rule,
+  ``shards.images.jpeg_ends_properly``). This reads only the header (usually
   < 1 KB) and the last bytes of each image, and catches empty, garbage and cut-short images, the failures
   decoders refuse. (Damaged entropy-coded data inside an otherwise complete file decodes with a warning
   in libjpeg-turbo, PIL and DALI alike, so it is not treated as corrupt.)
@@ -33,6 +34,7 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.shardset import REQUIRED_EXTS, ShardInfo, ShardSet
 from shards.format import IMAGE_EXT
+from shards.images import jpeg_ends_properly
 from shards.tario import read_dali_index
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ def inspect_jpeg(head: bytes, size: int, tail: bytes) -> JpegInfo:
         if marker == 0xDA:  # start of scan: entropy-coded data follows
             if not height:
                 return JpegInfo(False, "scan before any frame header")
-            if b"\xff\xd9" not in tail:
+            if not jpeg_ends_properly(tail):
                 return JpegInfo(False, "truncated JPEG (no end-of-image marker)", height, width, end)
             return JpegInfo(True, "", height, width, end)
         pos = end
