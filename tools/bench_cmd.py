@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -65,7 +66,19 @@ def convert_benchmark(
 
 
 @bench.command("loader")
-@click.argument("data", type=str)
+@click.argument("data", type=str, required=False)
+@click.option(
+    "--generate",
+    type=click.IntRange(min=1),
+    help="Instead of DATA: generate this many ImageNet-sized JPEGs (the `bench convert` images) and "
+    "convert them to shards first.",
+)
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="With --generate: where to put the images and shards (default: the system temp dir; removed after).",
+)
 @click.option(
     "--backend",
     type=click.Choice(["auto", "torch", "dali"]),
@@ -116,7 +129,9 @@ def convert_benchmark(
 )
 @json_option
 def loader_benchmark(
-    data: str,
+    data: str | None,
+    generate: int | None,
+    directory: Path | None,
     backend: str,
     preset: str,
     global_size: int,
@@ -134,27 +149,29 @@ def loader_benchmark(
     """Images/s of the multi-crop loader on DATA (a shard directory) after warm-up, beside the
     decode-only ceiling (bytes → RGB with the same workers) measured in the same run.
 
-    Generate ImageNet-sized data first, e.g. with `clusterssl bench convert --keep` and point DATA at
-    the converted shards.
+    Without DATA, `--generate N` makes N ImageNet-sized JPEGs (~450×370, ~50 KB) and converts them.
     """
     import torch
 
     from pipeline.loader import default_device
     from pipeline.spec import MultiCropSpec
-    from tools.bench_loader import render, run_benchmark
+    from tools.bench_loader import generated_shards, render, run_benchmark
 
+    if (data is None) == (generate is None):
+        raise click.UsageError("give either DATA or --generate N")
     spec = MultiCropSpec.preset(preset, global_size=global_size, local_size=local_size, num_local=num_local)
-    summary = run_benchmark(
-        data,
-        backend=backend,
-        spec=spec,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        batches=batches,
-        warmup=warmup,
-        device=default_device() if device == "auto" else torch.device(device),
-        pixel_ops=pixel_ops,
-        grid=grid,
-        progress=not as_json,
-    )
+    with generated_shards(generate, directory) if generate else contextlib.nullcontext(data) as shards:
+        summary = run_benchmark(
+            shards,
+            backend=backend,
+            spec=spec,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            batches=batches,
+            warmup=warmup,
+            device=default_device() if device == "auto" else torch.device(device),
+            pixel_ops=pixel_ops,
+            grid=grid,
+            progress=not as_json,
+        )
     emit(summary, as_json, lambda s: render(dict(s)))

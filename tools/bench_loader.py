@@ -11,6 +11,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,6 +148,31 @@ def save_grid(batch: Any, spec: MultiCropSpec, path: Path, samples: int = 8) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def generated_shards(count: int, directory: Path | None = None) -> Iterator[Path]:
+    """ImageNet-sized JPEGs made by ``bench convert``'s generator, converted to shards; removed after."""
+    from shards.convert import ConvertOptions, convert
+    from shards.sources import ImageFolderSource
+    from tools.bench_convert import generate_imagefolder
+
+    workers = os.cpu_count() or 1
+    base = Path(tempfile.mkdtemp(prefix="bench-loader-", dir=directory))
+    try:
+        generate_imagefolder(base / "images", count, workers)
+        convert(
+            ImageFolderSource(base / "images"),
+            base / "shards",
+            ConvertOptions(workers=workers),
+            progress=True,
+        )
+        yield base / "shards"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # --- the benchmark ---------------------------------------------------------------------------------------
