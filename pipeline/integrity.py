@@ -6,10 +6,10 @@ has no option to skip one. So before building a DALI pipeline the loader checks 
 * truncated tar: a sample whose components reach past the end of the file (index offsets vs file size);
 * bad JPEG: a structural walk of the JPEG markers — SOI first, well-formed segments up to the first SOS,
   a frame header (SOF) with non-zero dimensions, EOI at the end (the converter's own rule,
-  ``shards.images.jpeg_ends_properly``). This reads only the header (usually
-  < 1 KB) and the last bytes of each image, and catches empty, garbage and cut-short images, the failures
-  decoders refuse. (Damaged entropy-coded data inside an otherwise complete file decodes with a warning
-  in libjpeg-turbo, PIL and DALI alike, so it is not treated as corrupt.)
+  ``shards.images.jpeg_ends_properly``). This reads only the header (usually < 1 KB) and the last bytes
+  of each image, and catches empty, garbage and cut-short images, the failures decoders refuse.
+  (Damaged entropy-coded data inside an otherwise complete file decodes with a warning in libjpeg-turbo,
+  PIL and DALI's CPU decoder alike, so it is not treated as corrupt.)
 
 The result — per sample a status and the image's height and width (DALI's crop boxes need them before
 decoding) — is cached in a sidecar next to the manifest (``loader-check.npz``), keyed per shard by file
