@@ -12,11 +12,14 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import resource
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +36,34 @@ def _chained_batches(make_loader: Any, epochs: int = 1000) -> Iterator[Any]:
         yield from make_loader(epoch)
 
 
-def _timed(
-    batches: Iterator[Any], count: int, warmup: int, progress: bool, label: str
-) -> tuple[float, int, Any]:
-    """images/s over ``count`` batches after ``warmup``; also returns the first batch seen."""
+@dataclass
+class Timing:
+    images_per_s: float
+    """Wall clock, over the batches after the warm-up."""
+    images: int
+    cpu_ms_per_image: float
+    """CPU time of this process and its (finished) worker processes per image, warm-up included: less
+    sensitive than wall time to other programs sharing the machine."""
+    first: Any
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _timed(batches: Iterator[Any], count: int, warmup: int, progress: bool, label: str) -> Timing:
+    """Time ``count`` batches after ``warmup`` ones; the iterator is closed (workers joined) after."""
     from tqdm import tqdm
 
     if warmup < 1:
         raise ValueError("warmup must be at least 1 batch (the clock starts after it)")
+    cpu_start, seen = _cpu_seconds(), 0
     first, images, start = None, 0, 0.0
     bar = tqdm(total=warmup + count, desc=label, unit="batch", disable=not progress, leave=False)
     for number, batch in enumerate(batches):
         size = _size(batch)
+        seen += size
         if first is None:
             first = batch
         bar.update()
@@ -54,8 +73,14 @@ def _timed(
             images += size
         if number + 1 == warmup + count:
             break
+    elapsed = time.perf_counter() - start
     bar.close()
-    return images / (time.perf_counter() - start), images, first
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()  # generator → DataLoader iterator → workers exit, and their CPU time is counted
+    gc.collect()
+    cpu = _cpu_seconds() - cpu_start
+    return Timing(images / elapsed, images, 1e3 * cpu / max(1, seen), first)
 
 
 def _size(batch: Any) -> int:
@@ -130,21 +155,20 @@ def _dali_decode_batches(
 
 
 def save_grid(batch: Any, spec: MultiCropSpec, path: Path, samples: int = 8) -> Path:
-    """Rows: the first ``samples`` samples; columns: their views (locals shown at their own size)."""
+    """Rows: the first ``samples`` samples; columns: their views, each at its own size."""
     from PIL import Image
 
     mean = torch.tensor(spec.mean).view(3, 1, 1)
     std = torch.tensor(spec.std).view(3, 1, 1)
-    rows = min(samples, int(batch.index.shape[0]))
-    cell, gap = max(spec.sizes), 4
-    grid = Image.new(
-        "RGB", (len(spec.views) * (cell + gap) + gap, rows * (cell + gap) + gap), (255, 255, 255)
-    )
+    rows, gap, height = min(samples, int(batch.index.shape[0])), 4, max(spec.sizes)
+    lefts = np.cumsum([gap] + [size + gap for size in spec.sizes])
+    grid = Image.new("RGB", (int(lefts[-1]), rows * (height + gap) + gap), (255, 255, 255))
     for r in range(rows):
         for c, view in enumerate(batch.views):
             pixels = ((view[r].detach().float().cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-            tile = Image.fromarray(pixels.permute(1, 2, 0).numpy())
-            grid.paste(tile, (gap + c * (cell + gap), gap + r * (cell + gap)))
+            grid.paste(
+                Image.fromarray(pixels.permute(1, 2, 0).numpy()), (int(lefts[c]), gap + r * (height + gap))
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
@@ -208,12 +232,12 @@ def run_benchmark(
             pixel_ops=pixel_ops,
         )
 
-    ips, images, first = _timed(_chained_batches(make_loader), batches, warmup, progress, f"{chosen} loader")
+    loader = _timed(_chained_batches(make_loader), batches, warmup, progress, f"{chosen} loader")
     if chosen == "dali":
         decode_batches = _dali_decode_batches(shardset, batch_size, num_workers, device)
     else:
         decode_batches = _torch_decode_batches(shardset, batch_size, num_workers)
-    decode_ips, _, _ = _timed(decode_batches, batches, warmup, progress, "decode only")
+    decode = _timed(decode_batches, batches, warmup, progress, "decode only")
     summary: dict[str, Any] = {
         "backend": chosen,
         "preset": spec.name,
@@ -222,16 +246,19 @@ def run_benchmark(
         "batch_size": batch_size,
         "num_workers": num_workers,
         "batches": batches,
-        "images": images,
-        "images_per_s": round(ips, 1),
-        "decode_only_images_per_s": round(decode_ips, 1),
-        "decode_share": round(ips / decode_ips, 3),
+        "images": loader.images,
+        "images_per_s": round(loader.images_per_s, 1),
+        "decode_only_images_per_s": round(decode.images_per_s, 1),
+        "decode_share": round(loader.images_per_s / decode.images_per_s, 3),
+        "cpu_ms_per_image": round(loader.cpu_ms_per_image, 2),
+        "decode_only_cpu_ms_per_image": round(decode.cpu_ms_per_image, 2),
+        "load_average": round(os.getloadavg()[0], 2),
         "torch_threads": torch.get_num_threads(),
         "samples_in_data": shardset.total,
         "mean_jpeg_bytes": _mean_jpeg_bytes(shardset),
     }
     if grid is not None:
-        summary["grid"] = str(save_grid(first, spec, grid))
+        summary["grid"] = str(save_grid(loader.first, spec, grid))
     return summary
 
 
@@ -248,6 +275,8 @@ def render(summary: dict[str, Any]) -> str:
         f"  multi-crop loader   {summary['images_per_s']:>8.1f} images/s  ({summary['images']} images after warm-up)",
         f"  decode only         {summary['decode_only_images_per_s']:>8.1f} images/s  (bytes → RGB, same workers)",
         f"  decode share        {100 * summary['decode_share']:>7.1f} %  of the loader's time would be decoding",
+        f"  CPU per image       {summary['cpu_ms_per_image']:>8.2f} ms (decode only {summary['decode_only_cpu_ms_per_image']:.2f} ms), "
+        f"load average {summary['load_average']}",
     ]
     if "grid" in summary:
         lines.append(f"  views of one batch: {summary['grid']}")
