@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.factory import build_method
 from models.method import Method
 from models.types import Batch, FeatureBank
 from pipeline.checkpoint import (
@@ -48,7 +49,6 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation import EvalResult, evaluate_features, extract_eval_features
 from pipeline.extraction import extract_features
 from pipeline.loader import build_loader
-from pipeline.methods import build_method_from_config
 from pipeline.optim import OptimizerStep, build_optimizer, build_schedules
 from pipeline.plots import plot_loss_curve, save_attention_maps
 from pipeline.spec import MultiCropSpec
@@ -159,7 +159,9 @@ class Trainer:
         self.eval_spec: MultiCropSpec = config.augment.eval_spec()
 
         torch.manual_seed(config.trainer.seed)
-        self.method: Method = build_method_from_config(config).to(self.device)
+        self.method: Method = build_method(
+            config.method_name, config.model.backbone, config.method_settings(), config.model.backbone_kwargs
+        ).to(self.device)
         self.model: nn.Module = self._wrap_distributed(self.method)
         if config.trainer.compile:
             self.method.backbone.compile()
