@@ -34,6 +34,7 @@ from models.factory import build_method
 from models.method import Method
 from models.types import Batch, FeatureBank
 from pipeline.checkpoint import (
+    BACKBONE_NAME,
     LAST_NAME,
     RunPosition,
     atomic_save,
@@ -41,6 +42,7 @@ from pipeline.checkpoint import (
     make_checkpoint,
     position_of,
     restore_rng_state,
+    save_backbone,
 )
 from pipeline.config import dump_yaml, flatten, to_dict
 from pipeline.data import Dataset, resolve_dataset
@@ -50,7 +52,7 @@ from pipeline.evaluation import EvalResult, evaluate_features, extract_eval_feat
 from pipeline.extraction import extract_features
 from pipeline.loader import build_loader
 from pipeline.optim import OptimizerStep, build_optimizer, build_schedules
-from pipeline.plots import plot_loss_curve, save_attention_maps
+from pipeline.plots import attention_maps, plot_attention_maps, plot_loss_curve
 from pipeline.spec import MultiCropSpec
 from pipeline.tracking import Tracker, git_commit, open_tracker, tracking_run
 from pipeline.train_config import TrainConfig
@@ -58,7 +60,6 @@ from pipeline.train_config import TrainConfig
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-BACKBONE_FILE = "backbone.pt"
 CONFIG_FILE = "config.yaml"
 
 
@@ -446,26 +447,35 @@ class Trainer:
         if not self.env.is_main:
             return None
         assert self.tracker is not None
-        backbone_path = self.output_dir / BACKBONE_FILE
         extractor = self.method.feature_extractor()
-        torch.save(
-            {"backbone": self.config.model.backbone, "state_dict": extractor.state_dict()}, backbone_path
-        )
+        backbone_path = save_backbone(extractor, dump_yaml(self.config), self.output_dir / BACKBONE_NAME)
         self.tracker.log_artifact(backbone_path)
         self.tracker.log_artifact(self.output_dir / CONFIG_FILE)
         loss_plot = plot_loss_curve(self.losses, self.output_dir / "loss.png")
         if loss_plot is not None:
             self.tracker.log_artifact(loss_plot, "plots")
         if self.val_data is not None and hasattr(extractor, "last_selfattention"):
-            attention = save_attention_maps(
-                extractor,
-                self.val_data.source,
-                self.eval_spec,
-                self.output_dir / "attention.png",
-                device=self.device,
-            )
-            self.tracker.log_artifact(attention, "plots")
+            self.tracker.log_artifact(self._plot_attention(extractor), "plots")
         return str(backbone_path)
+
+    def _plot_attention(self, vit: nn.Module, num_images: int = 4) -> Path:
+        """DINO's picture: the last block's CLS attention per head, for a few val images."""
+        assert self.val_data is not None
+        loader = build_loader(
+            self.val_data.source,
+            self.eval_spec,
+            num_images,
+            backend="torch",
+            num_workers=0,
+            shuffle=False,
+            device=self.device,
+        )
+        images = next(iter(loader)).views[0].to(self.device)
+        was_training = vit.training
+        vit.eval()
+        maps = attention_maps(vit, images)
+        vit.train(was_training)
+        return plot_attention_maps(images, maps, self.output_dir / "attention.png")
 
     def _summary(
         self,
