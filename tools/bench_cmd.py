@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -61,4 +62,116 @@ def convert_benchmark(
     summary = run_benchmark(
         sorted(set(sizes)), workers, repeats, directory, keep=keep, samples_per_shard=samples_per_shard
     )
+    emit(summary, as_json, lambda s: render(dict(s)))
+
+
+@bench.command("loader")
+@click.argument("data", type=str, required=False)
+@click.option(
+    "--generate",
+    type=click.IntRange(min=1),
+    help="Instead of DATA: generate this many ImageNet-sized JPEGs (the `bench convert` images) and "
+    "convert them to shards first.",
+)
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="With --generate: where to put the images and shards (default: the system temp dir; removed after).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "torch", "dali"]),
+    default="auto",
+    show_default=True,
+    help="Loader backend to measure (auto: DALI on a GPU, torch otherwise).",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(["swav", "dino", "eval"]),
+    default="swav",
+    show_default=True,
+    help="Views to make.",
+)
+@click.option(
+    "--global-size", type=click.IntRange(min=1), default=224, show_default=True, help="Global crop side."
+)
+@click.option(
+    "--local-size", type=click.IntRange(min=1), default=96, show_default=True, help="Local crop side."
+)
+@click.option(
+    "--num-local", type=click.IntRange(min=0), help="Local crops (default: the preset's, 6 for swav)."
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--num-workers",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="DataLoader workers (torch) or DALI threads; match the machine's cores.",
+)
+@click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True, help="Batches timed.")
+@click.option(
+    "--warmup", type=click.IntRange(min=1), default=3, show_default=True, help="Batches before timing."
+)
+@click.option(
+    "--device", default="auto", show_default=True, help="Where views are delivered: auto, cpu, cuda."
+)
+@click.option(
+    "--pixel-ops",
+    type=click.Choice(["auto", "worker", "device"]),
+    default="auto",
+    show_default=True,
+    help="torch backend: colour/blur/normalise in the workers (auto on CPU) or batched on the device.",
+)
+@click.option(
+    "--grid", type=click.Path(dir_okay=False, path_type=Path), help="Save a PNG of one batch's views here."
+)
+@json_option
+def loader_benchmark(
+    data: str | None,
+    generate: int | None,
+    directory: Path | None,
+    backend: str,
+    preset: str,
+    global_size: int,
+    local_size: int,
+    num_local: int | None,
+    batch_size: int,
+    num_workers: int,
+    batches: int,
+    warmup: int,
+    device: str,
+    pixel_ops: str,
+    grid: Path | None,
+    as_json: bool,
+) -> None:
+    """Images/s of the multi-crop loader on DATA (a shard directory) after warm-up, beside the
+    decode-only ceiling (bytes → RGB with the same workers) measured in the same run.
+
+    Without DATA, `--generate N` makes N ImageNet-sized JPEGs (~450×370, ~50 KB) and converts them.
+    """
+    import torch
+
+    from pipeline.loader import default_device
+    from pipeline.spec import MultiCropSpec
+    from tools.bench_loader import generated_shards, render, run_benchmark
+
+    if (data is None) == (generate is None):
+        raise click.UsageError("give either DATA or --generate N")
+    spec = MultiCropSpec.preset(preset, global_size=global_size, local_size=local_size, num_local=num_local)
+    with generated_shards(generate, directory) if generate else contextlib.nullcontext(data) as shards:
+        summary = run_benchmark(
+            shards,
+            backend=backend,
+            spec=spec,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            batches=batches,
+            warmup=warmup,
+            device=default_device() if device == "auto" else torch.device(device),
+            pixel_ops=pixel_ops,
+            grid=grid,
+            progress=not as_json,
+        )
     emit(summary, as_json, lambda s: render(dict(s)))

@@ -1,0 +1,244 @@
+"""Finding unreadable samples before a decoder trips on them.
+
+DALI stops the whole pipeline on a JPEG it cannot decode or a sample past the end of a truncated tar, and
+has no option to skip one. So before building a DALI pipeline the loader checks every sample cheaply:
+
+* truncated tar: a sample whose components reach past the end of the file (index offsets vs file size);
+* bad JPEG: a structural walk of the JPEG markers — SOI first, well-formed segments up to the first SOS,
+  a frame header (SOF) with non-zero dimensions, EOI at the end (the converter's own rule,
+  ``shards.images.jpeg_ends_properly``). This reads only the header (usually < 1 KB) and the last bytes
+  of each image, and catches empty, garbage and cut-short images, the failures decoders refuse.
+  (Damaged entropy-coded data inside an otherwise complete file decodes with a warning in libjpeg-turbo,
+  PIL and DALI's CPU decoder alike, so it is not treated as corrupt.)
+
+The result — per sample a status and the image's height and width (DALI's crop boxes need them before
+decoding) — is cached in a sidecar next to the manifest (``loader-check.npz``), keyed per shard by file
+size and modification time, or in the user cache when the shard directory is read-only.
+
+The torch backend applies the same ``inspect_jpeg`` to the bytes it has read, so both backends skip the
+same samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.shardset import REQUIRED_EXTS, ShardInfo, ShardSet
+from shards.format import IMAGE_EXT
+from shards.images import jpeg_ends_properly
+from shards.tario import read_dali_index
+
+log = logging.getLogger(__name__)
+
+SIDECAR_NAME = "loader-check.npz"
+CHECK_VERSION = 1
+HEAD_BYTES = 1 << 16
+TAIL_BYTES = 32
+
+OK, TRUNCATED, BAD_JPEG, MISSING = 0, 1, 2, 3
+STATUS_TEXT = {OK: "ok", TRUNCATED: "truncated tar", BAD_JPEG: "bad JPEG", MISSING: "missing component"}
+
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+@dataclass(frozen=True)
+class JpegInfo:
+    ok: bool
+    reason: str = ""
+    height: int = 0
+    width: int = 0
+    header_end: int = 0
+    """Bytes up to and including the SOS segment (how much ``head`` had to hold)."""
+
+
+def inspect_jpeg(head: bytes, size: int, tail: bytes) -> JpegInfo:
+    """Structural check of a JPEG of ``size`` bytes from its first bytes ``head`` and last bytes ``tail``.
+
+    Returns ``ok=False`` with ``header_end > len(head)`` when ``head`` is too short to decide (the caller
+    reads more and asks again).
+    """
+    if size < 4 or head[:2] != b"\xff\xd8":
+        return JpegInfo(False, "not a JPEG (no start-of-image marker)")
+    pos, height, width = 2, 0, 0
+    while True:
+        if pos + 4 > size:
+            return JpegInfo(False, "truncated JPEG header")
+        if pos + 4 > len(head):
+            return JpegInfo(False, "header longer than what was read", header_end=pos + 4)
+        if head[pos] != 0xFF:
+            return JpegInfo(False, f"bad JPEG marker at byte {pos}")
+        marker = head[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        if marker == 0xD9:
+            return JpegInfo(False, "end-of-image before any image data")
+        length = int.from_bytes(head[pos + 2 : pos + 4], "big")
+        end = pos + 2 + length
+        if length < 2 or end > size:
+            return JpegInfo(False, "truncated JPEG header")
+        if end > len(head):
+            return JpegInfo(False, "header longer than what was read", header_end=end)
+        if marker in _SOF_MARKERS:
+            if length < 8:
+                return JpegInfo(False, "short frame header")
+            height = int.from_bytes(head[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(head[pos + 7 : pos + 9], "big")
+            if height == 0 or width == 0:
+                return JpegInfo(False, f"frame header gives size {width}x{height}")
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            if not height:
+                return JpegInfo(False, "scan before any frame header")
+            if not jpeg_ends_properly(tail):
+                return JpegInfo(False, "truncated JPEG (no end-of-image marker)", height, width, end)
+            return JpegInfo(True, "", height, width, end)
+        pos = end
+
+
+def inspect_jpeg_bytes(data: bytes) -> JpegInfo:
+    return inspect_jpeg(data, len(data), data[-TAIL_BYTES:])
+
+
+@dataclass
+class ShardCheck:
+    """Per-position results for one shard: status code, image height and width (0 when unknown)."""
+
+    status: np.ndarray  # (count,) uint8
+    height: np.ndarray  # (count,) int32
+    width: np.ndarray  # (count,) int32
+    reasons: dict[int, str]
+
+    def bad_positions(self) -> np.ndarray:
+        return np.flatnonzero(self.status != OK)
+
+
+def _read_jpeg_info(fd: int, offset: int, size: int) -> JpegInfo:
+    head = os.pread(fd, min(size, HEAD_BYTES), offset)
+    tail = os.pread(fd, min(size, TAIL_BYTES), offset + size - min(size, TAIL_BYTES))
+    info = inspect_jpeg(head, size, tail)
+    if not info.ok and info.header_end > len(head):  # big APP segments: read the whole image
+        info = inspect_jpeg_bytes(os.pread(fd, size, offset))
+    return info
+
+
+def check_shard(shard: ShardInfo) -> ShardCheck:
+    """Check every sample of a local, indexed shard (see the module docstring)."""
+    assert shard.local_path is not None and shard.index_path is not None
+    samples = read_dali_index(shard.index_path)
+    count = len(samples)
+    status = np.zeros(count, np.uint8)
+    height = np.zeros(count, np.int32)
+    width = np.zeros(count, np.int32)
+    reasons: dict[int, str] = {}
+    fd = os.open(shard.local_path, os.O_RDONLY)
+    try:
+        file_size = os.fstat(fd).st_size
+        for position, components in enumerate(samples):
+            by_ext = {c.ext: c for c in components}
+            missing = [ext for ext in REQUIRED_EXTS if ext not in by_ext]
+            if missing:
+                status[position], reasons[position] = MISSING, f"no {', '.join(missing)} component"
+                continue
+            if any(c.offset + c.size > file_size for c in components):
+                status[position], reasons[position] = (
+                    TRUNCATED,
+                    "truncated tar (sample past the end of the file)",
+                )
+                continue
+            image = by_ext[IMAGE_EXT]
+            info = _read_jpeg_info(fd, image.offset, image.size)
+            height[position], width[position] = info.height, info.width
+            if not info.ok:
+                status[position], reasons[position] = BAD_JPEG, f"bad JPEG ({info.reason})"
+    finally:
+        os.close(fd)
+    return ShardCheck(status, height, width, reasons)
+
+
+def _signature(shard: ShardInfo) -> list[int]:
+    assert shard.local_path is not None and shard.index_path is not None
+    tar, index = shard.local_path.stat(), shard.index_path.stat()
+    return [CHECK_VERSION, tar.st_size, tar.st_mtime_ns, index.st_size, index.st_mtime_ns]
+
+
+def sidecar_path(shardset: ShardSet, cache_dir: str | Path | None = None) -> Path:
+    """``<shard dir>/loader-check.npz`` when writable, else a file in the user cache named after the dir."""
+    root = shardset.root
+    if root is not None and os.access(root, os.W_OK):
+        return root / SIDECAR_NAME
+    base = Path(cache_dir or os.environ.get("CLUSTERSSL_CACHE") or Path.home() / ".cache" / "clusterssl")
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    return base / "loader-checks" / f"{digest}.npz"
+
+
+def _load_sidecar(
+    path: Path,
+) -> tuple[dict[str, list[int]], dict[str, dict[str, str]], dict[str, np.ndarray]]:
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            meta = json.loads(str(stored["meta"]))
+            arrays = {k: stored[k] for k in stored.files if k != "meta"}
+        return meta["signatures"], meta["reasons"], arrays
+    except (OSError, ValueError, KeyError):
+        return {}, {}, {}
+
+
+def _save_sidecar(
+    path: Path,
+    signatures: dict[str, list[int]],
+    reasons: dict[str, dict[str, str]],
+    arrays: dict[str, np.ndarray],
+) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = json.dumps({"signatures": signatures, "reasons": reasons})
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
+            np.savez(handle, meta=np.array(meta), **arrays)
+        os.replace(handle.name, path)
+    except OSError as error:  # a cache that cannot be written only costs a re-check next time
+        log.warning("could not cache the sample check in %s: %s", path, error)
+
+
+def check_shard_set(
+    shardset: ShardSet, cache_dir: str | Path | None = None, progress: bool = False
+) -> list[ShardCheck]:
+    """``ShardCheck`` of every shard (in ``shardset.shards`` order), from the sidecar where still valid."""
+    if not shardset.indexed:
+        raise PipelineError("checking samples needs local shards with their DALI index files")
+    path = sidecar_path(shardset, cache_dir)
+    signatures, reasons, arrays = _load_sidecar(path)
+    results, changed = [], False
+    from tqdm import tqdm
+
+    # The first check of a large set takes a while (two small reads per sample); later runs hit the cache.
+    for shard in tqdm(
+        shardset.shards, desc="checking samples", unit="shard", leave=False, disable=not progress or None
+    ):
+        signature = _signature(shard)
+        keys = [f"{shard.file}/{name}" for name in ("status", "height", "width")]
+        if signatures.get(shard.file) == signature and all(k in arrays for k in keys):
+            stored = {int(p): r for p, r in reasons.get(shard.file, {}).items()}
+            results.append(ShardCheck(arrays[keys[0]], arrays[keys[1]], arrays[keys[2]], stored))
+            continue
+        check = check_shard(shard)
+        results.append(check)
+        signatures[shard.file] = signature
+        reasons[shard.file] = {str(p): r for p, r in check.reasons.items()}
+        arrays.update(dict(zip(keys, (check.status, check.height, check.width), strict=True)))
+        changed = True
+    if changed:
+        _save_sidecar(path, signatures, reasons, arrays)
+    return results

@@ -1,0 +1,82 @@
+"""The DALI backend on the CPU (device_id=None, the same graph a GPU runs): exact epochs, ranks, resume,
+repeats, and corrupt data found before DALI would stop on it."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.types import Batch
+from pipeline.integrity import SIDECAR_NAME
+from pipeline.loader import CorruptSampleWarning, build_loader
+from pipeline.spec import MultiCropSpec
+from tests.loader_fixtures import labels_by_index, make_shard_set, spoil_jpeg, truncate_shard
+
+SPEC = MultiCropSpec.preset("dino", global_size=24, local_size=12, num_local=2)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_shard_set(tmp_path_factory.mktemp("data") / "shards", 24, 7)  # shards of 7, 7, 7, 3
+
+
+def real_indices(batches: list[Batch]) -> list[int]:
+    return [int(i) for b in batches for i in b.index if i >= 0]
+
+
+def dali(data: Path, batch_size: int = 4, **kwargs: object) -> list[Batch]:
+    return list(build_loader(data, SPEC, batch_size, backend="dali", num_workers=2, device="cpu", **kwargs))
+
+
+def test_two_ranks_cover_the_epoch_with_equal_batch_counts(shards: Path) -> None:
+    per_rank = [dali(shards, 5, rank=r, world_size=2, seed=1) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 3
+    assert sorted(real_indices(per_rank[0]) + real_indices(per_rank[1])) == list(range(24))
+    labels = {
+        int(i): int(label)
+        for b in per_rank[0] + per_rank[1]
+        for i, label in zip(b.index, b.labels, strict=True)
+        if i >= 0
+    }
+    assert labels == labels_by_index(shards)  # DALI reads them as int64, as the shards reader does
+
+
+def test_new_order_each_epoch_and_exact_resume(shards: Path) -> None:
+    epoch0, epoch1 = dali(shards, seed=2, epoch=0), dali(shards, seed=2, epoch=1)
+    assert sorted(real_indices(epoch0)) == sorted(real_indices(epoch1)) == list(range(24))
+    assert real_indices(epoch0) != real_indices(epoch1)
+    resumed = dali(shards, seed=2, epoch=1, start_batch=4)
+    assert len(resumed) == 2
+    for a, b in zip(epoch1[4:], resumed, strict=True):
+        assert torch.equal(a.index, b.index)
+        for va, vb in zip(a.views, b.views, strict=True):
+            assert torch.equal(va, vb)
+
+
+def test_repeats_are_honoured_exactly(shards: Path) -> None:
+    repeats = np.array([2, 0, 1] * 8)
+    counted = Counter(real_indices(dali(shards, repeats=repeats)))
+    assert all(counted[i] == repeats[i] for i in range(24))
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path) -> None:
+    data = make_shard_set(tmp_path / "bad", 24, 7)
+    spoil_jpeg(data, 3)
+    truncate_shard(data, 2, 4)  # indices 18, 19, 20 lost
+    loader = build_loader(data, SPEC, 4, backend="dali", num_workers=1, device="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(loader)
+    assert sum(issubclass(w.category, CorruptSampleWarning) for w in caught) == 1
+    assert len(batches) == 6 and all(b.size == 4 for b in batches)
+    assert sorted(real_indices(batches)) == sorted(set(range(24)) - {3, 18, 19, 20})
+    assert loader.stats.skipped == 4 and loader.stats.padded == 4
+    reasons = dict(loader.stats.skipped_where)
+    assert "bad JPEG" in reasons["shard-000000.tar #3 (index 3)"]
+    assert "truncated tar" in reasons["shard-000002.tar #5 (index 19)"]
+    assert (data / SIDECAR_NAME).is_file()  # the check is cached next to the manifest
