@@ -56,3 +56,15 @@ def shard_file_name(shard_number: int, prefix: str = "shard") -> str:
 def dali_index_path(tar_path: str | Path) -> Path:
     """The DALI index file that sits next to a tar: ``shard-000000.tar`` → ``shard-000000.idx``."""
     return Path(tar_path).with_suffix(".idx")
+
+
+def encode_sample(jpeg: bytes, label: int, index: int, src: str) -> list[tuple[str, bytes]]:
+    """The components of one sample, in ``COMPONENT_ORDER``, ready for ``ShardTarWriter.add_sample``."""
+    return [
+        (IMAGE_EXT, jpeg),
+        (CLASS_EXT, str(label).encode("ascii")),
+        (LABEL_EXT, encode_int(label)),
+        (INDEX_EXT, encode_int(index)),
+        # surrogateescape: a file name that is not valid UTF-8 still round-trips to the same bytes
+        (SOURCE_EXT, src.encode("utf-8", "surrogateescape")),
+    ]

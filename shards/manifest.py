@@ -4,6 +4,7 @@
   "format_version": 1,
   "count": N,                       # samples in the set; global indices are 0..N-1
   "classes": ["cat", "dog"],        # class id i is classes[i]; [] when unlabelled
+  "class_counts": [600, 400],       # samples per class id (unlabelled ones: count - sum); [] if unknown
   "shards": [{"file": "shard-000000.tar", "index_file": "shard-000000.idx", "count": 1000,
               "bytes": 52428800, "sha256": "…", "index_range": [0, 1000]}, …],   # index_range is [start, stop)
   "skipped": [{"input": "train/cat/x.jpg", "reason": "not an image: cannot identify image file"}],
@@ -48,6 +49,8 @@ class Manifest:
     shards: list[ShardEntry]
     skipped: list[Skipped] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
+    class_counts: list[int] = field(default_factory=list)
+    """Samples per class id, aligned with ``classes``; empty when not recorded."""
     format_version: int = FORMAT_VERSION
     root: Path | None = field(default=None, compare=False)
     """The directory the manifest was loaded from (not stored)."""
@@ -116,6 +119,7 @@ class Manifest:
                 ],
                 skipped=[Skipped(str(s["input"]), str(s["reason"])) for s in data.get("skipped", [])],
                 params=dict(data.get("params", {})),
+                class_counts=[int(c) for c in data.get("class_counts", [])],
                 format_version=version,
                 root=root,
             )
@@ -139,3 +143,18 @@ def load_manifest(location: str | Path) -> Manifest:
     except (OSError, json.JSONDecodeError) as error:
         raise ShardsError(f"cannot read {path}: {error}") from None
     return Manifest.from_json(data, root=path.parent.resolve())
+
+
+def find_shard_sets(location: str | Path) -> list[Path]:
+    """The shard sets at ``location``: itself when it holds a manifest, else its subfolders that do
+    (``OUT/train`` and ``OUT/val`` after a hold-out conversion), in sorted order."""
+    location = Path(location)
+    if not location.exists():
+        raise ShardsError(f"no such file or directory: {location}")
+    if manifest_path(location).is_file():
+        return [location]
+    if location.is_dir():
+        found = sorted(p for p in location.iterdir() if (p / MANIFEST_NAME).is_file())
+        if found:
+            return found
+    raise ShardsError(f"no shard set at {location}: no {MANIFEST_NAME} in it or in its subfolders")

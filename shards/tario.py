@@ -7,21 +7,25 @@ Headers are deterministic (mtime 0, uid/gid 0, mode 0444), so the same samples a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 BLOCK = 512
 _END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
+_ZEROS = bytes(BLOCK)
 DALI_INDEX_VERSION = "v1.2"
 
 
-@dataclass(frozen=True)
-class IndexComponent:
-    """One member of a sample as DALI's index lists it: extension, data offset, data size, member name."""
+class IndexComponent(NamedTuple):
+    """One member of a sample as DALI's index lists it: extension, data offset, data size, member name.
+
+    A NamedTuple, not a dataclass: the writer makes five per sample, and this is ~5x cheaper to build.
+    """
 
     ext: str
     offset: int
@@ -37,24 +41,46 @@ def _octal(value: int, width: int) -> bytes:
     return digits.rjust(width - 1, b"0") + b"\0"
 
 
-def ustar_header(name: str, size: int) -> bytes:
-    """The 512-byte ustar header of a regular file ``name`` holding ``size`` bytes."""
-    encoded = name.encode("utf-8")
-    if len(encoded) > 100:
-        raise ValueError(f"member name longer than 100 bytes: {name!r}")
+def _blank_header() -> bytes:
+    """A ustar header with every constant field set and the name, size and checksum fields blank."""
     header = bytearray(BLOCK)
-    header[0 : len(encoded)] = encoded
     header[100:108] = _octal(0o444, 8)  # mode
     header[108:116] = _octal(0, 8)  # uid
     header[116:124] = _octal(0, 8)  # gid
-    header[124:136] = _octal(size, 12)
     header[136:148] = _octal(0, 12)  # mtime
-    header[148:156] = b" " * 8  # checksum is computed with its own field as spaces
+    header[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
     header[156:157] = b"0"  # regular file
     header[257:263] = b"ustar\0"
     header[263:265] = b"00"
-    header[148:156] = format(sum(header), "06o").encode("ascii") + b"\0 "
     return bytes(header)
+
+
+_BLANK_HEADER = _blank_header()
+_BLANK_HEADER_SUM = sum(_BLANK_HEADER)
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header of a regular file ``name`` holding ``size`` bytes.
+
+    Built from a precomputed blank header: only the name and size vary, so the checksum is the blank
+    header's sum plus theirs (this runs five times per sample, so it is kept cheap).
+    """
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100:
+        raise ValueError(f"member name longer than 100 bytes: {name!r}")
+    size_field, size_sum = _size_field(size)
+    header = bytearray(_BLANK_HEADER)
+    header[0 : len(encoded)] = encoded
+    header[124:136] = size_field
+    header[148:156] = b"%06o\0 " % (_BLANK_HEADER_SUM + sum(encoded) + size_sum)
+    return bytes(header)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _size_field(size: int) -> tuple[bytes, int]:
+    """The 12-byte size field and its byte sum (sizes repeat a lot: every label and index is 8 bytes)."""
+    field = _octal(size, 12)
+    return field, sum(field)
 
 
 class ShardTarWriter:
@@ -65,34 +91,66 @@ class ShardTarWriter:
     ... w.write_dali_index(path.with_suffix(".idx"))
 
     ``sha256`` and ``bytes_written`` describe exactly the bytes written, available after ``close``.
+
+    Each sample is one ``writev`` of a few buffers (small members are joined, large payloads are passed
+    as they are, never copied in user space). With ``write_behind``, the kernel is asked every that many
+    bytes to start writing the finished part to disk, so the fsync in ``close`` has little left to wait
+    for and the disk works while this process computes.
     """
 
-    def __init__(self, path: str | Path, buffer_size: int = 1 << 20) -> None:
+    LARGE = 4096
+    """Payloads at least this big are handed to writev directly instead of being joined."""
+
+    def __init__(self, path: str | Path, write_behind: int | None = None) -> None:
         self.path = Path(path)
-        self._file: BinaryIO = open(self.path, "wb", buffering=buffer_size)  # noqa: SIM115 - closed in close()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._hash = hashlib.sha256()
         self.bytes_written = 0
         self.samples: list[list[IndexComponent]] = []
         self._closed = False
+        self._write_behind = write_behind
+        self._flushed = 0
 
-    def _write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._hash.update(data)
-        self.bytes_written += len(data)
+    def _write(self, buffers: list[bytes]) -> None:
+        for buffer in buffers:
+            self._hash.update(buffer)
+        total = sum(len(b) for b in buffers)
+        done = os.writev(self._fd, buffers)
+        if done != total:  # a short write (signal, nearly full disk): finish it piece by piece
+            rest = memoryview(b"".join(buffers))[done:]
+            while rest:
+                rest = rest[os.write(self._fd, rest) :]
+        self.bytes_written += total
+        if self._write_behind and self.bytes_written - self._flushed >= self._write_behind:
+            _start_writeback(self._fd, self._flushed, self.bytes_written - self._flushed)
+            self._flushed = self.bytes_written
 
     def add_sample(self, key: str, components: Sequence[tuple[str, bytes]]) -> list[IndexComponent]:
         """Write one sample's members in the given order; returns their index entries."""
         if "." in key or "/" in key:
             raise ValueError(f"sample keys may not contain dots or slashes: {key!r}")
         entries = []
+        buffers: list[bytes] = []
+        small: list[bytes] = []
+        offset = self.bytes_written
         for ext, data in components:
             name = f"{key}.{ext}"
-            self._write(ustar_header(name, len(data)))
-            entries.append(IndexComponent(ext, self.bytes_written, len(data), name))
-            self._write(data)
-            padding = -len(data) % BLOCK
+            size = len(data)
+            small.append(ustar_header(name, size))
+            entries.append(IndexComponent(ext, offset + BLOCK, size, name))
+            if size >= self.LARGE:
+                buffers.append(b"".join(small))
+                buffers.append(data)
+                small = []
+            else:
+                small.append(data)
+            padding = -size % BLOCK
             if padding:
-                self._write(b"\0" * padding)
+                small.append(_ZEROS[:padding])
+            offset += BLOCK + size + padding
+        if small:
+            buffers.append(b"".join(small))
+        self._write(buffers)
         self.samples.append(entries)
         return entries
 
@@ -103,22 +161,21 @@ class ShardTarWriter:
     def close(self, fsync: bool = True) -> None:
         if self._closed:
             return
-        self._write(_END_OF_ARCHIVE)
-        self._file.flush()
+        self._write([_END_OF_ARCHIVE])
         if fsync:
-            os.fsync(self._file.fileno())
-        self._file.close()
+            os.fsync(self._fd)
+        os.close(self._fd)
         self._closed = True
 
     def abort(self) -> None:
         """Close without finishing the archive and delete the partial file."""
         if not self._closed:
-            self._file.close()
+            os.close(self._fd)
             self._closed = True
         self.path.unlink(missing_ok=True)
 
-    def write_dali_index(self, path: str | Path) -> None:
-        write_dali_index(path, self.samples)
+    def write_dali_index(self, path: str | Path, fsync: bool = False) -> None:
+        write_dali_index(path, self.samples, fsync=fsync)
 
     def __enter__(self) -> ShardTarWriter:
         return self
@@ -130,6 +187,14 @@ class ShardTarWriter:
             self.abort()
 
 
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing this range to disk now (Linux starts the writeback of dirty pages
+    on POSIX_FADV_DONTNEED, and drops the pages once clean: a converter's output need not stay cached)."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None:
+        advise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
 def format_dali_index(samples: Sequence[Sequence[IndexComponent]]) -> str:
     """The text of a DALI webdataset index (the ``v1.2`` format ``wds2idx`` writes)."""
     lines = [f"{DALI_INDEX_VERSION} {len(samples)}"]
@@ -138,8 +203,14 @@ def format_dali_index(samples: Sequence[Sequence[IndexComponent]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_dali_index(path: str | Path, samples: Sequence[Sequence[IndexComponent]]) -> None:
-    Path(path).write_text(format_dali_index(samples), encoding="utf-8")
+def write_dali_index(
+    path: str | Path, samples: Sequence[Sequence[IndexComponent]], fsync: bool = False
+) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(format_dali_index(samples))
+        if fsync:
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def parse_dali_index(text: str) -> list[list[IndexComponent]]:
@@ -181,3 +252,61 @@ def sample_components(samples: Iterable[Sequence[IndexComponent]], ext: str) -> 
             raise KeyError(f"sample {components[0].name.split('.')[0]!r} has no {ext!r} component")
         found.append(match)
     return found
+
+
+REGULAR_FILE_TYPES = (b"0", b"\0")
+"""ustar type flags of a regular file (NUL is the pre-POSIX spelling)."""
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """A member as its ustar header describes it: name, type flag, where its data starts, its size."""
+
+    name: str
+    type: bytes
+    offset: int
+    size: int
+
+
+def read_tar_members(handle: BinaryIO) -> list[TarMember]:
+    """Walk the headers of a tar file (plain ustar, as ``ShardTarWriter`` writes), seeking over the data.
+
+    Raises ValueError on a bad header checksum, a member running past the end of the file, or a missing
+    end-of-archive marker, so a truncated or tampered tar is reported, never half-read.
+    """
+    handle.seek(0, os.SEEK_END)
+    end = handle.tell()
+    members = []
+    position = 0
+    while True:
+        handle.seek(position)
+        header = handle.read(BLOCK)
+        if len(header) < BLOCK:
+            raise ValueError(f"file ends at byte {end} before the end-of-archive marker (truncated?)")
+        if header == b"\0" * BLOCK:
+            return members
+        stored = header[148:156]
+        expected = sum(header[:148]) + 8 * 0x20 + sum(header[156:])
+        try:
+            if int(stored.rstrip(b"\0 ").decode("ascii") or "-1", 8) != expected:
+                raise ValueError
+            size = int(header[124:136].rstrip(b"\0 ").decode("ascii") or "0", 8)
+        except ValueError:
+            raise ValueError(f"bad tar header at byte {position}") from None
+        name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        if prefix:
+            name = f"{prefix}/{name}"
+        data_offset = position + BLOCK
+        if data_offset + size > end:
+            raise ValueError(f"member {name!r} runs past the end of the file (truncated?)")
+        members.append(TarMember(name, header[156:157], data_offset, size))
+        position = data_offset + -(-size // BLOCK) * BLOCK
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

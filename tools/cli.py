@@ -63,12 +63,13 @@ def cli() -> None:
 
 def _register_commands() -> None:
     """Attach the stage commands (kept in their own modules to keep this file about plumbing)."""
-    from tools import shards_cmd
+    from tools import bench_cmd, demo_cmd, eval_cmd, shards_cmd, train_cmd
 
     cli.add_command(shards_cmd.shards)
-
-
-_register_commands()
+    cli.add_command(train_cmd.train)
+    cli.add_command(eval_cmd.eval_group)
+    cli.add_command(bench_cmd.bench)
+    cli.add_command(demo_cmd.demo)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,4 +77,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m tools.cli`: this file runs as __main__ and the command modules import `tools.cli`, a
+    # second copy. Registering in this copy too would import them half-initialised, so run the
+    # importable module's CLI instead (worker processes re-import this file as __mp_main__: same rule).
+    from tools.cli import main as _importable_main
+
+    _importable_main()
+elif __name__ == "tools.cli":
+    _register_commands()

@@ -1,0 +1,302 @@
+"""Backbones by name: (batch, 3, H, W) images → (batch, num_features) pooled features.
+
+``create_backbone("resnet18_small")`` builds one; an unknown name or option fails fast with the known ones.
+ResNets are torchvision's (``weights=None``, ``fc`` removed, state-dict keys unchanged); the ``_small``
+variants swap the 7×7 stride-2 stem and max-pool for one 3×3 stride-1 convolution so that 32-px images keep
+a useful spatial resolution (the usual CIFAR recipe). The ViT is our own DINO-style pre-norm transformer
+whose features are the final CLS token and whose position embedding is interpolated to any input size, so
+multi-crop views of several resolutions (224/96 or 32/16 px) go through the same model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from models.errors import ModelError
+from models.registry import Registry
+
+# ---------------------------------------------------------------------------------------------- ResNets
+
+
+class ResNetBackbone(ResNet):
+    """A torchvision ResNet without its classifier: forward gives the (batch, num_features) pooled vector.
+
+    small_stem: 3×3 stride-1 first convolution and no max-pool (for 32-px inputs; 16× more spatial
+                positions in every stage than the ImageNet stem).
+    zero_init_residual: start each residual branch's last BatchNorm at 0, so blocks begin as identities.
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock | Bottleneck],
+        layers: Sequence[int],
+        *,
+        small_stem: bool = False,
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__(block, list(layers), zero_init_residual=zero_init_residual)
+        self.num_features: int = self.fc.in_features
+        self.fc = nn.Identity()
+        if small_stem:
+            self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+            self.maxpool = nn.Identity()
+
+
+def resnet18(*, zero_init_residual: bool = False) -> ResNetBackbone:
+    """torchvision ResNet-18, 512 features."""
+    return ResNetBackbone(BasicBlock, (2, 2, 2, 2), zero_init_residual=zero_init_residual)
+
+
+def resnet50(*, zero_init_residual: bool = False) -> ResNetBackbone:
+    """torchvision ResNet-50, 2048 features."""
+    return ResNetBackbone(Bottleneck, (3, 4, 6, 3), zero_init_residual=zero_init_residual)
+
+
+def resnet18_small(*, zero_init_residual: bool = False) -> ResNetBackbone:
+    """ResNet-18 with a 3×3 stride-1 stem and no max-pool, for 32-px images; 512 features."""
+    return ResNetBackbone(BasicBlock, (2, 2, 2, 2), small_stem=True, zero_init_residual=zero_init_residual)
+
+
+def resnet50_small(*, zero_init_residual: bool = False) -> ResNetBackbone:
+    """ResNet-50 with a 3×3 stride-1 stem and no max-pool, for 32-px images; 2048 features."""
+    return ResNetBackbone(Bottleneck, (3, 4, 6, 3), small_stem=True, zero_init_residual=zero_init_residual)
+
+
+# -------------------------------------------------------------------------------------------------- ViT
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over (batch, tokens, dim)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ModelError(f"ViT dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def _split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(batch, tokens, dim) → q, k, v each (batch, heads, tokens, head_dim)."""
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self._split_heads(x)
+        # Fused kernel (flash / memory-efficient where available); same result as attention_weights() @ v.
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """(batch, tokens, dim) → (batch, heads, tokens, tokens) softmax attention, rows summing to 1."""
+        q, k, _ = self._split_heads(x)
+        scale = q.shape[-1] ** -0.5
+        return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a residual branch for a random subset of samples, rescaling the others."""
+
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a CLS token; forward gives the final-normed CLS token, (batch, dim).
+
+    img_size:   the size the position embedding is learned at; other sizes interpolate it (bicubic).
+    patch_size: side of the square patches; H and W must be multiples of it.
+    drop_path_rate: stochastic depth, rising linearly over the blocks to this value (0 = off).
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: int = 224,
+        patch_size: int = 16,
+        dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ModelError(f"ViT img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.patch_size = patch_size
+        self.num_features = dim
+        self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        grid = img_size // patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, rate) for rate in rates)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_vit_weights)
+
+    def _position_embedding(self, grid_h: int, grid_w: int) -> Tensor:
+        """(1, 1 + grid_h·grid_w, dim): the learned embedding, patch part resized to the input's grid."""
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        side = math.isqrt(patch_pos.shape[1])
+        if (grid_h, grid_w) == (side, side):
+            return self.pos_embed
+        dim = patch_pos.shape[-1]
+        grid = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)], dim=1)
+
+    def tokens(self, images: Tensor) -> Tensor:
+        """(batch, 3, H, W) → (batch, 1 + patches, dim): CLS token first, position embedding added."""
+        height, width = images.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ModelError(
+                f"ViT input {height}×{width} is not a multiple of the patch size {self.patch_size}"
+            )
+        patches = self.patch_embed(images).flatten(2).transpose(1, 2)  # (batch, patches, dim)
+        cls = self.cls_token.expand(images.shape[0], -1, -1)
+        x = torch.cat([cls, patches], dim=1)
+        return x + self._position_embedding(height // self.patch_size, width // self.patch_size)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.tokens(images)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, 0]
+
+    @torch.no_grad()
+    def last_selfattention(self, images: Tensor) -> Tensor:
+        """(batch, 3, H, W) → (batch, heads, tokens, tokens): the last block's attention (token 0 = CLS).
+
+        ``[:, :, 0, 1:]`` reshaped to (H/p, W/p) gives DINO's per-head attention maps.
+        """
+        x = self.tokens(images)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        last = self.blocks[-1]
+        return last.attn.attention_weights(last.norm1(x))
+
+
+def _init_vit_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+# Named ViT configurations; every VisionTransformer option stays overridable (e.g. ``depth=6`` for a faster
+# CPU model, ``drop_path_rate=0.1`` as DINO trains ViT-S).
+vit_small = partial(VisionTransformer, img_size=224, patch_size=16, dim=384, depth=12, num_heads=6)
+"""ViT-S/16: dim 384, depth 12, 6 heads (DINO's main model); 384 features."""
+vit_tiny = partial(VisionTransformer, img_size=224, patch_size=16, dim=192, depth=12, num_heads=3)
+"""ViT-Ti/16: dim 192, depth 12, 3 heads; 192 features."""
+vit_tiny_p4 = partial(VisionTransformer, img_size=32, patch_size=4, dim=192, depth=12, num_heads=3)
+"""ViT-Ti with 4-px patches for 32-px images (8×8 grid; 16-px local crops give 4×4); 192 features."""
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+BACKBONES: Registry[nn.Module] = Registry(
+    "backbone",
+    {
+        "resnet18": resnet18,
+        "resnet50": resnet50,
+        "resnet18_small": resnet18_small,
+        "resnet50_small": resnet50_small,
+        "vit_small": vit_small,
+        "vit_tiny": vit_tiny,
+        "vit_tiny_p4": vit_tiny_p4,
+    },
+)
+
+
+def create_backbone(name: str, /, **options: Any) -> nn.Module:
+    """Build the backbone ``name`` with keyword ``options``; unknown names or options raise ModelError.
+
+    The result maps (batch, 3, H, W) → (batch, num_features) and has a ``num_features`` attribute.
+    """
+    constructor = BACKBONES[name]
+    parameters = inspect.signature(constructor).parameters
+    known = {key: p.default for key, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    for key, value in options.items():
+        if key not in known:
+            raise ModelError(
+                f"unknown option {key!r} for backbone {name!r}; known: {', '.join(sorted(known))}"
+            )
+        _check_option_type(name, key, value, known[key])
+    return constructor(**options)
+
+
+def _check_option_type(name: str, key: str, value: Any, default: Any) -> None:
+    """Options take the type of their default (an int is fine where a float is expected)."""
+    expected = type(default)
+    ok = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise ModelError(
+            f"backbone {name!r} option {key!r} must be of type {expected.__name__}, got {value!r}"
+        )
+
+
+# ------------------------------------------------------------------------------------ multi-crop forward
+
+
+def embed_views(backbone: nn.Module, views: Sequence[Tensor]) -> Tensor:
+    """Run ``backbone`` once per run of consecutive same-size views and stack the features.
+
+    views: list of (batch, 3, H_v, W_v); returns (len(views) · batch, num_features), view-major (rows
+    ``v·batch … (v+1)·batch − 1`` belong to view v). Concatenating same-size views makes one large batch per
+    resolution (2 globals, then all locals) instead of one small batch per view, as SwAV and DINO do.
+    """
+    features: list[Tensor] = []
+    start = 0
+    while start < len(views):
+        end = start + 1
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        group = views[start] if end == start + 1 else torch.cat(list(views[start:end]), dim=0)
+        features.append(backbone(group))
+        start = end
+    return features[0] if len(features) == 1 else torch.cat(features, dim=0)

@@ -1,0 +1,78 @@
+"""The process layout of a run: rank, world size and device, as torchrun describes them.
+
+A plain ``python``/``clusterssl`` process is rank 0 of a world of 1 and never touches
+torch.distributed; under ``torchrun`` the process group is created here (NCCL on GPUs, gloo on CPUs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls) -> DistributedEnv:
+        """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK (absent: a single process)."""
+        try:
+            return cls(
+                rank=int(os.environ.get("RANK", 0)),
+                world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+            )
+        except ValueError as error:
+            raise PipelineError(f"malformed torchrun environment: {error}") from None
+
+
+def resolve_device(name: str, env: DistributedEnv) -> torch.device:
+    """``auto`` → this rank's GPU when CUDA works, else the CPU; ``cpu``/``cuda`` force one."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise PipelineError(
+                "device 'cuda' was asked for but CUDA is not available; use --set trainer.device=cpu"
+            )
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    if name == "cpu":
+        return torch.device("cpu")
+    raise PipelineError(f"unknown device {name!r}; known: auto, cpu, cuda")
+
+
+def init_distributed(env: DistributedEnv, device: torch.device, timeout_s: float = 1800) -> None:
+    """Create the process group once when running under torchrun with more than one process."""
+    if not env.is_distributed or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def barrier(env: DistributedEnv) -> None:
+    if env.is_distributed and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

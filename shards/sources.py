@@ -1,0 +1,314 @@
+"""Where the images come from: a class-per-folder tree, a CSV/JSONL list, or scikit-learn's digits.
+
+A source lists its inputs deterministically (sorted, so the same data always plans the same shards) and
+reads one input's encoded bytes by its reference. Sources are small picklable objects that travel with
+each shard task to a worker process; the workers read (or, for digits, render) the images themselves, so
+image bytes never travel through a pipe.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from shards.errors import ShardsError
+from shards.format import UNLABELLED
+from shards.images import IMAGE_EXTENSIONS, is_image_file, render_digit
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class InputItem:
+    """One input: how it is named (manifest, ``src`` component), its label, its size for shard planning."""
+
+    ref: str
+    label: int
+    size: int
+    """Bytes on disk; an estimate for generated inputs (it only steers ``--bytes-per-shard``)."""
+
+
+@dataclass(frozen=True)
+class Listing:
+    items: list[InputItem]
+    classes: list[str]
+    """Class id ``i`` is ``classes[i]``; empty when no input is labelled."""
+
+
+class Source(ABC):
+    """A dataset to convert. Subclasses must stay picklable (they are sent to the worker processes)."""
+
+    kind: ClassVar[str]
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """What identifies this source in the manifest's parameters (kind, resolved path, options)."""
+
+    @abstractmethod
+    def list_inputs(self) -> Listing:
+        """Every input, sorted; raises ``ShardsError`` when the source is missing or empty."""
+
+    @abstractmethod
+    def read(self, ref: str) -> bytes:
+        """The encoded bytes of one input; raises ``OSError`` when it cannot be read."""
+
+    def walked_directory(self) -> Path | None:
+        """The directory tree the listing walks, if any: output written inside it would become input."""
+        return None
+
+
+_EXTENSIONS_TEXT = ", ".join(sorted(IMAGE_EXTENSIONS))
+
+
+class ImageFolderSource(Source):
+    """``DIR/<class>/**/<image>``: one subfolder per class, class ids in sorted folder-name order.
+
+    References are paths relative to ``DIR`` (``cat/0001.jpg``). Files whose extension is not an image
+    extension (case-insensitive) are not inputs; hidden folders are ignored.
+    """
+
+    kind = "imagefolder"
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": str(self.root.resolve())}
+
+    def list_inputs(self) -> Listing:
+        root = self.root
+        if not root.exists():
+            raise ShardsError(f"source directory does not exist: {root}")
+        if not root.is_dir():
+            raise ShardsError(f"imagefolder source is not a directory: {root}")
+        entries = _scan(root)
+        class_dirs = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        stray = sorted(e.name for e in entries if e.is_file() and is_image_file(e.name))
+        if stray:
+            raise ShardsError(
+                f"{len(stray)} image(s) lie directly in {root} (e.g. {stray[0]}), outside any class "
+                "folder; imagefolder expects DIR/<class>/<image>"
+            )
+        items = []
+        for class_id, name in enumerate(class_dirs):
+            items.extend(InputItem(ref, class_id, size) for ref, size in _walk_images(root / name, name))
+        if not items:
+            raise ShardsError(f"no images found in {root} (looked for {_EXTENSIONS_TEXT} in class folders)")
+        return Listing(items, class_dirs)
+
+    def read(self, ref: str) -> bytes:
+        return read_file(os.path.join(self.root, ref))
+
+    def walked_directory(self) -> Path | None:
+        return self.root
+
+
+def read_file(path: str | Path) -> bytes:
+    """A whole file, read with plain system calls (cheaper than ``Path.read_bytes`` per small image)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        want = os.fstat(fd).st_size + 1  # one read gets a regular file whole; the next one sees its end
+        while chunk := os.read(fd, max(want, 1 << 16)):
+            chunks.append(chunk)
+            want -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _scan(directory: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as it:
+            return list(it)
+    except OSError as error:
+        raise ShardsError(f"cannot list {directory}: {error.strerror or error}") from None
+
+
+def _walk_images(directory: Path, prefix: str) -> list[tuple[str, int]]:
+    """``(ref, size)`` of every image below ``directory``, sorted by ref; refs are ``prefix/…`` posix paths."""
+    found = []
+    for entry in _scan(directory):
+        ref = f"{prefix}/{entry.name}"
+        if entry.is_dir():
+            if not entry.name.startswith("."):
+                found.extend(_walk_images(Path(entry.path), ref))
+        elif is_image_file(entry.name):
+            found.append((ref, _size(entry)))
+    return sorted(found)
+
+
+def _size(entry: os.DirEntry[str] | Path) -> int:
+    try:
+        return entry.stat().st_size
+    except OSError:
+        return 0  # unreadable or dangling: the worker records why when it tries to read it
+
+
+class ListSource(Source):
+    """A CSV (header ``path[,label]``) or JSONL (``{"path": …, "label": …}``) list of images.
+
+    Relative paths are resolved against the list file's folder. Labels are optional: all-integer labels
+    are kept as class ids (``-1`` or a missing label means unlabelled), any other labels are names whose
+    sorted order gives the ids. References are the paths as written in the list.
+    """
+
+    kind = "list"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": str(self.path.resolve())}
+
+    def list_inputs(self) -> Listing:
+        if not self.path.exists():
+            raise ShardsError(f"list file does not exist: {self.path}")
+        if not self.path.is_file():
+            raise ShardsError(f"list source is not a file: {self.path}")
+        suffix = self.path.suffix.lower()
+        if suffix == ".csv":
+            rows = self._read_csv()
+        elif suffix in (".jsonl", ".ndjson"):
+            rows = self._read_jsonl()
+        else:
+            raise ShardsError(f"list file must end in .csv or .jsonl: {self.path}")
+        if not rows:
+            raise ShardsError(f"list file has no entries: {self.path}")
+        labels, classes = _label_ids([label for _, label in rows], self.path)
+        items = [
+            InputItem(ref, label, _size(self._resolve(ref)))
+            for ref, label in sorted(zip((r for r, _ in rows), labels, strict=True))
+        ]
+        return Listing(items, classes)
+
+    def read(self, ref: str) -> bytes:
+        return read_file(self._resolve(ref))
+
+    def _resolve(self, ref: str) -> Path:
+        path = Path(ref)
+        return path if path.is_absolute() else self.path.parent / path
+
+    def _read_csv(self) -> list[tuple[str, object]]:
+        try:
+            with open(self.path, newline="", encoding="utf-8-sig") as handle:
+                reader = csv.DictReader(handle)
+                if reader.fieldnames is None or "path" not in reader.fieldnames:
+                    raise ShardsError(f"{self.path}: a CSV list needs a header line with a 'path' column")
+                rows = []
+                for line, row in enumerate(reader, start=2):
+                    path = (row.get("path") or "").strip()
+                    if not path:
+                        raise ShardsError(f"{self.path} line {line}: empty path")
+                    label = (row.get("label") or "").strip()
+                    rows.append((path, label or None))
+                return rows
+        except (OSError, UnicodeDecodeError, csv.Error) as error:
+            raise ShardsError(f"cannot read {self.path}: {error}") from None
+
+    def _read_jsonl(self) -> list[tuple[str, object]]:
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ShardsError(f"cannot read {self.path}: {error}") from None
+        rows = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ShardsError(f"{self.path} line {number}: not JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("path"), str) or not record["path"]:
+                raise ShardsError(f'{self.path} line {number}: expected an object with a "path" string')
+            rows.append((record["path"], record.get("label")))
+        return rows
+
+
+def _label_ids(raw: list[object], where: Path) -> tuple[list[int], list[str]]:
+    """Class ids and class names for a list's raw labels (None = unlabelled)."""
+    for label in raw:
+        if label is not None and (isinstance(label, bool) or not isinstance(label, int | str)):
+            raise ShardsError(f"{where}: labels must be integers or strings, got {label!r}")
+    parsed = [None if label is None else _as_int(label) for label in raw]
+    if all(value is not None for value, label in zip(parsed, raw, strict=True) if label is not None):
+        ids = [UNLABELLED if value is None else value for value in parsed]
+        if any(i < UNLABELLED for i in ids):
+            raise ShardsError(f"{where}: integer labels must be >= 0 (or -1 for unlabelled)")
+        return ids, [str(i) for i in range(max(ids) + 1)]
+    names = sorted({str(label) for label in raw if label is not None})
+    position = {name: i for i, name in enumerate(names)}
+    return [UNLABELLED if label is None else position[str(label)] for label in raw], names
+
+
+def _as_int(label: object) -> int | None:
+    if isinstance(label, int):
+        return label
+    text = str(label).strip()
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+class DigitsSource(Source):
+    """scikit-learn's 1,797 handwritten digits (8×8, 0..16), rendered as ``image_size``² RGB JPEGs.
+
+    Labels 0..9. The raw pixels (115 KB) travel with the source to the workers, which render the JPEGs
+    (so workers need not import scikit-learn); references are ``digits/<row>``.
+    """
+
+    kind = "digits"
+    JPEG_QUALITY = 95
+
+    def __init__(self, image_size: int = 32) -> None:
+        if image_size < 8:
+            raise ShardsError(f"digits --image-size must be at least 8, got {image_size}")
+        self.image_size = image_size
+        self._pixels: np.ndarray | None = None
+        self._targets: np.ndarray | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "image_size": self.image_size, "jpeg_quality": self.JPEG_QUALITY}
+
+    def _load(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._pixels is None or self._targets is None:
+            import numpy as np
+            from sklearn.datasets import load_digits  # 1 s import: only where digits are used
+
+            digits = load_digits()
+            self._pixels = digits.data.astype(np.uint8)
+            self._targets = digits.target.astype(np.int64)
+        return self._pixels, self._targets
+
+    def list_inputs(self) -> Listing:
+        _, targets = self._load()
+        # About one byte per pixel for these small, smooth JPEGs; only used to plan --bytes-per-shard.
+        estimate = self.image_size * self.image_size
+        items = [InputItem(f"digits/{row:04d}", int(t), estimate) for row, t in enumerate(targets)]
+        return Listing(items, [str(d) for d in range(10)])
+
+    def read(self, ref: str) -> bytes:
+        pixels, _ = self._load()
+        row = int(ref.rsplit("/", 1)[1])
+        return render_digit(pixels[row], self.image_size, self.JPEG_QUALITY)
+
+
+SOURCE_KINDS = ("digits", "imagefolder", "list")
+
+
+def open_source(kind: str, location: str | Path | None = None, *, image_size: int = 32) -> Source:
+    """Build a source by name: ``imagefolder DIR``, ``list FILE`` or ``digits``."""
+    if kind == "digits":
+        return DigitsSource(image_size)
+    if kind in ("imagefolder", "list"):
+        if location is None:
+            raise ShardsError(f"the {kind} source needs a path")
+        return ImageFolderSource(location) if kind == "imagefolder" else ListSource(location)
+    raise ShardsError(f"unknown source kind {kind!r}; known: {', '.join(SOURCE_KINDS)}")

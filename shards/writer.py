@@ -1,0 +1,172 @@
+"""The work one worker process does: write one whole shard, or renumber one written shard.
+
+Both functions are pure functions of their task (plus the files), so they run the same in the parent
+(``--workers 1``) and in a pool, and a task interrupted half-way can simply be run again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shards.errors import ShardsError
+from shards.format import INDEX_EXT, INT_SIZE, dali_index_path, encode_int, encode_sample, sample_key
+from shards.images import BadInput, PrepareOptions, prepare_jpeg
+from shards.tario import ShardTarWriter, file_sha256, read_dali_index, sample_components
+
+if TYPE_CHECKING:
+    from shards.sources import Source
+
+TMP_SUFFIX = ".tmp"
+WRITE_BEHIND = 8 << 20
+"""Start the disk writeback of a shard every 8 MiB, so its final fsync does not stall the worker
+(measured: 8,000 ~50 KB JPEGs with 2 workers, 1.82 s against 2.0 s without, median of 4 each)."""
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Write shard ``number`` of the set in ``directory`` from ``inputs`` = (ref, label, planned index)."""
+
+    source: Source
+    set_name: str
+    directory: str
+    number: int
+    file: str
+    inputs: list[tuple[str, int, int]]
+    options: PrepareOptions
+
+
+@dataclass
+class ShardResult:
+    """What a written shard holds; one line of the conversion journal."""
+
+    set_name: str
+    number: int
+    file: str
+    index_file: str
+    count: int
+    bytes: int
+    sha256: str
+    planned_range: tuple[int, int]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(ref, reason) of the inputs that could not become samples, in planned order."""
+    label_counts: dict[int, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "set": self.set_name,
+            "shard": self.number,
+            "file": self.file,
+            "index_file": self.index_file,
+            "count": self.count,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "planned_range": list(self.planned_range),
+            "skipped": [list(s) for s in self.skipped],
+            "label_counts": {str(k): v for k, v in sorted(self.label_counts.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ShardResult:
+        return cls(
+            set_name=str(data["set"]),
+            number=int(data["shard"]),
+            file=str(data["file"]),
+            index_file=str(data["index_file"]),
+            count=int(data["count"]),
+            bytes=int(data["bytes"]),
+            sha256=str(data["sha256"]),
+            planned_range=(int(data["planned_range"][0]), int(data["planned_range"][1])),
+            skipped=[(str(ref), str(reason)) for ref, reason in data["skipped"]],
+            label_counts={int(k): int(v) for k, v in data["label_counts"].items()},
+        )
+
+
+def temporary_path(path: Path) -> Path:
+    return path.with_name(path.name + TMP_SUFFIX)
+
+
+def write_shard(task: ShardTask) -> ShardResult:
+    """Read, check and write every input of the task into ``<file>.tmp`` (+ its DALI index), then fsync
+    and rename the index and the tar to their final names: a final name always means a complete shard."""
+    directory = Path(task.directory)
+    tar_path = directory / task.file
+    idx_path = dali_index_path(tar_path)
+    skipped: list[tuple[str, str]] = []
+    labels: Counter[int] = Counter()
+    with ShardTarWriter(temporary_path(tar_path), write_behind=WRITE_BEHIND) as writer:
+        for ref, label, planned_index in task.inputs:
+            try:
+                jpeg = prepare_jpeg(task.source.read(ref), task.options)
+            except BadInput as error:
+                skipped.append((ref, str(error)))
+                continue
+            except OSError as error:
+                skipped.append((ref, f"cannot read: {error.strerror or error}"))
+                continue
+            key = sample_key(task.number, len(writer.samples))
+            writer.add_sample(key, encode_sample(jpeg, label, planned_index, ref))
+            labels[label] += 1
+    writer.write_dali_index(temporary_path(idx_path), fsync=True)
+    os.replace(temporary_path(idx_path), idx_path)
+    os.replace(temporary_path(tar_path), tar_path)
+    fsync_directory(directory)
+    planned = (task.inputs[0][2], task.inputs[-1][2] + 1) if task.inputs else (0, 0)
+    return ShardResult(
+        set_name=task.set_name,
+        number=task.number,
+        file=tar_path.name,
+        index_file=idx_path.name,
+        count=len(writer.samples),
+        bytes=writer.bytes_written,
+        sha256=writer.sha256,
+        planned_range=planned,
+        skipped=skipped,
+        label_counts=dict(labels),
+    )
+
+
+@dataclass(frozen=True)
+class RenumberTask:
+    """Give the samples of a written shard the global indices ``first_index, first_index + 1, …``."""
+
+    set_name: str
+    number: int
+    tar_path: str
+    first_index: int
+
+
+def renumber_shard(task: RenumberTask) -> tuple[str, int, str]:
+    """Patch the 8-byte ``index`` payloads in place (at the offsets the DALI index gives; sizes and
+    offsets do not change), fsync, and return ``(set_name, number, new sha256)``. Idempotent."""
+    tar_path = Path(task.tar_path)
+    try:
+        entries = sample_components(read_dali_index(dali_index_path(tar_path)), INDEX_EXT)
+    except (OSError, ValueError, KeyError) as error:
+        raise ShardsError(f"cannot renumber {tar_path}: its DALI index is unusable ({error})") from None
+    with open(tar_path, "r+b") as handle:
+        for position, entry in enumerate(entries):
+            if entry.size != INT_SIZE:
+                raise ShardsError(f"cannot renumber {tar_path}: {entry.name} is not an int64")
+            handle.seek(entry.offset)
+            handle.write(encode_int(task.first_index + position))
+        handle.flush()
+        os.fsync(handle.fileno())
+    return task.set_name, task.number, file_sha256(tar_path)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make renames inside ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

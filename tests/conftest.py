@@ -1,0 +1,94 @@
+"""Shared fixtures.
+
+``image_folder``: a tiny ImageFolder tree, for any test that needs real image files to convert or load.
+
+    <tmp>/images/
+        bird/   00.jpg 01.jpg 02.JPG "a.b c.jpg" 04.png
+        cat/    00.jpg 01.jpg 02.JPG "a.b c.jpg" 04.png
+        dog/    00.jpg 01.jpg 02.JPG "a.b c.jpg" 04.png
+
+15 images of 24×20 pixels (seeded noise, so every file's bytes differ), class ids 0, 1, 2 in sorted order.
+The JPEGs are RGB noise; the PNGs are RGBA gradients with varying alpha (the converter re-encodes them). The names cover an upper-case
+extension and a name with dots and spaces. ``ImageFolder.inputs`` maps each file's path relative to the
+root (the converter's reference, e.g. ``"cat/a.b c.jpg"``) to its label and bytes. Building it takes a
+few milliseconds; tests may add or corrupt files in ``root`` freely (each test gets its own copy).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ("bird", "cat", "dog")
+JPEG_NAMES = ("00.jpg", "01.jpg", "02.JPG", "a.b c.jpg")
+PNG_NAMES = ("04.png",)
+IMAGE_SIZE = (24, 20)
+
+
+@dataclass(frozen=True)
+class InputImage:
+    label: int
+    data: bytes
+    is_jpeg: bool
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    root: Path
+    classes: tuple[str, ...]
+    inputs: dict[str, InputImage]
+    """Path relative to ``root`` (posix) → label and file bytes."""
+
+
+def noise_image(
+    rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE, mode: str = "RGB"
+) -> Image.Image:
+    """A ``size`` (width, height) image of uniform noise in ``mode`` (RGB or RGBA)."""
+    pixels = rng.integers(0, 256, size=(size[1], size[0], len(mode)), dtype=np.uint8)
+    return Image.fromarray(pixels)  # (h, w, 3) uint8 is RGB, (h, w, 4) is RGBA
+
+
+def smooth_image(
+    rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE, mode: str = "RGB"
+) -> Image.Image:
+    """Random linear gradients per channel (survive JPEG almost unchanged, unlike noise); RGBA: alpha ramp."""
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    channels = [
+        np.clip(a + b * x / size[0] + c * y / size[1], 0, 255)
+        for a, b, c in rng.uniform([0, -120, -120], [255, 120, 120], size=(len(mode), 3))
+    ]
+    if mode == "RGBA":  # alpha from 0 (left) to opaque (right), so transparency handling shows
+        channels[-1] = 255.0 * x / (size[0] - 1)
+    return Image.fromarray(np.stack(channels, axis=-1).astype(np.uint8))
+
+
+def encode(image: Image.Image, fmt: str, **save_args: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+def jpeg_bytes(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE) -> bytes:
+    return encode(noise_image(rng, size), "JPEG", quality=90)
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> ImageFolder:
+    rng = np.random.default_rng(1234)
+    root = tmp_path / "images"
+    inputs = {}
+    for label, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for file in JPEG_NAMES:
+            inputs[f"{name}/{file}"] = InputImage(label, jpeg_bytes(rng), True)
+        for file in PNG_NAMES:
+            png = encode(smooth_image(rng, mode="RGBA"), "PNG")
+            inputs[f"{name}/{file}"] = InputImage(label, png, False)
+    for ref, image in inputs.items():
+        (root / ref).write_bytes(image.data)
+    return ImageFolder(root, CLASSES, inputs)

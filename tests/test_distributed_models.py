@@ -1,0 +1,154 @@
+"""Two real processes (gloo, CPU): the distributed pieces equal one process on the concatenated batch.
+
+One spawn serves every test in the file (starting processes is the slow part): each rank computes its
+share and saves it; the tests compare the saved results with a single-process computation.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from models import distributed
+from models.dino import DINOLoss
+from models.sinkhorn import sinkhorn
+from models.swav import SwAV, SwAVConfig
+from tests.fakes import TinyBackbone
+
+WORLD_SIZE = 2
+LOCAL_BATCH = 6
+PROTOTYPES = 7
+OUT_DIM = 5
+UNEQUAL_SPLIT = 9
+TIMEOUT_S = 120
+
+
+def global_inputs() -> dict[str, torch.Tensor]:
+    """The same global tensors on every rank (seeded); rank r takes rows r·LOCAL_BATCH … (r+1)·LOCAL_BATCH."""
+    generator = torch.Generator().manual_seed(0)
+    rows = WORLD_SIZE * LOCAL_BATCH
+    z = F.normalize(torch.randn(rows, 16, generator=generator), dim=1)
+    c = F.normalize(torch.randn(PROTOTYPES, 16, generator=generator), dim=1)
+    return {
+        "scores": z @ c.t(),
+        "student": torch.randn(4, rows, OUT_DIM, generator=generator),
+        "teacher": torch.randn(2, rows, OUT_DIM, generator=generator),
+        "center": torch.randn(1, OUT_DIM, generator=generator),
+    }
+
+
+def rank_rows(tensor: torch.Tensor, rank: int, dim: int = 0) -> torch.Tensor:
+    return tensor.narrow(dim, rank * LOCAL_BATCH, LOCAL_BATCH)
+
+
+def worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+    )
+    try:
+        torch.set_num_threads(1)
+        inputs = global_inputs()
+        results: dict[str, Any] = {"world_size": distributed.world_size(), "rank": distributed.rank()}
+        local_scores = rank_rows(inputs["scores"], rank)
+        results["codes"] = sinkhorn(local_scores, epsilon=0.05, iterations=3)
+        results["codes_local_only"] = sinkhorn(local_scores, epsilon=0.05, iterations=3, distribute=False)
+        results["gathered"] = distributed.all_gather_cat(local_scores)
+        # Unequal shares: rank 0 takes the first UNEQUAL_SPLIT rows, rank 1 the rest.
+        unequal = inputs["scores"][:UNEQUAL_SPLIT] if rank == 0 else inputs["scores"][UNEQUAL_SPLIT:]
+        results["codes_unequal"] = sinkhorn(unequal, epsilon=0.05, iterations=3)
+
+        loss_fn = DINOLoss(OUT_DIM, student_temp=0.1, center_momentum=0.9)
+        loss_fn.center.copy_(inputs["center"])
+        student = list(rank_rows(inputs["student"], rank, dim=1))
+        teacher = list(rank_rows(inputs["teacher"], rank, dim=1))
+        results["dino_loss"] = loss_fn(student, teacher, teacher_temp=0.04)
+        results["center"] = loss_fn.center.clone()
+
+        swav = SwAV(TinyBackbone(), SwAVConfig(queue_length=20, feat_dim=4, hidden_dim=8, num_prototypes=3))
+        results["queue_rows"] = swav.local_queue_length(LOCAL_BATCH)
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("ddp")
+    context = mp.start_processes(
+        worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    os.kill(process.pid, 9)
+            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    return [torch.load(tmp / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+
+
+def test_helpers_see_the_process_group(rank_results: list[dict[str, Any]]) -> None:
+    assert [r["world_size"] for r in rank_results] == [2, 2]
+    assert [r["rank"] for r in rank_results] == [0, 1]
+    scores = global_inputs()["scores"]
+    for result in rank_results:
+        assert torch.equal(result["gathered"], scores)  # every rank holds all rows in rank order
+
+
+def test_helpers_are_identities_in_one_process() -> None:
+    assert distributed.world_size() == 1 and distributed.rank() == 0
+    tensor = torch.arange(4.0)
+    assert distributed.all_reduce_sum(tensor) is tensor and torch.equal(tensor, torch.arange(4.0))
+    assert distributed.all_gather_cat(tensor) is tensor
+
+
+def test_distributed_sinkhorn_equals_one_process_on_the_concatenated_batch(
+    rank_results: list[dict[str, Any]],
+) -> None:
+    scores = global_inputs()["scores"]
+    expected = sinkhorn(scores, epsilon=0.05, iterations=3)
+    torch.testing.assert_close(torch.cat([r["codes"] for r in rank_results]), expected, rtol=1e-5, atol=1e-7)
+    # The equality is not an accident of the data: each rank alone gives different codes.
+    local = torch.cat([r["codes_local_only"] for r in rank_results])
+    assert not torch.allclose(local, expected, atol=1e-3)
+
+
+def test_distributed_sinkhorn_counts_the_global_batch_when_ranks_hold_different_rows(
+    rank_results: list[dict[str, Any]],
+) -> None:
+    scores = global_inputs()["scores"]
+    expected = sinkhorn(scores, epsilon=0.05, iterations=3)
+    assert [r["codes_unequal"].shape[0] for r in rank_results] == [UNEQUAL_SPLIT, 12 - UNEQUAL_SPLIT]
+    got = torch.cat([r["codes_unequal"] for r in rank_results])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_distributed_dino_center_equals_one_process_on_the_concatenated_batch(
+    rank_results: list[dict[str, Any]],
+) -> None:
+    inputs = global_inputs()
+    loss_fn = DINOLoss(OUT_DIM, student_temp=0.1, center_momentum=0.9)
+    loss_fn.center.copy_(inputs["center"])
+    loss = loss_fn(list(inputs["student"]), list(inputs["teacher"]), teacher_temp=0.04)
+    for result in rank_results:
+        torch.testing.assert_close(result["center"], loss_fn.center, rtol=1e-6, atol=1e-7)
+    # Each rank's loss is its local mean (DDP averages gradients), so their mean is the global loss.
+    torch.testing.assert_close(torch.stack([r["dino_loss"] for r in rank_results]).mean(), loss)
+
+
+def test_swav_queue_rows_split_the_rounded_global_length(rank_results: list[dict[str, Any]]) -> None:
+    # queue_length 20, global batch 2 × 6 = 12 → 12 rows in all, 6 per rank.
+    assert [r["queue_rows"] for r in rank_results] == [6, 6]
