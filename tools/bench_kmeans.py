@@ -14,7 +14,7 @@ max_iter=300)``. The scikit-learn run takes minutes on 2 cores; ``--sklearn-n-in
 stated one).
 
     python -m tools.bench_kmeans [--json]
-    clusterssl bench kmeans [--json]        (once wired into the CLI)
+    clusterssl bench kmeans [--json]
 """
 
 from __future__ import annotations
