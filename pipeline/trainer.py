@@ -21,7 +21,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,11 @@ class RunContext:
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         self.trainer.log_metrics(metrics, step=self.step)
+
+    def reset_optimizer_state(self, parameters: Iterable[nn.Parameter]) -> None:
+        state = self.trainer.optimizer.state
+        for parameter in parameters:
+            state.pop(parameter, None)
 
 
 @dataclass
