@@ -48,6 +48,11 @@ class TrainContext(Protocol):
         """Record metrics at the current step (rank 0 writes them; other ranks ignore the call)."""
         ...
 
+    def reset_optimizer_state(self, parameters: Iterable[nn.Parameter]) -> None:
+        """Forget the optimizer's state (momentum, Adam moments) of these parameters: for layers a method
+        re-initialises in place, e.g. DeepCluster's classifier after every clustering."""
+        ...
+
 
 class Method(nn.Module):
     """Base class of the four methods. Subclasses set ``name`` and ``config_class`` and implement

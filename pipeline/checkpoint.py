@@ -103,3 +103,61 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def position_of(checkpoint: Mapping[str, Any]) -> RunPosition:
     return RunPosition(**checkpoint["position"])
+
+
+BACKBONE_NAME = "backbone.pt"
+
+
+def save_backbone(module: torch.nn.Module, config_yaml: str, path: str | Path) -> Path:
+    """The final weights of the feature extractor, with the run config that rebuilds its architecture."""
+    return atomic_save(
+        {
+            "version": CHECKPOINT_VERSION,
+            "kind": "backbone",
+            "config": config_yaml,
+            "state_dict": module.state_dict(),
+        },
+        path,
+    )
+
+
+def load_feature_extractor(location: str | Path, *, random_init: bool = False) -> tuple[torch.nn.Module, Any]:
+    """The feature extractor of a run and its TrainConfig, from a checkpoint.pt, a backbone.pt or a run
+    directory holding either. ``random_init=True`` returns the same architecture freshly initialised
+    (seeded from the config): the floor every method must beat."""
+    import yaml
+
+    from models.backbones import create_backbone
+    from models.factory import build_method
+    from pipeline.train_config import build_train_config
+
+    path = Path(location)
+    if path.is_dir():
+        path = path / LAST_NAME if (path / LAST_NAME).exists() else path / BACKBONE_NAME
+    if not path.is_file():
+        raise PipelineError(
+            f"checkpoint not found: {location} (expected a checkpoint.pt, a backbone.pt or a run directory)"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise PipelineError(f"cannot load checkpoint {path}: {str(error).splitlines()[0]}") from None
+    if (
+        not isinstance(payload, dict)
+        or payload.get("version") != CHECKPOINT_VERSION
+        or "config" not in payload
+    ):
+        raise PipelineError(f"{path} is not a clusterssl checkpoint or backbone file")
+    config = build_train_config(yaml.safe_load(payload["config"]))
+    torch.manual_seed(config.trainer.seed)
+    if payload.get("kind") == "backbone":
+        module = create_backbone(config.model.backbone, **config.model.backbone_kwargs)
+        if not random_init:
+            module.load_state_dict(payload["state_dict"])
+        return module, config
+    method = build_method(
+        config.method_name, config.model.backbone, config.method_settings(), config.model.backbone_kwargs
+    )
+    if not random_init:
+        method.load_state_dict(payload["method"])
+    return method.feature_extractor(), config

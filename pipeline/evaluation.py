@@ -142,3 +142,93 @@ def extract_eval_features(module: torch.nn.Module, data: object, **extraction: o
 
     bank = extract_features(module, data, out_dir=None, progress=False, **extraction)  # type: ignore[arg-type]
     return bank.as_feature_bank()
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    train_data: str,
+    val_data: str,
+    *,
+    backend: str = "auto",
+    batch_size: int = 256,
+    num_workers: int = 2,
+    k: int = 20,
+    temperature: float = 0.07,
+    baseline: bool = False,
+    device: str = "auto",
+    track: bool = True,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    parent_run_id: str | None = None,
+) -> dict[str, object]:
+    """Evaluate a run's feature extractor (and optionally its random-init twin); logs an MLflow run."""
+    from dataclasses import replace
+
+    from pipeline.checkpoint import load_feature_extractor
+    from pipeline.data import resolve_data
+    from pipeline.distributed import DistributedEnv, resolve_device
+    from pipeline.tracking import open_tracker, tracking_run
+
+    module, config = load_feature_extractor(checkpoint)
+    torch_device = resolve_device(device, DistributedEnv())
+    data_kwargs = {"cache_dir": config.data.cache_dir, "image_size": config.data.digits_image_size}
+    train = resolve_data(train_data, split="train", **data_kwargs)
+    val = resolve_data(val_data, split="val", **data_kwargs)
+    extraction = dict(
+        spec=config.augment.eval_spec(),
+        batch_size=batch_size,
+        backend=backend,
+        num_workers=num_workers,
+        device=torch_device,
+    )
+
+    def run(extractor: torch.nn.Module) -> EvalResult:
+        extractor = extractor.to(torch_device)
+        return evaluate_features(
+            extract_eval_features(extractor, train.source, **extraction),
+            extract_eval_features(extractor, val.source, **extraction),
+            k=k,
+            temperature=temperature,
+            seed=config.trainer.seed,
+        )
+
+    tracking = replace(
+        config.tracking,
+        enabled=track,
+        uri=tracking_uri or config.tracking.uri,
+        experiment=experiment or config.tracking.experiment,
+        run_name=f"eval-{config.method_name}-{config.model.backbone}",
+    )
+    tracker = open_tracker(
+        tracking,
+        run_name=tracking.run_name or "eval",
+        parent_run_id=parent_run_id,
+        tags={"stage": "evaluate", "method": config.method_name, "backbone": config.model.backbone},
+    )
+    with tracking_run(tracker):
+        tracker.log_params(
+            {
+                "checkpoint": checkpoint,
+                "train": train.name,
+                "val": val.name,
+                "k": k,
+                "temperature": temperature,
+            }
+        )
+        result = run(module)
+        summary: dict[str, object] = {
+            "checkpoint": checkpoint,
+            **result.metrics(),
+            "num_train": result.num_train,
+            "num_val": result.num_val,
+            "run_id": tracker.run_id,
+        }
+        tracker.log_metrics(result.metrics(), step=0)
+        if baseline:
+            random_module, _ = load_feature_extractor(checkpoint, random_init=True)
+            floor = run(random_module)
+            summary["baseline"] = floor.metrics()
+            tracker.log_metrics(
+                {f"random_init_{key}": value for key, value in floor.metrics().items()}, step=0
+            )
+    return summary

@@ -21,7 +21,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.factory import build_method
 from models.method import Method
 from models.types import Batch, FeatureBank
 from pipeline.checkpoint import (
+    BACKBONE_NAME,
     LAST_NAME,
     RunPosition,
     atomic_save,
@@ -40,17 +42,17 @@ from pipeline.checkpoint import (
     make_checkpoint,
     position_of,
     restore_rng_state,
+    save_backbone,
 )
 from pipeline.config import dump_yaml, flatten, to_dict
 from pipeline.data import Dataset, resolve_dataset
-from pipeline.distributed import DistributedEnv, init_distributed, resolve_device
+from pipeline.distributed import DistributedEnv, barrier, init_distributed, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.evaluation import EvalResult, evaluate_features, extract_eval_features
 from pipeline.extraction import extract_features
 from pipeline.loader import build_loader
-from pipeline.methods import build_method_from_config
 from pipeline.optim import OptimizerStep, build_optimizer, build_schedules
-from pipeline.plots import plot_loss_curve, save_attention_maps
+from pipeline.plots import attention_maps, plot_attention_maps, plot_loss_curve
 from pipeline.spec import MultiCropSpec
 from pipeline.tracking import Tracker, git_commit, open_tracker, tracking_run
 from pipeline.train_config import TrainConfig
@@ -58,7 +60,6 @@ from pipeline.train_config import TrainConfig
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-BACKBONE_FILE = "backbone.pt"
 CONFIG_FILE = "config.yaml"
 
 
@@ -87,6 +88,11 @@ class RunContext:
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         self.trainer.log_metrics(metrics, step=self.step)
+
+    def reset_optimizer_state(self, parameters: Iterable[nn.Parameter]) -> None:
+        state = self.trainer.optimizer.state
+        for parameter in parameters:
+            state.pop(parameter, None)
 
 
 @dataclass
@@ -151,15 +157,14 @@ class Trainer:
         self.checkpoint_path = self.output_dir / LAST_NAME
         self.checkpoint = self._load_resume_checkpoint(resume)
 
-        self.data: Dataset = resolve_dataset(config.data, split="train")
-        self.val_data: Dataset | None = (
-            resolve_dataset(config.data, split="val") if config.data.val is not None else None
-        )
+        self.data, self.val_data = self._resolve_data()
         self.spec: MultiCropSpec = config.augment.to_spec()
         self.eval_spec: MultiCropSpec = config.augment.eval_spec()
 
         torch.manual_seed(config.trainer.seed)
-        self.method: Method = build_method_from_config(config).to(self.device)
+        self.method: Method = build_method(
+            config.method_name, config.model.backbone, config.method_settings(), config.model.backbone_kwargs
+        ).to(self.device)
         self.model: nn.Module = self._wrap_distributed(self.method)
         if config.trainer.compile:
             self.method.backbone.compile()
@@ -197,10 +202,28 @@ class Trainer:
             )
         return None
 
+    def _resolve_data(self) -> tuple[Dataset, Dataset | None]:
+        """Rank 0 first, then the others: the built-in digits are converted once, by one process."""
+        if not self.env.is_main:
+            barrier(self.env)
+        train = resolve_dataset(self.config.data, split="train")
+        val = resolve_dataset(self.config.data, split="val") if self.config.data.val is not None else None
+        if self.env.is_main:
+            barrier(self.env)
+        return train, val
+
+    def _rank_state_path(self) -> Path:
+        """Where rank r > 0 keeps its own buffers (SwAV's queue, BatchNorm statistics) between runs."""
+        return self.output_dir / f"checkpoint.rank{self.env.rank}.pt"
+
     def _wrap_distributed(self, method: Method) -> nn.Module:
         if not self.env.is_distributed:
             return method
         if self.config.model.sync_batchnorm:
+            if self.device.type != "cuda":
+                raise PipelineError(
+                    "model.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm does not run on CPUs)"
+                )
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
             self.method = method
         # Queues and centres are per rank or all-reduced by the method itself: never broadcast buffers.
@@ -257,12 +280,28 @@ class Trainer:
             )
             saved.step -= saved.batch_in_epoch
             saved.batch_in_epoch = 0
+        if self.env.rank > 0 and saved.world_size == self.env.world_size and self._rank_state_path().exists():
+            buffers = load_checkpoint(self._rank_state_path())["method"]
+            self.method.load_state_dict({**self.method.state_dict(), **buffers})
         saved.world_size, saved.num_workers = self.env.world_size, self.config.data.num_workers
         self.position = saved
         self.sample_repeats = checkpoint.get("extra", {}).get("sample_repeats")
 
     def _save_checkpoint(self) -> None:
+        """Rank 0 writes the checkpoint; under DDP every other rank keeps its own buffers beside it (its
+        queue differs from rank 0's), so a resume on the same world size restores each rank exactly."""
         if not self.env.is_main:
+            buffers = {name: buffer for name, buffer in self.method.named_buffers()}
+            atomic_save(
+                make_checkpoint(
+                    method_state=buffers,
+                    optimizer_state={},
+                    scaler_state=None,
+                    position=self.position,
+                    config_yaml="",
+                ),
+                self._rank_state_path(),
+            )
             return
         extra: dict[str, Any] = {"mlflow_run_id": self.tracker.run_id if self.tracker else None}
         if self.ctx.sample_repeats is not None:
@@ -391,7 +430,7 @@ class Trainer:
                 if position.step % cfg.trainer.log_every == 0:
                     self._log_window(window, lr=lr, wd=wd, step=position.step - 1)
                     window = _MetricWindow()
-                if stop.signal_number is not None:
+                if self._agree_to_stop(stop):
                     self._save_checkpoint()
                     return self._summary(start_time, images_seen, interrupted=True, eval_result=eval_result)
                 fetch_start = time.perf_counter()
@@ -412,6 +451,16 @@ class Trainer:
         return self._summary(
             start_time, images_seen, interrupted=False, eval_result=eval_result, backbone=backbone_path
         )
+
+    def _agree_to_stop(self, stop: _StopRequest) -> bool:
+        """True on every rank when any rank was signalled, so all ranks stop after the same step (a rank
+        that went on alone would wait forever in the next collective)."""
+        flag = stop.signal_number is not None
+        if not self.env.is_distributed:
+            return flag
+        shared = torch.tensor([int(flag)], device=self.device)
+        torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
+        return bool(shared.item())
 
     def _log_window(self, window: _MetricWindow, *, lr: float, wd: float, step: int) -> None:
         self.log_metrics({**window.summary(), "lr": lr, "weight_decay": wd}, step=step)
@@ -444,26 +493,35 @@ class Trainer:
         if not self.env.is_main:
             return None
         assert self.tracker is not None
-        backbone_path = self.output_dir / BACKBONE_FILE
         extractor = self.method.feature_extractor()
-        torch.save(
-            {"backbone": self.config.model.backbone, "state_dict": extractor.state_dict()}, backbone_path
-        )
+        backbone_path = save_backbone(extractor, dump_yaml(self.config), self.output_dir / BACKBONE_NAME)
         self.tracker.log_artifact(backbone_path)
         self.tracker.log_artifact(self.output_dir / CONFIG_FILE)
         loss_plot = plot_loss_curve(self.losses, self.output_dir / "loss.png")
         if loss_plot is not None:
             self.tracker.log_artifact(loss_plot, "plots")
         if self.val_data is not None and hasattr(extractor, "last_selfattention"):
-            attention = save_attention_maps(
-                extractor,
-                self.val_data.source,
-                self.eval_spec,
-                self.output_dir / "attention.png",
-                device=self.device,
-            )
-            self.tracker.log_artifact(attention, "plots")
+            self.tracker.log_artifact(self._plot_attention(extractor), "plots")
         return str(backbone_path)
+
+    def _plot_attention(self, vit: nn.Module, num_images: int = 4) -> Path:
+        """DINO's picture: the last block's CLS attention per head, for a few val images."""
+        assert self.val_data is not None
+        loader = build_loader(
+            self.val_data.source,
+            self.eval_spec,
+            num_images,
+            backend="torch",
+            num_workers=0,
+            shuffle=False,
+            device=self.device,
+        )
+        images = next(iter(loader)).views[0].to(self.device)
+        was_training = vit.training
+        vit.eval()
+        maps = attention_maps(vit, images)
+        vit.train(was_training)
+        return plot_attention_maps(images, maps, self.output_dir / "attention.png")
 
     def _summary(
         self,

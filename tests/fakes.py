@@ -7,7 +7,7 @@ so method tests can check parameters after a step without the pipeline package.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +36,7 @@ class FakeContext:
     logged: list[dict[str, float]] = field(default_factory=list)
     sample_repeats: list[np.ndarray | None] = field(default_factory=list)
     extracted: list[str] = field(default_factory=list)
+    reset_parameters: list[list[nn.Parameter]] = field(default_factory=list)
 
     @torch.no_grad()
     def extract(self, module: nn.Module, *, name: str) -> FeatureBank:
@@ -57,6 +58,9 @@ class FakeContext:
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         self.logged.append(dict(metrics))
+
+    def reset_optimizer_state(self, parameters: Iterable[nn.Parameter]) -> None:
+        self.reset_parameters.append(list(parameters))
 
 
 def optimizer_step(

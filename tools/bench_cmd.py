@@ -175,3 +175,13 @@ def loader_benchmark(
             progress=not as_json,
         )
     emit(summary, as_json, lambda s: render(dict(s)))
+
+
+def _register_kmeans() -> None:
+    """`bench kmeans` is defined beside its benchmark code (tools/bench_kmeans.py)."""
+    from tools.bench_kmeans import kmeans_command
+
+    bench.add_command(kmeans_command, "kmeans")
+
+
+_register_kmeans()

@@ -1,0 +1,83 @@
+"""Small, fast training configs over a 16-px digits shard set, shared by the trainer tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.data import ensure_builtin_digits
+
+
+def digits_dir(cache: Path) -> Path:
+    """The built-in digits at 16 px, converted once per test session into ``cache``."""
+    return ensure_builtin_digits(cache, image_size=16)
+
+
+def tiny_config(root: Path, out: Path, method: str = "swav", **sections: dict[str, Any]) -> dict[str, Any]:
+    """A config that trains a one-block ViT on 16/8-px crops for a few fast steps."""
+    methods = {
+        "swav": {
+            "name": "swav",
+            "hidden_dim": 32,
+            "feat_dim": 16,
+            "num_prototypes": 10,
+            "freeze_prototypes_niters": 2,
+        },
+        "dino": {
+            "name": "dino",
+            "out_dim": 32,
+            "hidden_dim": 32,
+            "bottleneck_dim": 16,
+            "warmup_teacher_temp_epochs": 2,
+        },
+    }
+    config: dict[str, Any] = {
+        "data": {
+            "train": str(root / "train"),
+            "val": str(root / "val"),
+            "backend": "torch",
+            "num_workers": 0,
+        },
+        "augment": {
+            "preset": "dino" if method == "dino" else "swav",
+            "global_size": 16,
+            "local_size": 8,
+            "num_local": 2,
+            "flip_p": 0.0,
+            "blur_sigma": [0.1, 0.3],
+        },
+        "model": {"backbone": "vit_tiny_p4", "backbone_kwargs": {"depth": 1, "dim": 32, "num_heads": 2}},
+        "method": methods[method],
+        "optim": {"name": "sgd", "lr": 0.1, "warmup_epochs": 0.5},
+        "trainer": {
+            "epochs": 2,
+            "batch_size": 256,
+            "output_dir": str(out),
+            "log_every": 2,
+            "eval_batch_size": 512,
+            "seed": 3,
+        },
+        "tracking": {"enabled": False, "system_metrics": False},
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values}
+    return config
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """step → loss from a run's metrics.jsonl (a resumed run appends to the same file)."""
+    import json
+
+    losses: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "epoch" in record and "loss" in record:
+            losses[record["step"]] = record["loss"]
+    return losses

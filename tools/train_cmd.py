@@ -1,0 +1,101 @@
+"""``clusterssl train CONFIG.yaml [--set key=value …]``: pretrain a backbone, tracked in MLflow."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tools.cli import emit, json_option
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_config_path(value: str) -> Path:
+    """A path as given, else a bundled config by name: ``swav_digits`` → configs/swav_digits.yaml."""
+    path = Path(value)
+    if path.exists():
+        return path
+    bundled = REPO_CONFIGS / (value if value.endswith(".yaml") else f"{value}.yaml")
+    return bundled if bundled.exists() else path
+
+
+def tracking_overrides(no_track: bool, tracking_uri: str | None, experiment: str | None) -> list[str]:
+    """The tracking options of every command, as --set overrides of the tracking section."""
+    overrides = []
+    if no_track:
+        overrides.append("tracking.enabled=false")
+    if tracking_uri:
+        overrides.append(f"tracking.uri={tracking_uri}")
+    if experiment:
+        overrides.append(f"tracking.experiment={experiment}")
+    return overrides
+
+
+def tracking_options(command: Any) -> Any:
+    """--no-track, --tracking-uri and --experiment, shared by every command that logs to MLflow."""
+    command = click.option("--experiment", help="MLflow experiment name (default: clusterssl).")(command)
+    command = click.option(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).",
+    )(command)
+    return click.option("--no-track", is_flag=True, help="Run without MLflow tracking.")(command)
+
+
+@click.command()
+@click.argument("config", metavar="CONFIG.yaml")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key (repeatable), e.g. --set trainer.epochs=1 --set optim.lr=0.3.",
+)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in trainer.output_dir.")
+@tracking_options
+@json_option
+def train(
+    config: str,
+    overrides: Sequence[str],
+    resume: bool,
+    no_track: bool,
+    tracking_uri: str | None,
+    experiment: str | None,
+    as_json: bool,
+) -> None:
+    """Pretrain a backbone with the method and data CONFIG.yaml names (a path, or a bundled config name
+    such as swav_digits). Ends with a summary; --json prints it as one object (run_id, checkpoint,
+    knn_top1, nmi, …)."""
+    from pipeline.train_config import load_train_config
+    from pipeline.trainer import train as run_training
+
+    cfg = load_train_config(
+        resolve_config_path(config), [*overrides, *tracking_overrides(no_track, tracking_uri, experiment)]
+    )
+    summary = run_training(cfg, resume=resume, progress=not as_json)
+    emit(summary.to_json(), as_json, render_train_summary)
+    if summary.interrupted:
+        raise SystemExit(130)
+
+
+def render_train_summary(summary: Mapping[str, Any]) -> str:
+    lines = [
+        f"{'interrupted' if summary['interrupted'] else 'trained'}: {summary['epochs_done']} epoch(s), "
+        f"{summary['steps']} steps in {summary['seconds']:.0f} s ({summary['images_per_s']:.0f} images/s)",
+        f"  checkpoint  {summary['checkpoint']}",
+    ]
+    if summary.get("backbone"):
+        lines.append(f"  backbone    {summary['backbone']}")
+    if "knn_top1" in summary:
+        lines.append(
+            f"  k-NN top-1  {summary['knn_top1']:.4f}   NMI {summary['nmi']:.4f}   ARI {summary['ari']:.4f}"
+        )
+    if summary.get("run_id"):
+        lines.append(
+            f"  MLflow run  {summary['run_id']}  (mlflow ui --backend-store-uri sqlite:///mlflow.db)"
+        )
+    if summary["interrupted"]:
+        lines.append("  continue with: clusterssl train CONFIG --resume (same --set options)")
+    return "\n".join(lines)
