@@ -24,8 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.io import ImageReadMode
-from torchvision.io import decode_jpeg as tv_decode_jpeg
+
+try:  # torchvision's image IO is deprecated in favour of torchcodec (not a dependency); PIL is the fallback
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as tv_decode_jpeg
+except ImportError:  # pragma: no cover - depends on the installed torchvision
+    tv_decode_jpeg = None
 
 from pipeline.augment import (
     PixelParams,
@@ -73,7 +77,10 @@ def decode_jpeg(data: bytes) -> Tensor:
 
     torchvision's libjpeg-turbo decoder (measured 1.4x faster than PIL here); it warns that its image IO
     moves to torchcodec, which is not a dependency, so that one warning is silenced around the call.
+    Without it (a future torchvision), PIL decodes.
     """
+    if tv_decode_jpeg is None:
+        return _decode_with_pil(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -82,6 +89,19 @@ def decode_jpeg(data: bytes) -> Tensor:
             )
     except RuntimeError as error:
         raise ValueError(str(error).strip().splitlines()[-1]) from None
+
+
+def _decode_with_pil(data: bytes) -> Tensor:
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(str(error)) from None
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
 def crop_resize(image: Tensor, top: int, left: int, height: int, width: int, size: int, flip: bool) -> Tensor:

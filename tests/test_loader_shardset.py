@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.errors import PipelineError
@@ -138,3 +139,16 @@ def test_shard_check_is_cached_and_invalidated(tmp_path: Path) -> None:
     os.replace(replacement / "shard-000000.tar", data / "shard-000000.tar")
     os.replace(replacement / "shard-000000.idx", data / "shard-000000.idx")
     assert check_shard_set(shardset)[0].status.tolist() == [OK] * 5
+
+
+def test_both_decoders_give_the_same_pixels() -> None:
+    from pipeline.torch_backend import _decode_with_pil, decode_jpeg
+
+    for data in (_jpeg(), _jpeg(progressive=True)):
+        assert torch.equal(decode_jpeg(data), _decode_with_pil(data))  # the PIL fallback, same libjpeg
+    gray = io.BytesIO()
+    Image.new("L", (9, 7), 90).save(gray, "JPEG")
+    assert decode_jpeg(gray.getvalue()).shape == (3, 7, 9)
+    for decode in (decode_jpeg, _decode_with_pil):
+        with pytest.raises(ValueError):
+            decode(b"\xff\xd8 not really a JPEG")
