@@ -27,6 +27,7 @@ from pipeline.spec import AugmentConfig
 from pipeline.tracking import TrackingConfig
 
 BACKENDS = ("auto", "dali", "torch")
+BUNDLED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -126,5 +127,15 @@ def build_train_config(data: dict[str, Any], overrides: Sequence[str] = ()) -> T
     return config
 
 
+def resolve_config_path(value: str | Path) -> Path:
+    """A path as given, else a bundled config by name: ``swav_digits`` → configs/swav_digits.yaml."""
+    path = Path(value)
+    if path.exists():
+        return path
+    name = str(value)
+    bundled = BUNDLED_CONFIGS / (name if name.endswith(".yaml") else f"{name}.yaml")
+    return bundled if bundled.exists() else path
+
+
 def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
-    return build_train_config(read_yaml(path), overrides)
+    return build_train_config(read_yaml(resolve_config_path(path)), overrides)
