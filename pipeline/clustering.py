@@ -92,7 +92,7 @@ def _cluster_grid(data: str, assignments: np.ndarray, path: Path, seed: int) -> 
             tiles.append(torch.zeros(3, 32, 32))
             continue
         image = samples[index].image.resize((64, 64))
-        tiles.append(torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 255.0)
+        tiles.append(torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0)
     size = max(t.shape[-1] for t in tiles)
     tiles = [torch.nn.functional.interpolate(t[None], size=(size, size))[0] for t in tiles]
     titles = [f"cluster {c} ({sizes[c]})" if j == 0 else "" for c in clusters for j in range(GRID_IMAGES)]

@@ -244,6 +244,7 @@ class PipelineRunner:
             run_name=tracking.run_name or "pipeline",
             tags={"stage": "pipeline", "pipeline": self.config.name},
         )
+        parent_run_id = self.parent.run_id
         results: dict[str, StageResult] = {}
         interrupted = False
         status = "FINISHED"
@@ -267,9 +268,7 @@ class PipelineRunner:
             self.parent.close("FAILED")
             raise
         self.parent.close(status)
-        return PipelineSummary(
-            self.config.name, self.parent.run_id, results, time.perf_counter() - started, interrupted
-        )
+        return PipelineSummary(self.config.name, parent_run_id, results, time.perf_counter() - started, interrupted)
 
     # -- stages -------------------------------------------------------------------------------------
     def _convert(self) -> StageResult:
