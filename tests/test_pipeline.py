@@ -17,28 +17,9 @@ import yaml
 
 from models.config import from_dict
 from pipeline.runner import PipelineConfig, run_pipeline
-from tests.trainer_helpers import step_losses, tiny_config, write_config
+from tests.trainer_helpers import pipeline_dict, step_losses
 
 STAGES = ["convert", "pretrain", "extract", "cluster", "evaluate"]
-
-
-def pipeline_dict(tmp_path: Path, epochs: int = 1) -> dict[str, Any]:
-    train = tiny_config(tmp_path, tmp_path / "unused", trainer={"epochs": epochs})
-    write_config(tmp_path / "train.yaml", train)
-    return {
-        "name": "test",
-        "workdir": str(tmp_path / "work"),
-        "num_workers": 0,
-        "convert": {"source": "digits", "image_size": 16, "out": str(tmp_path / "shards"), "workers": 1},
-        "pretrain": {"config": str(tmp_path / "train.yaml")},
-        "cluster": {"k": [5]},
-        "evaluate": {"baseline": False},
-        "tracking": {
-            "uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "experiment": "pipe",
-            "system_metrics": False,
-        },
-    }
 
 
 def children_of(client: Any, parent: str) -> dict[str, Any]:

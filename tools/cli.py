@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -80,6 +81,8 @@ NOISY_LOGGERS = ("mlflow", "alembic", "urllib3", "matplotlib", "PIL")
 def configure_logging() -> None:
     """Our warnings and progress notes on stderr; libraries only when they have something to warn of."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # MLflow configures its own loggers when imported (inside the commands), from this variable
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
