@@ -13,6 +13,7 @@ Every key can be overridden from the command line: ``--set trainer.epochs=1 --se
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,12 +129,14 @@ def build_train_config(data: dict[str, Any], overrides: Sequence[str] = ()) -> T
 
 
 def resolve_config_path(value: str | Path) -> Path:
-    """A path as given, else a bundled config by name: ``swav_digits`` → configs/swav_digits.yaml."""
+    """A path as given, else a bundled config by name: ``swav_digits`` → configs/swav_digits.yaml (from
+    $CLUSTERSSL_CONFIG_DIR when set — the Docker image sets it — else the repository's configs/)."""
     path = Path(value)
     if path.exists():
         return path
     name = str(value)
-    bundled = BUNDLED_CONFIGS / (name if name.endswith(".yaml") else f"{name}.yaml")
+    directory = Path(os.environ.get("CLUSTERSSL_CONFIG_DIR") or BUNDLED_CONFIGS)
+    bundled = directory / (name if name.endswith(".yaml") else f"{name}.yaml")
     return bundled if bundled.exists() else path
 
 
