@@ -145,9 +145,17 @@ class _StopRequest:
 class Trainer:
     """Holds the pieces of one run; ``run()`` is the loop."""
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        parent_run_id: str | None = None,
+    ) -> None:
         self.config = config
         self.progress = progress
+        self.parent_run_id = parent_run_id
         self.env = DistributedEnv.from_environment()
         self.device = resolve_device(config.trainer.device, self.env)
         init_distributed(self.env, self.device)
@@ -357,6 +365,7 @@ class Trainer:
             run_name=f"{cfg.method_name}-{cfg.model.backbone}",
             rank=self.env.rank,
             run_id=resumed_run,
+            parent_run_id=self.parent_run_id,
             tags=self._tags(),
         )
         self.ctx = RunContext(
@@ -591,9 +600,11 @@ class _MetricWindow:
         return summary
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainSummary:
-    """Run (or resume) one training run and return its summary."""
-    return Trainer(config, resume=resume, progress=progress).run()
+def train(
+    config: TrainConfig, *, resume: bool = False, progress: bool = True, parent_run_id: str | None = None
+) -> TrainSummary:
+    """Run (or resume) one training run and return its summary; ``parent_run_id`` nests its MLflow run."""
+    return Trainer(config, resume=resume, progress=progress, parent_run_id=parent_run_id).run()
 
 
 __all__ = ["Batch", "RunContext", "TrainSummary", "Trainer", "train"]
