@@ -268,7 +268,9 @@ class PipelineRunner:
             self.parent.close("FAILED")
             raise
         self.parent.close(status)
-        return PipelineSummary(self.config.name, parent_run_id, results, time.perf_counter() - started, interrupted)
+        return PipelineSummary(
+            self.config.name, parent_run_id, results, time.perf_counter() - started, interrupted
+        )
 
     # -- stages -------------------------------------------------------------------------------------
     def _convert(self) -> StageResult:
