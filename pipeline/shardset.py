@@ -32,7 +32,7 @@ from pipeline.errors import PipelineError
 from shards.errors import ShardsError
 from shards.format import IMAGE_EXT, INDEX_EXT, LABEL_EXT, MANIFEST_NAME, decode_int
 from shards.manifest import Manifest, load_manifest
-from shards.tario import IndexComponent, read_dali_index
+from shards.tario import IndexComponent, TruncatedSample, read_dali_index, read_indexed_sample
 
 REQUIRED_EXTS = (IMAGE_EXT, LABEL_EXT, INDEX_EXT)
 """The components the loaders read: image, binary label, binary global index."""
@@ -237,15 +237,12 @@ class IndexedShardReader:
 
     def read(self, position: int) -> dict[str, bytes]:
         fd = self._open()
-        components = {}
-        for entry in self.samples[position]:
-            if entry.ext not in REQUIRED_EXTS:
-                continue
-            if entry.offset + entry.size > self._size:
-                raise SampleUnavailable(
-                    self.shard.where(position), "truncated tar (sample past the end of the file)"
-                )
-            components[entry.ext] = os.pread(fd, entry.size, entry.offset)
+        try:
+            components = read_indexed_sample(fd, self.samples[position], self._size, REQUIRED_EXTS)
+        except TruncatedSample:
+            raise SampleUnavailable(
+                self.shard.where(position), "truncated tar (sample past the end of the file)"
+            ) from None
         missing = _missing(components)
         if missing:
             raise SampleUnavailable(self.shard.where(position), f"no {', '.join(missing)} component")

@@ -9,6 +9,7 @@ the DALI index offsets to read any sample with one seek per component, e.g. the 
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,14 @@ from shards.format import (
 )
 from shards.images import BadInput, decode_rgb
 from shards.manifest import Manifest, load_manifest
-from shards.tario import REGULAR_FILE_TYPES, IndexComponent, read_dali_index, read_tar_members
+from shards.tario import (
+    REGULAR_FILE_TYPES,
+    IndexComponent,
+    TruncatedSample,
+    read_dali_index,
+    read_indexed_sample,
+    read_tar_members,
+)
 
 
 @dataclass(frozen=True)
@@ -171,12 +179,16 @@ class IndexedReader:
         found: list[ShardSample | None] = [None] * len(wanted)
         for shard, positions in sorted(by_shard.items()):
             entries = self._index_of(shard)
-            with open(self._tars[shard], "rb") as handle:
+            fd = os.open(self._tars[shard], os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
                 for position, slot in sorted(positions):
-                    components = {}
-                    for entry in entries[position]:
-                        handle.seek(entry.offset)
-                        components[entry.ext] = handle.read(entry.size)
+                    try:
+                        components = read_indexed_sample(fd, entries[position], size)
+                    except TruncatedSample as error:
+                        raise ShardsError(
+                            f"{self._tars[shard].name}: {error}; run `clusterssl shards verify`"
+                        ) from None
                     key = entries[position][0].name.partition(".")[0]
                     sample = _sample_in(self._tars[shard], key, components, decode)
                     if sample.index != wanted[slot]:
@@ -185,4 +197,6 @@ class IndexedReader:
                             f"not {wanted[slot]}; run `clusterssl shards verify`"
                         )
                     found[slot] = sample
+            finally:
+                os.close(fd)
         return [sample for sample in found if sample is not None]

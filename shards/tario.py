@@ -310,3 +310,28 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+class TruncatedSample(ValueError):
+    """A sample's component ends past the end of its tar (the file was cut short)."""
+
+
+def read_indexed_sample(
+    fd: int, components: Sequence[IndexComponent], file_size: int, exts: Iterable[str] | None = None
+) -> dict[str, bytes]:
+    """The bytes of one sample's components (all, or those in ``exts``) by the DALI index offsets: one
+    ``pread`` each, so any number of threads or processes can share ``fd``.
+
+    Raises TruncatedSample when a component would run past ``file_size``.
+    """
+    wanted = None if exts is None else set(exts)
+    found = {}
+    for entry in components:
+        if wanted is not None and entry.ext not in wanted:
+            continue
+        if entry.offset + entry.size > file_size:
+            raise TruncatedSample(
+                f"{entry.name} ends at byte {entry.offset + entry.size}, the tar has {file_size}"
+            )
+        found[entry.ext] = os.pread(fd, entry.size, entry.offset)
+    return found

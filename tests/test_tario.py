@@ -79,3 +79,23 @@ def test_keys_with_dots_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="dots"), ShardTarWriter(tmp_path / "a.tar") as writer:
         writer.add_sample("a.b", [("jpg", b"x")])
     assert not (tmp_path / "a.tar").exists(), "a failed writer leaves no partial file"
+
+
+def test_indexed_reads_return_the_payloads_and_detect_truncation(tmp_path: Path) -> None:
+    import os
+
+    from shards.tario import TruncatedSample, read_indexed_sample
+
+    write(tmp_path / "a.tar")
+    samples = read_dali_index(tmp_path / "a.idx")
+    fd = os.open(tmp_path / "a.tar", os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        assert read_indexed_sample(fd, samples[3], size) == dict(SAMPLES[3][1])
+        assert read_indexed_sample(fd, samples[3], size, exts=["cls"]) == {"cls": b"3"}
+        cut = samples[5][0].offset + 10  # the file ends inside sample 5's image
+        with pytest.raises(TruncatedSample, match=r"s000000_000005\.jpg"):
+            read_indexed_sample(fd, samples[5], cut)
+        assert read_indexed_sample(fd, samples[4], cut)["index"] == encode_int(4)
+    finally:
+        os.close(fd)
