@@ -88,6 +88,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = path / LAST_NAME
     if not path.is_file():
         raise PipelineError(f"checkpoint not found: {path}")
+    return _load_payload(
+        path, "method", map_location, f"a clusterssl checkpoint (version {CHECKPOINT_VERSION})"
+    )
+
+
+def _load_payload(
+    path: Path, required_key: str, map_location: str | torch.device, what: str
+) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of one of our files; anything else is one clear PipelineError."""
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
@@ -95,9 +104,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if (
         not isinstance(payload, dict)
         or payload.get("version") != CHECKPOINT_VERSION
-        or "method" not in payload
+        or required_key not in payload
     ):
-        raise PipelineError(f"{path} is not a clusterssl checkpoint (version {CHECKPOINT_VERSION})")
+        raise PipelineError(f"{path} is not {what}")
     return payload
 
 
@@ -138,16 +147,7 @@ def load_feature_extractor(location: str | Path, *, random_init: bool = False) -
         raise PipelineError(
             f"checkpoint not found: {location} (expected a checkpoint.pt, a backbone.pt or a run directory)"
         )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise PipelineError(f"cannot load checkpoint {path}: {str(error).splitlines()[0]}") from None
-    if (
-        not isinstance(payload, dict)
-        or payload.get("version") != CHECKPOINT_VERSION
-        or "config" not in payload
-    ):
-        raise PipelineError(f"{path} is not a clusterssl checkpoint or backbone file")
+    payload = _load_payload(path, "config", "cpu", "a clusterssl checkpoint or backbone file")
     config = build_train_config(yaml.safe_load(payload["config"]))
     torch.manual_seed(config.trainer.seed)
     if payload.get("kind") == "backbone":
