@@ -5,7 +5,8 @@ Rows are placed by the sample index carried in each Batch, never by loader posit
 same for any loader layout. Padding (index −1) is dropped; writing a row twice or leaving one out is an
 error, checked at the end. On disk the pass is resumable: the bank's written-bitmap is flushed every
 ``flush_every`` batches, and a re-run skips the rows already there (as per-sample repeats of 0, so they
-are not even decoded).
+are not even decoded). Under DDP rank 0's bank on disk decides what is left and hands the rows already
+written to the other ranks, so that every rank reads the same remaining samples.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from models.distributed import all_gather_cat
+from models.types import Batch
 from pipeline.data import DataSource, dataset_size
 from pipeline.distributed import DistributedEnv
 from pipeline.errors import PipelineError
@@ -29,6 +32,9 @@ from pipeline.memory_bank import MemoryBank
 from pipeline.spec import MultiCropSpec
 
 log = logging.getLogger(__name__)
+
+ROWS_PER_BROADCAST = 65536
+"""Rows of a resumed bank sent from rank 0 to the other ranks at once (bounds the temporary memory)."""
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -74,13 +80,16 @@ def extract_features(
     progress: bool = True,
     precision: str = "fp32",
     max_batches: int | None = None,
+    shuffle: bool = True,
 ) -> MemoryBank:
     """Run ``module`` ((batch, 3, H, W) → (batch, D)) over every sample of ``data`` once.
 
     Returns the complete (N, D) bank — on disk under ``out_dir`` (``features.npy`` etc.) when given,
     else in memory. Under DDP every rank embeds its share, rows are all-gathered, every rank returns the
-    complete bank and rank 0 writes it to disk. ``max_batches`` stops early (to test resumption) and
-    returns the unfinished bank.
+    complete bank and rank 0 writes it to disk. A bank left unfinished in ``out_dir`` by the same producer
+    (same ``source``) is continued: only its missing rows are read. ``max_batches`` stops early (to test
+    resumption) and returns the unfinished bank. ``shuffle=False`` reads the shards in stored order; the
+    bank is the same either way.
     """
     env = env or DistributedEnv()
     device = torch.device(device)
@@ -88,7 +97,10 @@ def extract_features(
     num_samples = dataset_size(data)
     source = dict(source or {})
     bank = _resumable_bank(out_path, num_samples, source)
-    repeats = None if bank is None else (~bank.written).astype(np.int64)
+    bank, already_written = _share_resumed_rows(bank, num_samples, dtype, env, device)
+    if bank is not None and already_written.all():
+        bank.finalize()
+        return bank
     loader = build_loader(
         data,
         spec,
@@ -100,16 +112,15 @@ def extract_features(
         seed=0,
         epoch=0,
         device=device,
-        repeats=repeats,
+        repeats=None if bank is None else (~already_written).astype(np.int64),
+        shuffle=shuffle,
     )
     was_training = module.training
     module.eval()
     try:
         batches = tqdm(loader, desc="extract", unit="batch", disable=not progress, leave=False)
         for number, batch in enumerate(batches):
-            views = batch.views[0].to(device, non_blocking=True)
-            with _autocast(device, precision):
-                features = module(views).float()
+            features = embed_batch(module, batch, device, precision)
             index = batch.index.to(device)
             labels = (batch.labels if batch.labels is not None else torch.full_like(batch.index, -1)).to(
                 device
@@ -131,3 +142,45 @@ def extract_features(
         raise PipelineError("the extraction pass saw no samples: is the data empty?")
     bank.finalize()
     return bank
+
+
+def embed_batch(module: nn.Module, batch: Batch, device: torch.device, precision: str = "fp32") -> Tensor:
+    """(batch, D) float32 features of the batch's first view (the eval view), computed on ``device``."""
+    views = batch.views[0].to(device, non_blocking=True)
+    with _autocast(device, precision):
+        return module(views).float()
+
+
+def _share_resumed_rows(
+    bank: MemoryBank | None, num_samples: int, dtype: str, env: DistributedEnv, device: torch.device
+) -> tuple[MemoryBank | None, np.ndarray]:
+    """Make every rank agree on a resumed bank: which rows are already written (rank 0's bank on disk
+    decides) and, on the other ranks, an in-memory bank holding those rows, so that every rank reads the
+    same remaining samples and ends with the complete bank. Returns (bank or None, written (N,) bool)."""
+    written = bank.written.copy() if bank is not None else np.zeros(num_samples, dtype=bool)
+    if not env.is_distributed:
+        return bank, written
+    header = torch.tensor([bank.meta.dim if bank is not None else 0], dtype=torch.long, device=device)
+    dist.broadcast(header, src=0)
+    dim = int(header[0])
+    if dim == 0:
+        return None, written
+    mask = torch.from_numpy(written.astype(np.uint8)).to(device)  # gloo has no bool collectives
+    dist.broadcast(mask, src=0)
+    written = mask.cpu().numpy().astype(bool)
+    if not env.is_main:
+        bank = MemoryBank.create(num_samples, dim, directory=None, dtype=dtype)
+    assert bank is not None
+    rows = np.flatnonzero(written)
+    for start in range(0, rows.size, ROWS_PER_BROADCAST):
+        chunk = rows[start : start + ROWS_PER_BROADCAST]
+        features = torch.zeros(chunk.size, dim, dtype=torch.float32, device=device)
+        labels = torch.zeros(chunk.size, dtype=torch.long, device=device)
+        if env.is_main:
+            features.copy_(torch.from_numpy(np.asarray(bank.features[chunk], dtype=np.float32)))
+            labels.copy_(torch.from_numpy(bank.labels[chunk]))
+        dist.broadcast(features, src=0)
+        dist.broadcast(labels, src=0)
+        if not env.is_main:
+            bank.write(chunk, features.cpu().numpy(), labels.cpu().numpy())
+    return bank, written

@@ -16,13 +16,8 @@ from click.testing import CliRunner
 
 from pipeline.train_config import build_train_config
 from pipeline.trainer import train
-from tests.trainer_helpers import digits_dir, step_losses, tiny_config, write_config
+from tests.trainer_helpers import step_losses, tiny_config, write_config
 from tools.cli import cli
-
-
-@pytest.fixture(scope="session")
-def digits16(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return digits_dir(tmp_path_factory.mktemp("cache"))
 
 
 def test_mlflow_run_holds_params_metrics_tags_and_artifacts(digits16: Path, tmp_path: Path) -> None:
