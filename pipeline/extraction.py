@@ -43,7 +43,7 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return contextlib.nullcontext()
 
 
-def _resumable_bank(out_dir: Path | None, num_samples: int, source: dict[str, Any]) -> MemoryBank | None:
+def resumable_bank(out_dir: Path | None, num_samples: int, source: dict[str, Any]) -> MemoryBank | None:
     """An unfinished bank of the same data and producer in ``out_dir``, to continue; else None."""
     if out_dir is None or not (out_dir / "bank.json").exists():
         return None
@@ -96,7 +96,7 @@ def extract_features(
     out_path = Path(out_dir) if out_dir is not None and env.is_main else None
     num_samples = dataset_size(data)
     source = dict(source or {})
-    bank = _resumable_bank(out_path, num_samples, source)
+    bank = resumable_bank(out_path, num_samples, source)
     bank, already_written = _share_resumed_rows(bank, num_samples, dtype, env, device)
     if bank is not None and already_written.all():
         bank.finalize()
@@ -184,3 +184,105 @@ def _share_resumed_rows(
         if not env.is_main:
             bank.write(chunk, features.cpu().numpy(), labels.cpu().numpy())
     return bank, written
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def extract_checkpoint(
+    checkpoint: str | Path,
+    data: str,
+    out_dir: str | Path,
+    *,
+    split: str = "train",
+    backend: str = "auto",
+    batch_size: int = 256,
+    num_workers: int = 2,
+    dtype: str = "float32",
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The extraction pass of a checkpoint's feature extractor over ``data`` (a shard directory,
+    manifest, URLs or ``digits``) with the eval view its run config describes, into ``out_dir``.
+
+    The bank's metadata names the checkpoint (path and sha256), the manifest (hash and path, so that
+    ``clusterssl cluster`` can show the images of a cluster) and the view; running the same command
+    again after an interruption continues the bank. Under torchrun every rank embeds its share and rank 0
+    writes. Returns a summary (bank directory, N, D, dtype, rows resumed, seconds, images/s).
+    """
+    import time
+
+    from pipeline.checkpoint import BACKBONE_NAME, LAST_NAME, load_feature_extractor
+    from pipeline.data import resolve_data
+    from pipeline.distributed import init_distributed, resolve_device
+
+    if split not in ("train", "val"):
+        raise PipelineError(f"split must be train or val, got {split!r}")
+    checkpoint_path = Path(checkpoint)
+    if checkpoint_path.is_dir():
+        checkpoint_path = checkpoint_path / (
+            LAST_NAME if (checkpoint_path / LAST_NAME).exists() else BACKBONE_NAME
+        )
+    module, config = load_feature_extractor(checkpoint_path)
+    env = DistributedEnv.from_environment()
+    torch_device = resolve_device(device, env)
+    init_distributed(env, torch_device)
+    dataset = resolve_data(
+        data,
+        split=split,
+        cache_dir=config.data.cache_dir,
+        image_size=config.data.digits_image_size,  # type: ignore[arg-type]
+    )
+    spec = config.augment.eval_spec()
+    source = {
+        "checkpoint": str(checkpoint_path.resolve()),
+        "checkpoint_sha256": file_sha256(checkpoint_path),
+        "module": "feature_extractor",
+        "method": config.method_name,
+        "backbone": config.model.backbone,
+        "data": dataset.name,
+        "manifest": dataset.manifest_hash,
+        "manifest_path": dataset.manifest_path,
+        "view": f"eval {spec.views[0].size} px",
+    }
+    out_path = Path(out_dir)
+    previous = resumable_bank(out_path, dataset.num_samples, source) if env.is_main else None
+    resumed_rows = previous.num_written if previous is not None else 0
+    start = time.perf_counter()
+    bank = extract_features(
+        module.to(torch_device),
+        dataset.source,
+        spec=spec,
+        batch_size=batch_size,
+        backend=backend,
+        num_workers=num_workers,
+        device=torch_device,
+        env=env,
+        out_dir=out_path,
+        dtype=dtype,
+        source=source,
+        progress=progress and env.is_main,
+    )
+    seconds = time.perf_counter() - start
+    embedded = bank.meta.num_samples - resumed_rows
+    return {
+        "bank": str(out_path),
+        "features": str(out_path / "features.npy"),
+        "num_samples": bank.meta.num_samples,
+        "dim": bank.meta.dim,
+        "dtype": bank.meta.dtype,
+        "resumed_rows": resumed_rows,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(embedded / seconds, 1) if seconds > 0 else 0.0,
+        "checkpoint": source["checkpoint"],
+        "manifest": source["manifest"],
+        "rank": env.rank,
+    }
