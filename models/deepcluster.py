@@ -84,10 +84,17 @@ def uniform_cluster_repeats(assignments: Any, k: int, rng: np.random.Generator) 
     return repeats
 
 
-def reset_linear_(layer: nn.Linear) -> nn.Linear:
-    """DeepCluster's fresh classifier after each clustering: weights N(0, 0.01), bias 0. In place."""
+def reset_linear_(layer: nn.Linear, generator: torch.Generator | None = None) -> nn.Linear:
+    """DeepCluster's fresh classifier after each clustering: weights N(0, 0.01), bias 0. In place.
+
+    generator: a CPU generator to draw the weights from (they are drawn on the CPU and copied to the
+    layer's device), so that the draw does not depend on, nor advance, the global random state.
+    """
     with torch.no_grad():
-        layer.weight.normal_(0.0, 0.01)
+        if generator is None:
+            layer.weight.normal_(0.0, 0.01)
+        else:
+            layer.weight.copy_(torch.empty(layer.weight.shape).normal_(0.0, 0.01, generator=generator))
         if layer.bias is not None:
             layer.bias.zero_()
     return layer
@@ -200,9 +207,9 @@ class DeepCluster(RuntimeShapedBuffers, Method):
         )
         self.clusterings_done += 1
 
-        reset_linear_(self.classifier)
-        for parameter in self.classifier.parameters():
-            distributed.broadcast_(parameter.data)  # ranks drew different random weights
+        # Drawn from a generator seeded by the epoch: every rank draws the same weights, and a resumed run
+        # the same as an uninterrupted one (the global random state differs after a resume).
+        reset_linear_(self.classifier, torch.Generator().manual_seed(cfg.kmeans_seed * 100_003 + ctx.epoch))
         ctx.reset_optimizer_state(self.classifier.parameters())
 
         if cfg.uniform_sampling:

@@ -331,19 +331,23 @@ class PCLConfig:
 
 
 @torch.no_grad()
-def shuffled_key_forward(encoder: nn.Module, images: Tensor) -> Tensor:
+def shuffled_key_forward(
+    encoder: nn.Module, images: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
     """``encoder(images)`` with MoCo's shuffling BN under DDP; a plain call in one process.
 
     images (batch, 3, H, W) on every rank (equal batch sizes) → keys (batch, D) of the same samples in
     the same order. The global batch is gathered, permuted by rank 0's random permutation, each rank
     embeds its slice of the permuted batch (so its BatchNorm statistics mix samples of every rank), and the
-    keys are gathered back and un-permuted.
+    keys are gathered back and un-permuted. ``generator`` (CPU) draws the permutation.
     """
     if not distributed.is_distributed():
         return encoder(images)
     world, rank = distributed.world_size(), distributed.rank()
     gathered = distributed.all_gather_cat(images)
-    permutation = distributed.broadcast_(torch.randperm(gathered.shape[0], device=images.device))
+    permutation = distributed.broadcast_(
+        torch.randperm(gathered.shape[0], generator=generator).to(images.device)
+    )
     keys = encoder(gathered[permutation.view(world, -1)[rank]])
     all_keys = distributed.all_gather_cat(keys)
     # all_keys[p] belongs to sample permutation[p]: sample i's key sits at argsort(permutation)[i].
@@ -357,7 +361,8 @@ class PCL(RuntimeShapedBuffers, Method):
     Buffers that checkpoint with the module: ``queue`` (rows, feat_dim) newest first (sized by the global
     batch at the first step), and per clustering j ``cluster_ids_{j}`` (N,), ``centroids_{j}`` (k_j,
     feat_dim) unit rows and ``phi_{j}`` (k_j,); ``clustering_ready`` says whether they hold a clustering
-    (False during the warm-up). The feature extractor is the query encoder's backbone, the one the paper
+    (False during the warm-up); ``steps_done`` counts optimizer steps and seeds the step's random draws
+    (negative prototypes, the key shuffle), so that a resumed run draws what an uninterrupted one does. The feature extractor is the query encoder's backbone, the one the paper
     evaluates (its linear probe loads ``encoder_q``).
     """
 
@@ -366,6 +371,7 @@ class PCL(RuntimeShapedBuffers, Method):
 
     queue: Tensor
     clustering_ready: Tensor
+    steps_done: Tensor
 
     def __init__(self, backbone: nn.Module, cfg: PCLConfig | None = None) -> None:
         super().__init__(backbone)
@@ -381,6 +387,7 @@ class PCL(RuntimeShapedBuffers, Method):
         self.key_encoder.requires_grad_(False)
         self.register_buffer("queue", torch.zeros(0, cfg.feat_dim))
         self.register_buffer("clustering_ready", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         for j, k in enumerate(cfg.num_clusters):
             self.register_buffer(f"cluster_ids_{j}", torch.zeros(0, dtype=torch.long))
             self.register_buffer(f"centroids_{j}", torch.zeros(k, cfg.feat_dim))
@@ -455,6 +462,7 @@ class PCL(RuntimeShapedBuffers, Method):
         own, from its forward passes, as in MoCo)."""
         ema_update_(self.key_encoder.backbone, self.backbone, self.cfg.momentum, copy_buffers=False)
         ema_update_(self.key_encoder.head, self.projection, self.cfg.momentum, copy_buffers=False)
+        self.steps_done += 1
 
     # ----------------------------------------------------------------------------------------- forward
 
@@ -471,9 +479,10 @@ class PCL(RuntimeShapedBuffers, Method):
         views = self.query_views(batch)
         queries = F.normalize(self.projection(embed_views(self.backbone, views)), dim=1)
         queries = queries.view(len(views), batch.size, -1)
+        generator = torch.Generator().manual_seed(cfg.kmeans_seed * 1_000_003 + int(self.steps_done))
         with torch.no_grad():
             if cfg.shuffle_bn:
-                keys = shuffled_key_forward(self.key_encoder, batch.views[1])
+                keys = shuffled_key_forward(self.key_encoder, batch.views[1], generator)
             else:
                 keys = self.key_encoder(batch.views[1])
         self._ensure_queue(batch.size)
@@ -487,6 +496,7 @@ class PCL(RuntimeShapedBuffers, Method):
                 clusterings,
                 temperature=cfg.temperature,
                 num_negatives=cfg.num_negatives,
+                generator=generator,
             )
             for query in queries
         ]
