@@ -282,6 +282,9 @@ class PCLConfig:
     """Width of the MoCo v2 projection MLP's hidden layer (no BatchNorm); 0 makes it one linear layer."""
     feat_dim: int = 128
     """Size of the L2-normalised embedding (queries, keys, queue, centroids)."""
+    head_batch_norm: bool = False
+    """BatchNorm after the projection MLP's hidden layer. MoCo v2 and PCL have none; it speeds up short
+    runs on small data (SimCLR's head has it)."""
     queue_length: int = 16384
     """r, keys of past batches used as InfoNCE negatives, over all ranks; rounded down to a multiple of
     the global batch. Keep it well below the number of training samples (e.g. 1024 for the digits), or
@@ -379,7 +382,7 @@ class PCL(RuntimeShapedBuffers, Method):
         in_dim = int(backbone.num_features)
         if cfg.hidden_dim:
             self.projection = ProjectionHead(
-                in_dim, cfg.hidden_dim, cfg.feat_dim, num_layers=2, batch_norm=False
+                in_dim, cfg.hidden_dim, cfg.feat_dim, num_layers=2, batch_norm=cfg.head_batch_norm
             )
         else:
             self.projection = ProjectionHead(in_dim, in_dim, cfg.feat_dim, num_layers=1)
