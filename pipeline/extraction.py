@@ -29,6 +29,7 @@ from pipeline.distributed import DistributedEnv
 from pipeline.errors import PipelineError
 from pipeline.loader import build_loader
 from pipeline.memory_bank import MemoryBank
+from pipeline.shardset import resolve_shards
 from pipeline.spec import MultiCropSpec
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ def extract_features(
     source = dict(source or {})
     bank = resumable_bank(out_path, num_samples, source)
     bank, already_written = _share_resumed_rows(bank, num_samples, dtype, env, device)
+    if bank is not None:
+        bank.rows_resumed = int(already_written.sum())
     if bank is not None and already_written.all():
         bank.finalize()
         return bank
@@ -199,27 +202,26 @@ def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
 
 def extract_checkpoint(
     checkpoint: str | Path,
-    data: str,
+    data: DataSource,
     out_dir: str | Path,
     *,
     split: str = "train",
-    backend: str = "auto",
     batch_size: int = 256,
-    num_workers: int = 2,
     dtype: str = "float32",
+    backend: str = "auto",
+    num_workers: int = 2,
     device: str = "auto",
     progress: bool = True,
-) -> dict[str, Any]:
-    """The extraction pass of a checkpoint's feature extractor over ``data`` (a shard directory,
-    manifest, URLs or ``digits``) with the eval view its run config describes, into ``out_dir``.
+) -> MemoryBank:
+    """The bank of a run's feature extractor over ``data`` (eval view of the run's augment section).
 
-    The bank's metadata names the checkpoint (path and sha256), the manifest (hash and path, so that
-    ``clusterssl cluster`` can show the images of a cluster) and the view; running the same command
-    again after an interruption continues the bank. Under torchrun every rank embeds its share and rank 0
-    writes. Returns a summary (bank directory, N, D, dtype, rows resumed, seconds, images/s).
+    checkpoint: a checkpoint.pt, a backbone.pt or a run directory holding either.
+    data:       a shard set in any of the loader's forms, or ``digits`` (then ``split`` says which).
+    The bank's metadata names the checkpoint (path and sha256) and the shard set (directory, manifest
+    hash and path), which is what ``cluster_bank`` reads sample images back from, and the view.
+    Re-running after an interruption continues the bank (``bank.rows_resumed`` says how many rows were
+    already there). Under torchrun every rank embeds its share and rank 0 writes.
     """
-    import time
-
     from pipeline.checkpoint import BACKBONE_NAME, LAST_NAME, load_feature_extractor
     from pipeline.data import resolve_data
     from pipeline.distributed import init_distributed, resolve_device
@@ -228,61 +230,43 @@ def extract_checkpoint(
         raise PipelineError(f"split must be train or val, got {split!r}")
     checkpoint_path = Path(checkpoint)
     if checkpoint_path.is_dir():
-        checkpoint_path = checkpoint_path / (
-            LAST_NAME if (checkpoint_path / LAST_NAME).exists() else BACKBONE_NAME
-        )
+        has_checkpoint = (checkpoint_path / LAST_NAME).exists()
+        checkpoint_path = checkpoint_path / (LAST_NAME if has_checkpoint else BACKBONE_NAME)
     module, config = load_feature_extractor(checkpoint_path)
     env = DistributedEnv.from_environment()
     torch_device = resolve_device(device, env)
     init_distributed(env, torch_device)
-    dataset = resolve_data(
-        data,
-        split=split,
-        cache_dir=config.data.cache_dir,
-        image_size=config.data.digits_image_size,  # type: ignore[arg-type]
-    )
+    if isinstance(data, (str, Path)):
+        shardset = resolve_data(
+            data,
+            split=split,  # type: ignore[arg-type]
+            cache_dir=config.data.cache_dir,
+            image_size=config.data.digits_image_size,
+        ).source
+    else:
+        shardset = resolve_shards(data)
+    root = shardset.root
     spec = config.augment.eval_spec()
     source = {
         "checkpoint": str(checkpoint_path.resolve()),
         "checkpoint_sha256": file_sha256(checkpoint_path),
-        "module": "feature_extractor",
-        "method": config.method_name,
         "backbone": config.model.backbone,
-        "data": dataset.name,
-        "manifest": dataset.manifest_hash,
-        "manifest_path": dataset.manifest_path,
-        "view": f"eval {spec.views[0].size} px",
+        "data": str(root) if root is not None else None,
+        "manifest_hash": shardset.manifest.content_hash(),
+        "manifest_path": str(root / "manifest.json") if root is not None else None,
+        "view": spec.describe(),
     }
-    out_path = Path(out_dir)
-    previous = resumable_bank(out_path, dataset.num_samples, source) if env.is_main else None
-    resumed_rows = previous.num_written if previous is not None else 0
-    start = time.perf_counter()
-    bank = extract_features(
+    return extract_features(
         module.to(torch_device),
-        dataset.source,
+        shardset,
         spec=spec,
         batch_size=batch_size,
         backend=backend,
         num_workers=num_workers,
         device=torch_device,
         env=env,
-        out_dir=out_path,
+        out_dir=out_dir,
         dtype=dtype,
         source=source,
         progress=progress and env.is_main,
     )
-    seconds = time.perf_counter() - start
-    embedded = bank.meta.num_samples - resumed_rows
-    return {
-        "bank": str(out_path),
-        "features": str(out_path / "features.npy"),
-        "num_samples": bank.meta.num_samples,
-        "dim": bank.meta.dim,
-        "dtype": bank.meta.dtype,
-        "resumed_rows": resumed_rows,
-        "seconds": round(seconds, 3),
-        "images_per_s": round(embedded / seconds, 1) if seconds > 0 else 0.0,
-        "checkpoint": source["checkpoint"],
-        "manifest": source["manifest"],
-        "rank": env.rank,
-    }

@@ -68,6 +68,8 @@ class MemoryBank:
         self.labels = labels
         self.written = written
         self.directory = directory
+        self.rows_resumed = 0
+        """Rows already written when the extraction pass that returned this bank began (a continued bank)."""
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod

@@ -70,7 +70,7 @@ def test_extract_writes_a_memmappable_bank_with_its_provenance(
     assert meta.complete
     assert meta.source["checkpoint"] == str(backbone_file.resolve())
     assert len(meta.source["checkpoint_sha256"]) == 64
-    assert meta.source["manifest"] == load_manifest(digits16 / "train").content_hash()
+    assert meta.source["manifest_hash"] == load_manifest(digits16 / "train").content_hash()
     assert Path(meta.source["manifest_path"]) == digits16 / "train" / "manifest.json"
 
 
@@ -106,14 +106,16 @@ def test_cluster_writes_the_files_it_promises(bank_dir: Path, tmp_path: Path) ->
                     "--grid-clusters", "3", "--grid-images", "4", "--json")  # fmt: skip
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert json.loads((out / "clusters.json").read_text()) == summary
+    statistics = json.loads((out / "statistics.json").read_text())
+    assert statistics == {k: value["statistics"] for k, value in summary["clusterings"].items()}
     features = np.load(bank_dir / "features.npy")
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)  # L2-normalised by default
     labels = np.load(bank_dir / "labels.npy")
     for k in (10, 25):
-        assignments = np.load(out / f"assignments_k{k}.npy")
-        centroids = np.load(out / f"centroids_k{k}.npy")
+        assignments = np.load(out / f"k{k}_assignments.npy")
+        centroids = np.load(out / f"k{k}_centroids.npy")
         # The same clustering as the library call on the bank, row i = sample i.
-        expected = kmeans(features, k, niter=20, seed=0)
+        expected = kmeans(unit, k, niter=20, seed=0)
         np.testing.assert_array_equal(assignments, expected.assignments)
         np.testing.assert_allclose(centroids, expected.centroids, rtol=1e-5, atol=1e-6)
         stats = summary["clusterings"][str(k)]["statistics"]
@@ -125,7 +127,7 @@ def test_cluster_writes_the_files_it_promises(bank_dir: Path, tmp_path: Path) ->
             assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
 
-    grid = Image.open(out / "samples_k10.png")
+    grid = Image.open(out / "k10_samples.png")
     assert grid.size[0] > grid.size[1]  # 4 images per row, 3 rows
 
 
@@ -139,9 +141,17 @@ def test_cluster_spherical_and_pca_options(bank_dir: Path, tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)
     expected = kmeans(unit, 10, seed=0, spherical=True)
-    np.testing.assert_array_equal(np.load(tmp_path / "s" / "assignments_k10.npy"), expected.assignments)
+    np.testing.assert_array_equal(np.load(tmp_path / "s" / "k10_assignments.npy"), expected.assignments)
     np.testing.assert_allclose(
-        np.linalg.norm(np.load(tmp_path / "s" / "centroids_k10.npy"), axis=1), 1.0, rtol=1e-5
+        np.linalg.norm(np.load(tmp_path / "s" / "k10_centroids.npy"), axis=1), 1.0, rtol=1e-5
+    )
+
+    raw = invoke(
+        "cluster", str(bank_dir), "--k", "10", "--out", str(tmp_path / "r"), "--no-l2-normalize", "--json"
+    )
+    assert raw.exit_code == 0, raw.output
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "r" / "k10_assignments.npy"), kmeans(features, 10, seed=0).assignments
     )
 
     result = invoke(
@@ -150,9 +160,9 @@ def test_cluster_spherical_and_pca_options(bank_dir: Path, tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     whitened, _ = pca_whiten(features, dim=8)
     np.testing.assert_array_equal(
-        np.load(tmp_path / "p" / "assignments_k10.npy"), kmeans(whitened, 10, seed=0).assignments
+        np.load(tmp_path / "p" / "k10_assignments.npy"), kmeans(whitened, 10, seed=0).assignments
     )
-    assert np.load(tmp_path / "p" / "centroids_k10.npy").shape == (10, 8)
+    assert np.load(tmp_path / "p" / "k10_centroids.npy").shape == (10, 8)
 
 
 def test_cluster_and_extract_errors_are_one_line_with_exit_code_2(

@@ -104,6 +104,7 @@ def test_pcl_adds_proto_nce_after_its_warmup_epoch(digits16: Path, tmp_path: Pat
 def test_bundled_configs_load_and_name_their_method(name: str) -> None:
     from models.factory import method_config_from_dict
     from pipeline.train_config import load_train_config
+
     config = load_train_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
     assert config.method_name == name.rsplit("_", 1)[0]
     settings = method_config_from_dict(config.method_name, config.method_settings())

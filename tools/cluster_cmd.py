@@ -21,12 +21,18 @@ from tools.cli import emit, json_option
     help="Number of clusters (repeat the option for several clusterings of the same bank).",
 )
 @click.option(
-    "--out", "out_dir", required=True, help="Directory for the .npy files, plots and clusters.json."
+    "--out", "out_dir", required=True, help="Directory for the .npy files, plots and statistics.json."
 )
 @click.option(
     "--spherical",
     is_flag=True,
     help="Cosine k-means: L2-normalised features and unit centroids (DeepCluster-v2, SwAV-style banks).",
+)
+@click.option(
+    "--l2-normalize/--no-l2-normalize",
+    default=True,
+    show_default=True,
+    help="L2-normalise the features before k-means (as the pipeline's cluster stage does).",
 )
 @click.option(
     "--pca-dim",
@@ -59,6 +65,7 @@ def cluster(
     ks: tuple[int, ...],
     out_dir: str,
     spherical: bool,
+    l2_normalize: bool,
     pca_dim: int | None,
     niter: int,
     seed: int,
@@ -68,23 +75,43 @@ def cluster(
     as_json: bool,
 ) -> None:
     """Cluster the memory bank in BANK_DIR (from `clusterssl extract`) with faiss k-means on every row,
-    for each --k. Writes assignments_k{k}.npy (row i = sample i), centroids_k{k}.npy, sizes_k{k}.png,
-    samples_k{k}.png (the largest clusters, a few images each) and clusters.json (statistics, including
-    NMI/ARI when the bank has labels)."""
-    from pipeline.bank_clustering import cluster_bank
+    for each --k. Writes k{k}_assignments.npy (row i = sample i), k{k}_centroids.npy, k{k}_sizes.png,
+    k{k}_samples.png (the largest clusters, a few images each) and statistics.json (including NMI/ARI
+    when the bank has labels)."""
+    from pipeline.clustering import cluster_bank
 
-    summary = cluster_bank(
+    report = cluster_bank(
         bank_dir,
         list(ks),
         out_dir,
         spherical=spherical,
-        pca_dim=pca_dim,
         niter=niter,
         seed=seed,
+        l2_normalize=l2_normalize,
+        pca_dim=pca_dim,
         grid_clusters=grid_clusters,
         grid_images=grid_images,
         data=data,
     )
+    summary = {
+        "bank": bank_dir,
+        "out": out_dir,
+        "num_samples": report.num_samples,
+        "dim": report.dim,
+        "spherical": spherical,
+        "l2_normalize": l2_normalize,
+        "pca_dim": pca_dim,
+        "niter": niter,
+        "seed": seed,
+        "images_from": report.images_from,
+        "clusterings": {
+            str(k): {
+                "statistics": report.statistics[k],
+                "files": {name: str(path) for name, path in report.files_by_k[k].items()},
+            }
+            for k in ks
+        },
+    }
     emit(summary, as_json, _render)
 
 

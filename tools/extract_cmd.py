@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import click
@@ -58,22 +59,41 @@ def extract(
     manifest, shard URLs, or `digits`. After an interruption, run the same command again: it continues
     the bank. Under torchrun every rank embeds its share and rank 0 writes the bank.
     """
+    import time
+
+    from pipeline.distributed import DistributedEnv
     from pipeline.extraction import extract_checkpoint
 
-    summary = extract_checkpoint(
+    start = time.perf_counter()
+    bank = extract_checkpoint(
         checkpoint,
         data,
         out_dir,
         split=split,
-        backend=backend,
         batch_size=batch_size,
-        num_workers=num_workers,
         dtype=dtype,
+        backend=backend,
+        num_workers=num_workers,
         device=device,
         progress=not as_json,
     )
-    if summary["rank"] == 0:
-        emit(summary, as_json, _render)
+    seconds = time.perf_counter() - start
+    if not DistributedEnv.from_environment().is_main:
+        return
+    embedded = bank.meta.num_samples - bank.rows_resumed
+    summary = {
+        "bank": out_dir,
+        "features": str(Path(out_dir) / "features.npy"),
+        "num_samples": bank.meta.num_samples,
+        "dim": bank.meta.dim,
+        "dtype": bank.meta.dtype,
+        "resumed_rows": bank.rows_resumed,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(embedded / seconds, 1) if seconds > 0 else 0.0,
+        "checkpoint": bank.meta.source["checkpoint"],
+        "manifest_hash": bank.meta.source["manifest_hash"],
+    }
+    emit(summary, as_json, _render)
 
 
 def _render(summary: Mapping[str, Any]) -> str:
