@@ -92,7 +92,16 @@ def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
     )
 
 
-@pytest.mark.parametrize("method", ["swav", "dino", "deepcluster", "deepcluster_v2", "pcl"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "swav",
+        "dino",
+        # The clustering methods' tables (pseudo-labels, memory, prototypes, queue) come back from the
+        # checkpoint: a mid-epoch resume re-clusters nothing. Slow: an extraction pass per epoch.
+        *(pytest.param(name, marks=pytest.mark.slow) for name in ("deepcluster", "deepcluster_v2", "pcl")),
+    ],
+)
 def test_interrupted_and_resumed_run_reproduces_the_losses(
     digits16: Path, tmp_path: Path, method: str
 ) -> None:

@@ -4,6 +4,10 @@ clustering statistics, and what it checkpoints agrees with the bank the extracti
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +18,7 @@ import torch
 from models.deepcluster import deepcluster_v1_clustering
 from pipeline.train_config import build_train_config
 from pipeline.trainer import train
-from tests.trainer_helpers import tiny_config
+from tests.trainer_helpers import tiny_config, write_config
 
 NUM_TRAIN = 1618
 STEPS_PER_EPOCH = 7  # 1,618 samples in batches of 256
@@ -116,3 +120,42 @@ def test_bundled_configs_load_and_name_their_method(name: str) -> None:
         assert max(ks if isinstance(ks, tuple) else (ks,)) <= NUM_TRAIN
     else:
         assert config.model.backbone == "resnet50" and config.augment.global_size == 224
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+    reason="torchrun is not installed",
+)
+@pytest.mark.parametrize("method", ["deepcluster", "pcl"])
+def test_torchrun_two_ranks_agree_on_the_clustering(digits16: Path, tmp_path: Path, method: str) -> None:
+    """2 ranks (gloo): the extraction pass is complete on both, rank 0 clusters and broadcasts, and both
+    ranks end with the same cluster tables (rank 1 keeps its buffers beside the checkpoint)."""
+    config = tiny_config(
+        digits16,
+        tmp_path / "run",
+        method,
+        data={"val": None, "num_workers": 1},
+        trainer={"epochs": 2, "batch_size": 100},
+    )
+    if method == "pcl":
+        config["method"]["warmup_epochs"] = 0  # cluster in both epochs
+    path = write_config(tmp_path / "cfg.yaml", config)
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
+               "-m", "tools.cli", "train", str(path)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["method"]
+    rank1 = torch.load(tmp_path / "run" / "checkpoint.rank1.pt", weights_only=True)["method"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    if method == "deepcluster":
+        assert torch.equal(rank0["pseudo_labels"], rank1["pseudo_labels"])
+        features = np.load(tmp_path / "run" / "bank-backbone" / "features.npy")
+        expected, _ = deepcluster_v1_clustering(features, 20, pca_dim=16, seed=1)
+        np.testing.assert_array_equal(rank0["pseudo_labels"].numpy(), expected.assignments)
+        assert len(clustering_records(records, "clustering/nmi")) == 2  # logged once per epoch (rank 0)
+    else:
+        for name in ("cluster_ids_0", "centroids_0", "phi_0", "cluster_ids_1", "queue"):
+            assert torch.equal(rank0[name], rank1[name]), name
+        assert len(clustering_records(records, "clustering/k20/nmi")) == 2
