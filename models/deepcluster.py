@@ -125,9 +125,10 @@ class DeepClusterConfig:
 
     num_clusters: int = 10000
     """k. The paper found ~10× the number of classes best on ImageNet (10,000 for 1,000 classes); scale
-    it with the data (e.g. 100 for the 1,618 digits). Must not exceed the number of training samples."""
+    it with the data (e.g. 50 for the 1,618 digits). Must not exceed the number of training samples."""
     pca_dim: int = 256
-    """Dimensions kept by the PCA-whitening before k-means (at most the feature size and N − 1)."""
+    """Dimensions kept by the PCA-whitening before k-means (at most the feature size and N − 1). Lower it
+    for small banks, where whitening many weak directions amplifies noise (64 on the digits)."""
     kmeans_iterations: int = 20
     """Lloyd iterations per clustering (the paper's 20)."""
     kmeans_seed: int = 0
@@ -151,8 +152,8 @@ class DeepCluster(RuntimeShapedBuffers, Method):
     """Backbone → ``classifier`` Linear(num_features, k), trained on the clusters of the last clustering.
 
     Buffers that checkpoint with the module (so a mid-epoch resume needs no re-clustering):
-    ``pseudo_labels`` (N,) int64, the cluster of each global index (IGNORE_LABEL before the first
-    clustering), and ``clusterings_done``. The classifier is re-initialised in place (N(0, 0.01), bias 0)
+    ``pseudo_labels`` (N,) int64, the cluster of each global index (empty before the first clustering),
+    and ``clusterings_done``. The classifier is re-initialised in place (N(0, 0.01), bias 0)
     after every clustering and its optimizer state dropped, which is what re-creating it amounts to.
     """
 

@@ -312,10 +312,22 @@ class PCLConfig:
     """Also use the local crops as queries (each against the key of the second global crop)."""
     shuffle_bn: bool = True
     """Under DDP, shuffle the key encoder's batch across ranks (MoCo's shuffling BN), so that BatchNorm
-    statistics cannot leak which key belongs to which query. No effect in one process."""
+    statistics cannot leak which key belongs to which query."""
+    key_bn_splits: int = 1
+    """In one process: shuffle the key batch and embed it in this many chunks, each with its own BatchNorm
+    statistics (MoCo's shuffling BN emulated on one device). 1 = one chunk. Use 4–8 when a BatchNorm
+    backbone trains on one device: otherwise a query and its key share the batch's statistics, a
+    shortcut that the queue's keys (from other batches) lack."""
 
     def __post_init__(self) -> None:
-        for key in ("feat_dim", "queue_length", "num_negatives", "kmeans_iterations", "kmeans_redo"):
+        for key in (
+            "feat_dim",
+            "queue_length",
+            "num_negatives",
+            "kmeans_iterations",
+            "kmeans_redo",
+            "key_bn_splits",
+        ):
             if getattr(self, key) < 1:
                 raise ModelError(f"pcl: {key} must be at least 1, got {getattr(self, key)}")
         for key in ("hidden_dim", "warmup_epochs", "kmeans_seed"):
@@ -355,6 +367,22 @@ def shuffled_key_forward(
     all_keys = distributed.all_gather_cat(keys)
     # all_keys[p] belongs to sample permutation[p]: sample i's key sits at argsort(permutation)[i].
     return all_keys[torch.argsort(permutation).view(world, -1)[rank]]
+
+
+@torch.no_grad()
+def split_shuffled_forward(
+    encoder: nn.Module, images: Tensor, splits: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """``encoder(images)`` on one device with shuffling BN emulated: the batch is permuted, embedded in
+    ``splits`` chunks (BatchNorm statistics per chunk), and the outputs are put back in the input order.
+    images (batch, 3, H, W) → (batch, D). With ``splits = 1`` a plain call."""
+    if splits <= 1 or images.shape[0] < 2:
+        return encoder(images)
+    permutation = torch.randperm(images.shape[0], generator=generator).to(images.device)
+    chunks = [encoder(chunk) for chunk in images[permutation].chunk(splits)]
+    keys = torch.empty_like(torch.cat(chunks))
+    keys[permutation] = torch.cat(chunks)
+    return keys
 
 
 class PCL(RuntimeShapedBuffers, Method):
@@ -484,10 +512,10 @@ class PCL(RuntimeShapedBuffers, Method):
         queries = queries.view(len(views), batch.size, -1)
         generator = torch.Generator().manual_seed(cfg.kmeans_seed * 1_000_003 + int(self.steps_done))
         with torch.no_grad():
-            if cfg.shuffle_bn:
+            if cfg.shuffle_bn and distributed.is_distributed():
                 keys = shuffled_key_forward(self.key_encoder, batch.views[1], generator)
             else:
-                keys = self.key_encoder(batch.views[1])
+                keys = split_shuffled_forward(self.key_encoder, batch.views[1], cfg.key_bn_splits, generator)
         self._ensure_queue(batch.size)
         clusterings = self.clusterings()
         parts = [

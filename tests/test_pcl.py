@@ -21,6 +21,7 @@ from models.pcl import (
     proto_nce_logits,
     prototypes_from_kmeans,
     select_prototype_columns,
+    split_shuffled_forward,
 )
 from models.types import Batch
 from tests.fakes import FakeContext, TinyBackbone, optimizer_step
@@ -395,3 +396,25 @@ def test_queue_shorter_than_the_batch_is_a_clear_error() -> None:
     method.cfg.queue_length = 4
     with pytest.raises(ModelError, match="queue_length 4 is shorter than the global batch 5"):
         method(_two_views(ctx.images, torch.arange(5)))
+
+
+def test_split_shuffled_key_forward_gives_each_sample_its_own_key() -> None:
+    """Eval mode: a per-sample function, so the shuffled chunked forward equals the plain one. Train mode
+    with BatchNorm: each key is normalised with the statistics of the chunk its sample was shuffled into."""
+    images = torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(TinyBackbone(num_features=6), torch.nn.BatchNorm1d(6, affine=False))
+    encoder.eval()
+    torch.testing.assert_close(
+        split_shuffled_forward(encoder, images, 4, torch.Generator().manual_seed(1)), encoder(images)
+    )
+    encoder.train()
+    keys = split_shuffled_forward(encoder, images, 3, torch.Generator().manual_seed(1))
+    permutation = torch.randperm(12, generator=torch.Generator().manual_seed(1))
+    features = encoder[0](images)
+    for chunk in permutation.chunk(3):
+        part = features[chunk]
+        expected = (part - part.mean(0)) / torch.sqrt(part.var(0, unbiased=False) + 1e-5)
+        torch.testing.assert_close(keys[chunk], expected, rtol=1e-4, atol=1e-5)
+    # One chunk is the plain call (batch statistics of the whole batch).
+    torch.testing.assert_close(split_shuffled_forward(encoder, images, 1), encoder(images))
