@@ -86,7 +86,7 @@ def _register_commands() -> None:
     cli.add_command(demo_cmd.demo)
 
 
-NOISY_LOGGERS = ("mlflow", "alembic", "urllib3", "matplotlib", "PIL")
+NOISY_LOGGERS = ("mlflow", "alembic", "urllib3", "matplotlib", "PIL", "faiss")
 
 
 def configure_logging() -> None:
