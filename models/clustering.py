@@ -518,6 +518,39 @@ def cluster_statistics(
     return stats
 
 
+def clustering_nmi(previous_assignments: Any, assignments: Any) -> float:
+    """NMI between two clusterings of the same samples (DeepCluster's stability curve, Fig. 2b). Samples
+    unassigned (< 0) in either are left out."""
+    previous = np.asarray(previous_assignments, dtype=np.int64).ravel()
+    current = np.asarray(assignments, dtype=np.int64).ravel()
+    if previous.shape != current.shape:
+        raise ModelError(f"clusterings of different sizes: {previous.size} and {current.size} samples")
+    keep = (previous >= 0) & (current >= 0)
+    if not keep.any():
+        raise ModelError("no sample is assigned in both clusterings")
+    from sklearn.metrics import normalized_mutual_info_score
+
+    return float(normalized_mutual_info_score(previous[keep], current[keep]))
+
+
+def epoch_clustering_metrics(
+    assignments: Any,
+    k: int,
+    *,
+    objective: float | None = None,
+    labels: Any = None,
+    previous: Any = None,
+    prefix: str = "clustering/",
+) -> dict[str, float]:
+    """What a method logs after each epoch's clustering: ``cluster_statistics`` (sizes, empty clusters,
+    objective, NMI/ARI against the labels when given) plus ``stability_nmi``, the NMI with the previous
+    epoch's clustering when given (same samples), every key prefixed with ``prefix``."""
+    stats = cluster_statistics(assignments, k, objective, labels)
+    if previous is not None:
+        stats["stability_nmi"] = clustering_nmi(previous, assignments)
+    return {f"{prefix}{key}": value for key, value in stats.items()}
+
+
 # ---------------------------------------------------------------------------------------- PCA whitening
 
 

@@ -55,3 +55,12 @@ def all_gather_cat(tensor: Tensor) -> Tensor:
     gathered = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(gathered, tensor)
     return torch.cat(gathered, dim=0)
+
+
+@torch.no_grad()
+def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
+    """Overwrite ``tensor`` on every rank with rank ``src``'s values, in place; returns it. Identity in
+    one process. Every rank must pass a tensor of the same shape and dtype."""
+    if is_distributed():
+        dist.broadcast(tensor, src=src)
+    return tensor

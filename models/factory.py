@@ -11,12 +11,18 @@ from typing import Any
 
 from models.backbones import create_backbone
 from models.config import from_dict
+from models.deepcluster import DeepCluster
+from models.deepcluster_v2 import DeepClusterV2
 from models.dino import DINO
 from models.method import Method
+from models.pcl import PCL
 from models.registry import Registry
 from models.swav import SwAV
 
-METHODS: Registry[Method] = Registry("method", {"swav": SwAV, "dino": DINO})
+METHODS: Registry[Method] = Registry(
+    "method",
+    {"swav": SwAV, "dino": DINO, "deepcluster": DeepCluster, "deepcluster_v2": DeepClusterV2, "pcl": PCL},
+)
 
 
 def build_method(

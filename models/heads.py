@@ -133,3 +133,19 @@ class DINOHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         bottleneck = F.normalize(self.mlp(x), dim=-1)
         return self.last_layer(bottleneck)
+
+
+class NormalizedEmbedding(nn.Module):
+    """``backbone → head → L2-normalise``: (batch, 3, H, W) → (batch, out_dim) unit vectors.
+
+    PCL's momentum encoder is one (its own copies of the backbone and head); DeepCluster-v2 wraps its
+    backbone and projection in one on the fly, to hand the extraction pass a single module.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: Tensor) -> Tensor:
+        return F.normalize(self.head(self.backbone(images)), dim=1)

@@ -1,6 +1,10 @@
-"""PCL (Li et al., "Prototypical Contrastive Learning of Unsupervised Representations", ICLR 2021) as
-plain functions: the per-cluster concentration φ, the MoCo InfoNCE logits, the ProtoNCE logits with
-sampled negative prototypes, and the total loss. The method class (encoders, queue, hooks) builds on these.
+"""PCL (Li et al., "Prototypical Contrastive Learning of Unsupervised Representations", ICLR 2021).
+
+A MoCo v2 model (query encoder, momentum encoder, queue of keys, InfoNCE) plus, after a warm-up, a
+ProtoNCE term per clustering: every epoch the momentum encoder embeds the whole training set (extraction
+pass, eval view), k-means runs for each k in a list, and each query is pulled towards its own centroid and
+away from sampled other centroids, with per-cluster temperatures φ (the concentration). The plain
+functions (φ, the InfoNCE and ProtoNCE logits, the total loss) come first, the ``PCL`` method after them.
 
 Conventions: ``q`` are the query encoder's L2-normalised embeddings (batch, dim) and carry the gradient;
 keys, the queue, centroids and φ are constants (detached here). ``index`` is the batch's global sample
@@ -10,17 +14,27 @@ copy of a real one: counting it would weight that sample twice).
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from models.clustering import KMeansResult, distances_to_centroids
+from models import distributed
+from models.backbones import embed_views
+from models.buffers import RuntimeShapedBuffers
+from models.clustering import KMeansResult, distances_to_centroids, epoch_clustering_metrics, multi_kmeans
+from models.ema import ema_update_
 from models.errors import ModelError
-from models.types import PADDING_INDEX
+from models.heads import NormalizedEmbedding, ProjectionHead
+from models.method import Method, TrainContext
+from models.metrics import to_floats
+from models.types import PADDING_INDEX, Batch, LossOutput
 
 # ------------------------------------------------------------------------------------------ concentration
 
@@ -255,3 +269,314 @@ def pcl_loss(
         proto_nce=proto_nce.detach(),
         proto_nce_per_clustering=[term.detach() for term in per_clustering],
     )
+
+
+# ------------------------------------------------------------------------------------------- the method
+
+
+@dataclass
+class PCLConfig:
+    """PCL's settings; defaults are the paper's ImageNet recipe (MoCo v2 encoder, 200 epochs)."""
+
+    hidden_dim: int = 2048
+    """Width of the MoCo v2 projection MLP's hidden layer (no BatchNorm); 0 makes it one linear layer."""
+    feat_dim: int = 128
+    """Size of the L2-normalised embedding (queries, keys, queue, centroids)."""
+    head_batch_norm: bool = False
+    """BatchNorm after the projection MLP's hidden layer. MoCo v2 and PCL have none; it speeds up short
+    runs on small data (SimCLR's head has it)."""
+    queue_length: int = 16384
+    """r, keys of past batches used as InfoNCE negatives, over all ranks; rounded down to a multiple of
+    the global batch. Keep it well below the number of training samples (e.g. 1024 for the digits), or
+    the queue holds stale keys of the same images."""
+    temperature: float = 0.2
+    """τ of InfoNCE, and the mean of the concentrations φ."""
+    momentum: float = 0.999
+    """EMA momentum of the momentum (key) encoder per step. 0.999 suits ImageNet's ~5,000 steps per
+    epoch; lower it (0.99) for short runs on small data, where the key encoder would barely move."""
+    num_clusters: tuple[int, ...] = (25000, 50000, 100000)
+    """k of each clustering (ImageNet: about N/50, N/25, N/13). Scale with the data (e.g. 10, 20, 40 on the
+    digits); each k must not exceed the number of training samples."""
+    warmup_epochs: int = 20
+    """Epochs of InfoNCE only before the first clustering: early features are too poor to cluster."""
+    num_negatives: int = 16384
+    """Negative prototypes sampled per batch for ProtoNCE (capped by k minus the batch's positives)."""
+    alpha: float = 10.0
+    """Smoothing of the concentration, φ = mean distance / log(Z + α); larger α flattens φ over sizes."""
+    kmeans_iterations: int = 20
+    kmeans_redo: int = 5
+    """k-means restarts per clustering (the lowest objective is kept), as the original."""
+    kmeans_seed: int = 0
+    """Base seed; epoch e clusters with seed ``kmeans_seed + 1000 * e``."""
+    use_local_views: bool = False
+    """Also use the local crops as queries (each against the key of the second global crop)."""
+    shuffle_bn: bool = True
+    """Under DDP, shuffle the key encoder's batch across ranks (MoCo's shuffling BN), so that BatchNorm
+    statistics cannot leak which key belongs to which query."""
+    key_bn_splits: int = 1
+    """In one process: shuffle the key batch and embed it in this many chunks, each with its own BatchNorm
+    statistics (MoCo's shuffling BN emulated on one device). 1 = one chunk. Use 4–8 when a BatchNorm
+    backbone trains on one device: otherwise a query and its key share the batch's statistics, a
+    shortcut that the queue's keys (from other batches) lack."""
+
+    def __post_init__(self) -> None:
+        for key in (
+            "feat_dim",
+            "queue_length",
+            "num_negatives",
+            "kmeans_iterations",
+            "kmeans_redo",
+            "key_bn_splits",
+        ):
+            if getattr(self, key) < 1:
+                raise ModelError(f"pcl: {key} must be at least 1, got {getattr(self, key)}")
+        for key in ("hidden_dim", "warmup_epochs", "kmeans_seed"):
+            if getattr(self, key) < 0:
+                raise ModelError(f"pcl: {key} must be non-negative, got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise ModelError(f"pcl: temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ModelError(f"pcl: momentum must lie in [0, 1], got {self.momentum}")
+        if not self.num_clusters or min(self.num_clusters) < 1:
+            raise ModelError(f"pcl: num_clusters must list at least one k >= 1, got {self.num_clusters}")
+        if len(set(self.num_clusters)) != len(self.num_clusters):
+            raise ModelError(f"pcl: num_clusters must be distinct, got {self.num_clusters}")
+        if self.alpha <= -1.0:
+            raise ModelError(f"pcl: alpha must be > -1, got {self.alpha}")
+
+
+@torch.no_grad()
+def shuffled_key_forward(
+    encoder: nn.Module, images: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """``encoder(images)`` with MoCo's shuffling BN under DDP; a plain call in one process.
+
+    images (batch, 3, H, W) on every rank (equal batch sizes) → keys (batch, D) of the same samples in
+    the same order. The global batch is gathered, permuted by rank 0's random permutation, each rank
+    embeds its slice of the permuted batch (so its BatchNorm statistics mix samples of every rank), and the
+    keys are gathered back and un-permuted. ``generator`` (CPU) draws the permutation.
+    """
+    if not distributed.is_distributed():
+        return encoder(images)
+    world, rank = distributed.world_size(), distributed.rank()
+    gathered = distributed.all_gather_cat(images)
+    permutation = distributed.broadcast_(
+        torch.randperm(gathered.shape[0], generator=generator).to(images.device)
+    )
+    keys = encoder(gathered[permutation.view(world, -1)[rank]])
+    all_keys = distributed.all_gather_cat(keys)
+    # all_keys[p] belongs to sample permutation[p]: sample i's key sits at argsort(permutation)[i].
+    return all_keys[torch.argsort(permutation).view(world, -1)[rank]]
+
+
+@torch.no_grad()
+def split_shuffled_forward(
+    encoder: nn.Module, images: Tensor, splits: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """``encoder(images)`` on one device with shuffling BN emulated: the batch is permuted, embedded in
+    ``splits`` chunks (BatchNorm statistics per chunk), and the outputs are put back in the input order.
+    images (batch, 3, H, W) → (batch, D). With ``splits = 1`` a plain call."""
+    if splits <= 1 or images.shape[0] < 2:
+        return encoder(images)
+    permutation = torch.randperm(images.shape[0], generator=generator).to(images.device)
+    chunks = [encoder(chunk) for chunk in images[permutation].chunk(splits)]
+    keys = torch.empty_like(torch.cat(chunks))
+    keys[permutation] = torch.cat(chunks)
+    return keys
+
+
+class PCL(RuntimeShapedBuffers, Method):
+    """Query encoder (``backbone`` + ``projection``), momentum encoder ``key_encoder`` (its own copies,
+    no gradient, EMA of the query encoder), a queue of keys, and the clusterings of the last epoch.
+
+    Buffers that checkpoint with the module: ``queue`` (rows, feat_dim) newest first (sized by the global
+    batch at the first step), and per clustering j ``cluster_ids_{j}`` (N,), ``centroids_{j}`` (k_j,
+    feat_dim) unit rows and ``phi_{j}`` (k_j,); ``clustering_ready`` says whether they hold a clustering
+    (False during the warm-up); ``steps_done`` counts optimizer steps and seeds the step's random draws
+    (negative prototypes, the key shuffle), so that a resumed run draws what an uninterrupted one does. The feature extractor is the query encoder's backbone, the one the paper
+    evaluates (its linear probe loads ``encoder_q``).
+    """
+
+    name: ClassVar[str] = "pcl"
+    config_class: ClassVar[type[Any]] = PCLConfig
+
+    queue: Tensor
+    clustering_ready: Tensor
+    steps_done: Tensor
+
+    def __init__(self, backbone: nn.Module, cfg: PCLConfig | None = None) -> None:
+        super().__init__(backbone)
+        self.cfg = cfg = cfg or PCLConfig()
+        in_dim = int(backbone.num_features)
+        if cfg.hidden_dim:
+            self.projection = ProjectionHead(
+                in_dim, cfg.hidden_dim, cfg.feat_dim, num_layers=2, batch_norm=cfg.head_batch_norm
+            )
+        else:
+            self.projection = ProjectionHead(in_dim, in_dim, cfg.feat_dim, num_layers=1)
+        self.key_encoder = NormalizedEmbedding(copy.deepcopy(backbone), copy.deepcopy(self.projection))
+        self.key_encoder.requires_grad_(False)
+        self.register_buffer("queue", torch.zeros(0, cfg.feat_dim))
+        self.register_buffer("clustering_ready", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        for j, k in enumerate(cfg.num_clusters):
+            self.register_buffer(f"cluster_ids_{j}", torch.zeros(0, dtype=torch.long))
+            self.register_buffer(f"centroids_{j}", torch.zeros(k, cfg.feat_dim))
+            self.register_buffer(f"phi_{j}", torch.ones(k))
+
+    @property
+    def runtime_buffers(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("queue", *(f"cluster_ids_{j}" for j in range(len(self.cfg.num_clusters))))
+
+    def clusterings(self) -> list[ClusterPrototypes]:
+        """The current clusterings, one per k (empty during the warm-up)."""
+        if not bool(self.clustering_ready):
+            return []
+        return [
+            ClusterPrototypes(
+                getattr(self, f"cluster_ids_{j}"), getattr(self, f"centroids_{j}"), getattr(self, f"phi_{j}")
+            )
+            for j in range(len(self.cfg.num_clusters))
+        ]
+
+    # ------------------------------------------------------------------------------------------- hooks
+
+    def on_epoch_start(self, ctx: TrainContext) -> None:
+        """After the warm-up: extraction with the momentum encoder → k-means per k → φ → prototypes."""
+        cfg = self.cfg
+        if ctx.epoch < cfg.warmup_epochs:
+            return
+        bank = ctx.extract(self.key_encoder, name="momentum")
+        num_samples = bank.num_samples
+        ids = [torch.zeros(num_samples, dtype=torch.long, device=ctx.device) for _ in cfg.num_clusters]
+        centroids = [getattr(self, f"centroids_{j}") for j in range(len(cfg.num_clusters))]
+        phis = [getattr(self, f"phi_{j}") for j in range(len(cfg.num_clusters))]
+        if ctx.rank == 0:
+            # One rank clusters and broadcasts: the banks are identical, the k-means need not be.
+            results = multi_kmeans(
+                bank.features,
+                list(cfg.num_clusters),
+                niter=cfg.kmeans_iterations,
+                nredo=cfg.kmeans_redo,
+                seed=cfg.kmeans_seed + 1000 * ctx.epoch,
+            )
+            metrics: dict[str, float] = {}
+            for j, (k, result) in enumerate(zip(cfg.num_clusters, results, strict=True)):
+                prototypes = prototypes_from_kmeans(
+                    bank.features, result, alpha=cfg.alpha, temperature=cfg.temperature
+                )
+                ids[j].copy_(prototypes.cluster_ids)
+                centroids[j].copy_(prototypes.centroids)
+                phis[j].copy_(prototypes.phi)
+                previous = getattr(self, f"cluster_ids_{j}")
+                metrics.update(
+                    epoch_clustering_metrics(
+                        result.assignments,
+                        k,
+                        objective=result.objective,
+                        labels=bank.labels,
+                        previous=previous.cpu().numpy() if previous.numel() == num_samples else None,
+                        prefix=f"clustering/k{k}/",
+                    )
+                )
+                metrics[f"clustering/k{k}/phi_min"] = float(prototypes.phi.min())
+                metrics[f"clustering/k{k}/phi_max"] = float(prototypes.phi.max())
+            ctx.log_metrics(metrics)
+        for j in range(len(cfg.num_clusters)):
+            for tensor in (ids[j], centroids[j], phis[j]):
+                distributed.broadcast_(tensor)
+            setattr(self, f"cluster_ids_{j}", ids[j].to(centroids[j].device))
+        self.clustering_ready.fill_(True)
+
+    def on_step_end(self, ctx: TrainContext) -> None:
+        """Momentum encoder ← m · momentum encoder + (1 − m) · query encoder (BatchNorm statistics are its
+        own, from its forward passes, as in MoCo)."""
+        ema_update_(self.key_encoder.backbone, self.backbone, self.cfg.momentum, copy_buffers=False)
+        ema_update_(self.key_encoder.head, self.projection, self.cfg.momentum, copy_buffers=False)
+        self.steps_done += 1
+
+    # ----------------------------------------------------------------------------------------- forward
+
+    def query_views(self, batch: Batch) -> list[Tensor]:
+        """The first global crop, plus the local crops with ``use_local_views``; the key is view 1."""
+        return [batch.views[0], *(batch.local_views if self.cfg.use_local_views else [])]
+
+    def forward(self, batch: Batch) -> LossOutput:
+        cfg = self.cfg
+        if len(batch.views) < 2 or batch.num_global < 2:
+            raise ModelError(
+                f"pcl needs two global views (query and key), got {batch.num_global} of {len(batch.views)} views"
+            )
+        views = self.query_views(batch)
+        queries = F.normalize(self.projection(embed_views(self.backbone, views)), dim=1)
+        queries = queries.view(len(views), batch.size, -1)
+        generator = torch.Generator().manual_seed(cfg.kmeans_seed * 1_000_003 + int(self.steps_done))
+        with torch.no_grad():
+            if cfg.shuffle_bn and distributed.is_distributed():
+                keys = shuffled_key_forward(self.key_encoder, batch.views[1], generator)
+            else:
+                keys = split_shuffled_forward(self.key_encoder, batch.views[1], cfg.key_bn_splits, generator)
+        self._ensure_queue(batch.size)
+        clusterings = self.clusterings()
+        parts = [
+            pcl_loss(
+                query,
+                keys,
+                self.queue,
+                batch.index,
+                clusterings,
+                temperature=cfg.temperature,
+                num_negatives=cfg.num_negatives,
+                generator=generator,
+            )
+            for query in queries
+        ]
+        loss = torch.stack([part.loss for part in parts]).mean()
+        metrics = {
+            "info_nce": torch.stack([part.info_nce for part in parts]).mean(),
+            "proto_nce": torch.stack([part.proto_nce for part in parts]).mean(),
+        }
+        if self.training:
+            self._enqueue(keys[batch.valid], batch.valid)
+        return LossOutput(loss=loss, metrics=to_floats(metrics))
+
+    # ------------------------------------------------------------------------------------------- queue
+
+    def queue_rows(self, local_batch: int) -> int:
+        """``queue_length`` rounded down to a multiple of the global batch; ModelError if that is 0."""
+        global_batch = local_batch * distributed.world_size()
+        rows = self.cfg.queue_length - self.cfg.queue_length % global_batch
+        if rows == 0:
+            raise ModelError(
+                f"pcl queue_length {self.cfg.queue_length} is shorter than the global batch {global_batch}; "
+                "raise it to a multiple of the batch"
+            )
+        return rows
+
+    def _ensure_queue(self, local_batch: int) -> None:
+        """Allocate the queue if missing or sized for another batch: random unit vectors (as MoCo), from a
+        fixed seed so that every rank starts with the same queue."""
+        rows = self.queue_rows(local_batch)
+        if self.queue.shape[0] == rows:
+            return
+        if self.queue.shape[0]:
+            warnings.warn(
+                f"pcl queue resized from {self.queue.shape[0]} to {rows} rows (batch or world size changed)",
+                stacklevel=3,
+            )
+        generator = torch.Generator().manual_seed(0)
+        fresh = F.normalize(torch.randn(rows, self.cfg.feat_dim, generator=generator), dim=1)
+        self.queue = fresh.to(self.queue.device, self.queue.dtype)
+
+    @torch.no_grad()
+    def _enqueue(self, keys: Tensor, valid: Tensor) -> None:
+        """FIFO, newest first: the keys of every rank's real samples go to the front, the oldest rows drop
+        off the end. keys (real, D) of this rank; valid (batch,) this rank's real-sample mask."""
+        # Ranks may hold different numbers of real samples: gather fixed-size padded blocks and a mask.
+        padded = keys.new_zeros(valid.shape[0], keys.shape[1])
+        padded[: keys.shape[0]] = keys
+        count = torch.arange(valid.shape[0], device=valid.device) < keys.shape[0]
+        gathered = distributed.all_gather_cat(padded)[distributed.all_gather_cat(count.to(keys.device))]
+        rows = self.queue.shape[0]
+        # A new tensor, not an in-place copy: this step's logits saved the old queue for backward.
+        self.queue = torch.cat([gathered.to(self.queue.dtype), self.queue])[:rows]

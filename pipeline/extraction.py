@@ -5,7 +5,8 @@ Rows are placed by the sample index carried in each Batch, never by loader posit
 same for any loader layout. Padding (index −1) is dropped; writing a row twice or leaving one out is an
 error, checked at the end. On disk the pass is resumable: the bank's written-bitmap is flushed every
 ``flush_every`` batches, and a re-run skips the rows already there (as per-sample repeats of 0, so they
-are not even decoded).
+are not even decoded). Under DDP rank 0's bank on disk decides what is left and hands the rows already
+written to the other ranks, so that every rank reads the same remaining samples.
 """
 
 from __future__ import annotations
@@ -17,18 +18,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from models.distributed import all_gather_cat
+from models.types import Batch
 from pipeline.data import DataSource, dataset_size
 from pipeline.distributed import DistributedEnv
 from pipeline.errors import PipelineError
 from pipeline.loader import build_loader
 from pipeline.memory_bank import MemoryBank
+from pipeline.shardset import resolve_shards
 from pipeline.spec import MultiCropSpec
 
 log = logging.getLogger(__name__)
+
+ROWS_PER_BROADCAST = 65536
+"""Rows of a resumed bank sent from rank 0 to the other ranks at once (bounds the temporary memory)."""
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -37,7 +44,7 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return contextlib.nullcontext()
 
 
-def _resumable_bank(out_dir: Path | None, num_samples: int, source: dict[str, Any]) -> MemoryBank | None:
+def resumable_bank(out_dir: Path | None, num_samples: int, source: dict[str, Any]) -> MemoryBank | None:
     """An unfinished bank of the same data and producer in ``out_dir``, to continue; else None."""
     if out_dir is None or not (out_dir / "bank.json").exists():
         return None
@@ -74,21 +81,29 @@ def extract_features(
     progress: bool = True,
     precision: str = "fp32",
     max_batches: int | None = None,
+    shuffle: bool = True,
 ) -> MemoryBank:
     """Run ``module`` ((batch, 3, H, W) → (batch, D)) over every sample of ``data`` once.
 
     Returns the complete (N, D) bank — on disk under ``out_dir`` (``features.npy`` etc.) when given,
     else in memory. Under DDP every rank embeds its share, rows are all-gathered, every rank returns the
-    complete bank and rank 0 writes it to disk. ``max_batches`` stops early (to test resumption) and
-    returns the unfinished bank.
+    complete bank and rank 0 writes it to disk. A bank left unfinished in ``out_dir`` by the same producer
+    (same ``source``) is continued: only its missing rows are read. ``max_batches`` stops early (to test
+    resumption) and returns the unfinished bank. ``shuffle=False`` reads the shards in stored order; the
+    bank is the same either way.
     """
     env = env or DistributedEnv()
     device = torch.device(device)
     out_path = Path(out_dir) if out_dir is not None and env.is_main else None
     num_samples = dataset_size(data)
     source = dict(source or {})
-    bank = _resumable_bank(out_path, num_samples, source)
-    repeats = None if bank is None else (~bank.written).astype(np.int64)
+    bank = resumable_bank(out_path, num_samples, source)
+    bank, already_written = _share_resumed_rows(bank, num_samples, dtype, env, device)
+    if bank is not None:
+        bank.rows_resumed = int(already_written.sum())
+    if bank is not None and already_written.all():
+        bank.finalize()
+        return bank
     loader = build_loader(
         data,
         spec,
@@ -100,16 +115,15 @@ def extract_features(
         seed=0,
         epoch=0,
         device=device,
-        repeats=repeats,
+        repeats=None if bank is None else (~already_written).astype(np.int64),
+        shuffle=shuffle,
     )
     was_training = module.training
     module.eval()
     try:
         batches = tqdm(loader, desc="extract", unit="batch", disable=not progress, leave=False)
         for number, batch in enumerate(batches):
-            views = batch.views[0].to(device, non_blocking=True)
-            with _autocast(device, precision):
-                features = module(views).float()
+            features = embed_batch(module, batch, device, precision)
             index = batch.index.to(device)
             labels = (batch.labels if batch.labels is not None else torch.full_like(batch.index, -1)).to(
                 device
@@ -133,11 +147,65 @@ def extract_features(
     return bank
 
 
+def embed_batch(module: nn.Module, batch: Batch, device: torch.device, precision: str = "fp32") -> Tensor:
+    """(batch, D) float32 features of the batch's first view (the eval view), computed on ``device``."""
+    views = batch.views[0].to(device, non_blocking=True)
+    with _autocast(device, precision):
+        return module(views).float()
+
+
+def _share_resumed_rows(
+    bank: MemoryBank | None, num_samples: int, dtype: str, env: DistributedEnv, device: torch.device
+) -> tuple[MemoryBank | None, np.ndarray]:
+    """Make every rank agree on a resumed bank: which rows are already written (rank 0's bank on disk
+    decides) and, on the other ranks, an in-memory bank holding those rows, so that every rank reads the
+    same remaining samples and ends with the complete bank. Returns (bank or None, written (N,) bool)."""
+    written = bank.written.copy() if bank is not None else np.zeros(num_samples, dtype=bool)
+    if not env.is_distributed:
+        return bank, written
+    header = torch.tensor([bank.meta.dim if bank is not None else 0], dtype=torch.long, device=device)
+    dist.broadcast(header, src=0)
+    dim = int(header[0])
+    if dim == 0:
+        return None, written
+    mask = torch.from_numpy(written.astype(np.uint8)).to(device)  # gloo has no bool collectives
+    dist.broadcast(mask, src=0)
+    written = mask.cpu().numpy().astype(bool)
+    if not env.is_main:
+        bank = MemoryBank.create(num_samples, dim, directory=None, dtype=dtype)
+    assert bank is not None
+    rows = np.flatnonzero(written)
+    for start in range(0, rows.size, ROWS_PER_BROADCAST):
+        chunk = rows[start : start + ROWS_PER_BROADCAST]
+        features = torch.zeros(chunk.size, dim, dtype=torch.float32, device=device)
+        labels = torch.zeros(chunk.size, dtype=torch.long, device=device)
+        if env.is_main:
+            features.copy_(torch.from_numpy(np.asarray(bank.features[chunk], dtype=np.float32)))
+            labels.copy_(torch.from_numpy(bank.labels[chunk]))
+        dist.broadcast(features, src=0)
+        dist.broadcast(labels, src=0)
+        if not env.is_main:
+            bank.write(chunk, features.cpu().numpy(), labels.cpu().numpy())
+    return bank, written
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def extract_checkpoint(
     checkpoint: str | Path,
     data: DataSource,
     out_dir: str | Path,
     *,
+    split: str = "train",
     batch_size: int = 256,
     dtype: str = "float32",
     backend: str = "auto",
@@ -147,28 +215,51 @@ def extract_checkpoint(
 ) -> MemoryBank:
     """The bank of a run's feature extractor over ``data`` (eval view of the run's augment section).
 
-    The bank's metadata names the checkpoint and the shard set (directory and manifest hash), which is
-    what ``cluster_bank`` reads sample images back from. Re-running after an interruption continues.
+    checkpoint: a checkpoint.pt, a backbone.pt or a run directory holding either.
+    data:       a shard set in any of the loader's forms, or ``digits`` (then ``split`` says which).
+    The bank's metadata names the checkpoint (path and sha256) and the shard set (directory, manifest
+    hash and path), which is what ``cluster_bank`` reads sample images back from, and the view.
+    Re-running after an interruption continues the bank (``bank.rows_resumed`` says how many rows were
+    already there). Under torchrun every rank embeds its share and rank 0 writes.
     """
-    from pipeline.checkpoint import load_feature_extractor
-    from pipeline.distributed import resolve_device
-    from pipeline.shardset import resolve_shards
+    from pipeline.checkpoint import BACKBONE_NAME, LAST_NAME, load_feature_extractor
+    from pipeline.data import resolve_data
+    from pipeline.distributed import init_distributed, resolve_device
 
-    module, config = load_feature_extractor(checkpoint)
+    if split not in ("train", "val"):
+        raise PipelineError(f"split must be train or val, got {split!r}")
+    checkpoint_path = Path(checkpoint)
+    if checkpoint_path.is_dir():
+        has_checkpoint = (checkpoint_path / LAST_NAME).exists()
+        checkpoint_path = checkpoint_path / (LAST_NAME if has_checkpoint else BACKBONE_NAME)
+    module, config = load_feature_extractor(checkpoint_path)
     env = DistributedEnv.from_environment()
     torch_device = resolve_device(device, env)
-    shardset = resolve_shards(data)
+    init_distributed(env, torch_device)
+    if isinstance(data, (str, Path)):
+        shardset = resolve_data(
+            data,
+            split=split,  # type: ignore[arg-type]
+            cache_dir=config.data.cache_dir,
+            image_size=config.data.digits_image_size,
+        ).source
+    else:
+        shardset = resolve_shards(data)
+    root = shardset.root
+    spec = config.augment.eval_spec()
     source = {
-        "checkpoint": str(Path(checkpoint).resolve()),
+        "checkpoint": str(checkpoint_path.resolve()),
+        "checkpoint_sha256": file_sha256(checkpoint_path),
         "backbone": config.model.backbone,
-        "data": str(shardset.root) if shardset.root is not None else None,
+        "data": str(root) if root is not None else None,
         "manifest_hash": shardset.manifest.content_hash(),
-        "view": config.augment.eval_spec().describe(),
+        "manifest_path": str(root / "manifest.json") if root is not None else None,
+        "view": spec.describe(),
     }
     return extract_features(
         module.to(torch_device),
         shardset,
-        spec=config.augment.eval_spec(),
+        spec=spec,
         batch_size=batch_size,
         backend=backend,
         num_workers=num_workers,
@@ -177,5 +268,5 @@ def extract_checkpoint(
         out_dir=out_dir,
         dtype=dtype,
         source=source,
-        progress=progress,
+        progress=progress and env.is_main,
     )

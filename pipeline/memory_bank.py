@@ -68,6 +68,8 @@ class MemoryBank:
         self.labels = labels
         self.written = written
         self.directory = directory
+        self.rows_resumed = 0
+        """Rows already written when the extraction pass that returned this bank began (a continued bank)."""
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -107,6 +109,11 @@ class MemoryBank:
             raise PipelineError(f"no memory bank at {directory}: {meta_path.name} is missing")
         try:
             meta = BankMeta(**json.loads(meta_path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as error:
+            raise PipelineError(f"cannot read the memory bank at {directory}: {error}") from None
+        if meta.num_samples == 0 or meta.dim == 0:
+            raise PipelineError(f"the memory bank at {directory} is empty ({meta.num_samples} × {meta.dim})")
+        try:
             features = np.load(directory / FEATURES_FILE, mmap_mode="r+" if writable else "r")
             labels = np.load(directory / LABELS_FILE)
             written = np.load(directory / WRITTEN_FILE)

@@ -337,7 +337,12 @@ class Trainer:
             device=self.device,
             env=self.env,
             out_dir=self.output_dir / f"bank-{name}",
-            source={"module": name, "epoch": self.position.epoch, "manifest": self.data.manifest_hash},
+            source={
+                "module": name,
+                "epoch": self.position.epoch,
+                "manifest": self.data.manifest_hash,
+                "manifest_path": self.data.manifest_path,
+            },
             progress=self.progress and self.env.is_main,
             precision=self.precision,
         )

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import normalized_mutual_info_score
-from torch import nn
+from torch import Tensor, nn
 
 from models.clustering import kmeans, pca_whiten
 from models.deepcluster import (
     IGNORE_LABEL,
+    DeepCluster,
+    DeepClusterConfig,
     clustering_nmi,
     deepcluster_v1_clustering,
     pseudo_labels_by_index,
@@ -20,6 +24,9 @@ from models.deepcluster import (
     uniform_cluster_repeats,
 )
 from models.errors import ModelError
+from models.types import Batch
+from pipeline.trainer import RunContext
+from tests.fakes import FakeContext, TinyBackbone, optimizer_step, random_batch
 
 
 def shuffled_assignments(sizes: list[int], seed: int) -> np.ndarray:
@@ -130,3 +137,146 @@ def test_deepcluster_v1_clustering_is_whitening_then_kmeans() -> None:
     np.testing.assert_array_equal(result.assignments, kmeans(whitened, 5, seed=3).assignments)
     assert whitening.dim == 16 and result.centroids.shape == (5, 16)
     assert normalized_mutual_info_score(labels, result.assignments) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------- the method
+
+
+def _clustered_method(num_samples: int = 48, k: int = 6, seed: int = 0) -> tuple[DeepCluster, FakeContext]:
+    """A DeepCluster on TinyBackbone after one clustering of ``num_samples`` random 8-px images."""
+    torch.manual_seed(seed)
+    method = DeepCluster(TinyBackbone(num_features=8), DeepClusterConfig(num_clusters=k, pca_dim=4))
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(num_samples, 3, 8, 8, generator=generator)
+    labels = torch.arange(num_samples) % 3
+    ctx = FakeContext(epoch=0, num_samples=num_samples, images=images, labels=labels)
+    method.on_epoch_start(ctx)
+    return method, ctx
+
+
+def _views_of(images: Tensor, index: Tensor) -> Batch:
+    """A one-view batch whose view rows are the images of ``index`` (padding rows copy image 0)."""
+    rows = torch.where(index >= 0, index, torch.zeros_like(index))
+    return Batch(views=[images[rows]], labels=None, index=index, num_global=1)
+
+
+def test_clustering_is_the_v1_pipeline_on_the_bank_by_index() -> None:
+    method, ctx = _clustered_method()
+    assert ctx.extracted == ["backbone"]
+    with torch.no_grad():
+        features = method.backbone(ctx.images).numpy()
+    expected, _ = deepcluster_v1_clustering(features, 6, pca_dim=4, seed=0)  # kmeans_seed 0 + epoch 0
+    np.testing.assert_array_equal(method.pseudo_labels.numpy(), expected.assignments)
+    logged = ctx.logged[-1]
+    assert logged["clustering/k"] == 6 and logged["clustering/empty_clusters"] == 0
+    assert logged["clustering/objective"] == pytest.approx(expected.objective)
+    assert logged["clustering/nmi"] == pytest.approx(
+        normalized_mutual_info_score(ctx.labels.numpy(), expected.assignments)
+    )
+    assert "clustering/stability_nmi" not in logged  # nothing to compare with yet
+
+    ctx.epoch = 1
+    method.on_epoch_start(ctx)
+    second, _ = deepcluster_v1_clustering(features, 6, pca_dim=4, seed=1)  # a fresh seed each epoch
+    np.testing.assert_array_equal(method.pseudo_labels.numpy(), second.assignments)
+    assert ctx.logged[-1]["clustering/stability_nmi"] == pytest.approx(
+        clustering_nmi(expected.assignments, second.assignments)
+    )
+    assert int(method.clusterings_done) == 2
+
+
+def test_repeats_handed_to_the_context_sum_to_n_and_balance_the_clusters() -> None:
+    method, ctx = _clustered_method(num_samples=50, k=6)
+    repeats = ctx.sample_repeats[-1]
+    assert repeats is not None and repeats.shape == (50,) and repeats.sum() == 50
+    per_cluster = np.bincount(method.pseudo_labels.numpy(), weights=repeats, minlength=6)
+    assert sorted(per_cluster.tolist()) == [8, 8, 8, 8, 9, 9]  # 50 = 6 × 8 + 2
+
+    method.cfg.uniform_sampling = False
+    method.on_epoch_start(ctx)
+    assert ctx.sample_repeats[-1] is None
+
+
+def test_per_sample_losses_follow_the_sample_index_under_shuffling() -> None:
+    method, ctx = _clustered_method()
+    assert ctx.images is not None
+    sequential = torch.arange(16)
+    permutation = torch.randperm(16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        losses, targets, logits = method.per_sample_losses(_views_of(ctx.images, sequential))
+        shuffled, shuffled_targets, _ = method.per_sample_losses(
+            _views_of(ctx.images, sequential[permutation])
+        )
+    torch.testing.assert_close(shuffled, losses[:, permutation])
+    torch.testing.assert_close(shuffled_targets, targets[permutation])
+    # Each loss is the cross-entropy of the sample's logits against the cluster of its own index.
+    for position in range(16):
+        expected = F.cross_entropy(
+            logits[0, position : position + 1], method.pseudo_labels[position : position + 1]
+        )
+        assert float(losses[0, position]) == pytest.approx(float(expected), rel=1e-6)
+    # Padding rows count for nothing, and the loss is the mean over the real rows.
+    padded = torch.tensor([4, -1, 9, -1])
+    with torch.no_grad():
+        padded_losses, padded_targets, _ = method.per_sample_losses(_views_of(ctx.images, padded))
+        loss = method(_views_of(ctx.images, padded)).loss
+    assert padded_targets.tolist() == [
+        int(method.pseudo_labels[4]),
+        IGNORE_LABEL,
+        int(method.pseudo_labels[9]),
+        IGNORE_LABEL,
+    ]
+    assert float(padded_losses[0, 1]) == 0.0 and float(padded_losses[0, 3]) == 0.0
+    torch.testing.assert_close(loss, (losses[0, 4] + losses[0, 9]) / 2)
+
+
+def test_classifier_is_reinitialised_and_its_optimizer_state_dropped_every_clustering() -> None:
+    method, ctx = _clustered_method()
+    assert ctx.images is not None
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.5, momentum=0.9)
+    run_ctx = RunContext(
+        epoch=0, epochs=3, step=0, steps_per_epoch=1, rank=0, world_size=1, device=torch.device("cpu"),
+        num_samples=48, trainer=SimpleNamespace(optimizer=optimizer, extract=ctx.extract, log_metrics=lambda *a, **k: None),
+    )  # fmt: skip
+    for epoch in range(2):
+        batch = _views_of(ctx.images, torch.arange(48))
+        optimizer_step(method, batch, optimizer, ctx)
+        trained = method.classifier.weight.detach().clone()
+        assert float(method.classifier.bias.detach().abs().max()) > 0  # the step moved the classifier
+        assert (
+            method.classifier.weight in optimizer.state and method.backbone.linear.weight in optimizer.state
+        )
+
+        run_ctx.epoch = epoch + 1
+        method.on_epoch_start(run_ctx)
+        assert torch.equal(method.classifier.bias, torch.zeros(6))
+        assert not torch.allclose(method.classifier.weight, trained)
+        assert float(method.classifier.weight.std()) == pytest.approx(0.01, rel=0.35)  # 48 weights only
+        # The classifier's momentum is gone; the backbone keeps its own.
+        assert (
+            method.classifier.weight not in optimizer.state and method.classifier.bias not in optimizer.state
+        )
+        assert method.backbone.linear.weight in optimizer.state
+
+
+def test_forward_before_any_clustering_is_a_clear_error() -> None:
+    method = DeepCluster(TinyBackbone(), DeepClusterConfig(num_clusters=3))
+    with pytest.raises(ModelError, match="no clustering yet"):
+        method(random_batch(4, sizes=(8,), num_global=1))
+
+
+def test_k_larger_than_the_data_is_a_clear_error() -> None:
+    method = DeepCluster(TinyBackbone(), DeepClusterConfig(num_clusters=100, pca_dim=4))
+    ctx = FakeContext(num_samples=20, images=torch.randn(20, 3, 8, 8))
+    with pytest.raises(ModelError, match="k=100 is larger than the number of samples"):
+        method.on_epoch_start(ctx)
+
+
+def test_pseudo_labels_come_back_from_a_checkpoint_without_reclustering() -> None:
+    method, ctx = _clustered_method()
+    assert ctx.images is not None
+    fresh = DeepCluster(TinyBackbone(num_features=8), DeepClusterConfig(num_clusters=6, pca_dim=4))
+    fresh.load_state_dict(method.state_dict())
+    torch.testing.assert_close(fresh.pseudo_labels, method.pseudo_labels)
+    batch = _views_of(ctx.images, torch.arange(10))
+    torch.testing.assert_close(fresh(batch).loss, method(batch).loss)

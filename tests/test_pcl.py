@@ -9,17 +9,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.clustering import KMeansResult, distances_to_centroids
+from models.clustering import KMeansResult, distances_to_centroids, multi_kmeans
 from models.errors import ModelError
 from models.pcl import (
+    PCL,
     ClusterPrototypes,
+    PCLConfig,
     concentration,
     info_nce_logits,
     pcl_loss,
     proto_nce_logits,
     prototypes_from_kmeans,
     select_prototype_columns,
+    split_shuffled_forward,
 )
+from models.types import Batch
+from tests.fakes import FakeContext, TinyBackbone, optimizer_step
 
 # ------------------------------------------------------------------------------------- concentration
 
@@ -239,3 +244,177 @@ def test_padded_rows_do_not_count_in_proto_nce() -> None:
     # A batch of padding only: no ProtoNCE term (and no NaN).
     only_padding = pcl_loss(q, q, queue, torch.full_like(index, -1), clustering)
     assert float(only_padding.proto_nce) == 0.0 and torch.isfinite(only_padding.loss)
+
+
+# ------------------------------------------------------------------------------------------- the method
+
+NUM_SAMPLES = 30
+
+
+def _pcl(warmup_epochs: int = 1, num_negatives: int = 100, seed: int = 0) -> tuple[PCL, FakeContext]:
+    torch.manual_seed(seed)
+    cfg = PCLConfig(
+        hidden_dim=16,
+        feat_dim=4,
+        queue_length=20,
+        momentum=0.9,
+        num_clusters=(3, 5),
+        warmup_epochs=warmup_epochs,
+        num_negatives=num_negatives,
+        kmeans_redo=2,
+        temperature=0.2,
+    )
+    images = torch.randn(NUM_SAMPLES, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    ctx = FakeContext(num_samples=NUM_SAMPLES, images=images, labels=torch.arange(NUM_SAMPLES) % 3)
+    return PCL(TinyBackbone(num_features=8), cfg), ctx
+
+
+def _two_views(images: torch.Tensor, index: torch.Tensor, seed: int = 1) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
+    base = images[torch.where(index >= 0, index, torch.zeros_like(index))]
+    views = [base + 0.1 * torch.randn(base.shape, generator=generator) for _ in range(2)]
+    return Batch(views=views, labels=None, index=index, num_global=2)
+
+
+def test_proto_nce_only_after_the_warmup() -> None:
+    method, ctx = _pcl(warmup_epochs=1)
+    assert ctx.images is not None
+    batch = _two_views(ctx.images, torch.arange(6))
+    method.on_epoch_start(ctx)  # epoch 0 < warm-up: no extraction, no clustering
+    assert ctx.extracted == [] and method.clusterings() == [] and ctx.logged == []
+    out = method(batch)
+    assert out.metrics["proto_nce"] == 0.0
+    assert out.loss.item() == pytest.approx(out.metrics["info_nce"], rel=1e-6)
+
+    ctx.epoch = 1
+    method.on_epoch_start(ctx)
+    assert ctx.extracted == ["momentum"] and len(method.clusterings()) == 2
+    out = method(batch)
+    assert out.metrics["proto_nce"] > 0.0
+    assert out.loss.item() == pytest.approx(out.metrics["info_nce"] + out.metrics["proto_nce"], rel=1e-5)
+    assert {"clustering/k3/nmi", "clustering/k5/nmi", "clustering/k5/phi_max"} <= ctx.logged[-1].keys()
+
+
+def test_clusterings_are_kmeans_of_the_momentum_features_with_concentration() -> None:
+    method, ctx = _pcl(warmup_epochs=0)
+    ctx.epoch = 2
+    method.on_epoch_start(ctx)
+    with torch.no_grad():
+        features = method.key_encoder.eval()(ctx.images).numpy()
+    results = multi_kmeans(features, [3, 5], niter=20, nredo=2, seed=2000)
+    for clustering, result in zip(method.clusterings(), results, strict=True):
+        expected = prototypes_from_kmeans(features, result, alpha=10.0, temperature=0.2)
+        torch.testing.assert_close(clustering.cluster_ids, expected.cluster_ids)
+        torch.testing.assert_close(clustering.centroids, expected.centroids)
+        torch.testing.assert_close(clustering.phi, expected.phi)
+        assert clustering.phi.mean().item() == pytest.approx(0.2, rel=1e-5)
+
+
+def test_loss_equals_info_nce_plus_mean_proto_nce_by_hand() -> None:
+    """Every other prototype is a negative (num_negatives ≥ k), so the logits are fixed: replay them."""
+    method, ctx = _pcl(warmup_epochs=0, num_negatives=100)
+    assert ctx.images is not None
+    method.on_epoch_start(ctx)
+    index = torch.tensor([3, 11, -1, 25])
+    batch = _two_views(ctx.images, index)
+    method.eval()  # no queue update: the queue the loss saw is still there to replay with
+    loss = method(batch).loss.detach()
+    with torch.no_grad():
+        q = F.normalize(method.projection(method.backbone(batch.views[0])), dim=1)
+        k = method.key_encoder(batch.views[1])
+    tau = 0.2
+    info = []
+    for row in range(4):  # InfoNCE over every row (padding included, as MoCo)
+        logits = [float(q[row] @ k[row]) / tau] + [float(q[row] @ key) / tau for key in method.queue]
+        info.append(math.log(sum(math.exp(x) for x in logits)) - logits[0])
+    protos = []
+    for clustering in method.clusterings():
+        terms = []
+        for row, sample in enumerate(index.tolist()):
+            if sample < 0:
+                continue
+            logits = [
+                float(q[row] @ c) / float(phi)
+                for c, phi in zip(clustering.centroids, clustering.phi, strict=True)
+            ]
+            own = int(clustering.cluster_ids[sample])
+            terms.append(math.log(sum(math.exp(x) for x in logits)) - logits[own])
+        protos.append(sum(terms) / len(terms))
+    assert float(loss) == pytest.approx(sum(info) / 4 + sum(protos) / len(protos), rel=1e-5)
+
+
+def test_queue_is_fifo_of_the_real_keys() -> None:
+    method, ctx = _pcl()
+    assert ctx.images is not None
+    method.train()
+    index = torch.tensor([0, 1, -1, 3, 4])
+    captured: list[torch.Tensor] = []
+    handle = method.key_encoder.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+    method(_two_views(ctx.images, index))
+    first_keys = captured[-1]
+    queue = method.queue.clone()
+    assert queue.shape == (20, 4)  # 20 is a multiple of the batch of 5
+    torch.testing.assert_close(queue[:4], first_keys[[0, 1, 3, 4]])
+    method(_two_views(ctx.images, torch.tensor([5, 6, 7, 8, 9]), seed=2))
+    handle.remove()
+    torch.testing.assert_close(method.queue[:5], captured[-1])
+    torch.testing.assert_close(method.queue[5:], queue[:15])  # the oldest 5 rows dropped off the end
+    # Queue rows start as unit vectors, like every key.
+    np.testing.assert_allclose(method.queue.norm(dim=1).numpy(), 1.0, rtol=1e-5)
+
+
+def test_momentum_encoder_follows_the_ema_formula_and_gets_no_gradient() -> None:
+    method, ctx = _pcl()
+    assert ctx.images is not None
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
+    keys_before = [p.detach().clone() for p in method.key_encoder.parameters()]
+    optimizer_step(method, _two_views(ctx.images, torch.arange(5)), optimizer, ctx)
+    query = list(method.backbone.parameters()) + list(method.projection.parameters())
+    for key, old, current in zip(method.key_encoder.parameters(), keys_before, query, strict=True):
+        assert key.grad is None and not key.requires_grad
+        torch.testing.assert_close(key, 0.9 * old + 0.1 * current.detach())
+    assert not torch.equal(keys_before[0], next(method.key_encoder.parameters()))
+
+
+def test_state_comes_back_from_a_checkpoint_and_features_are_the_query_backbone() -> None:
+    method, ctx = _pcl(warmup_epochs=0)
+    assert ctx.images is not None
+    method.on_epoch_start(ctx)
+    method(_two_views(ctx.images, torch.arange(5)))
+    fresh, _ = _pcl(warmup_epochs=0, seed=1)
+    fresh.load_state_dict(method.state_dict())
+    assert torch.equal(fresh.queue, method.queue) and bool(fresh.clustering_ready)
+    for mine, theirs in zip(fresh.clusterings(), method.clusterings(), strict=True):
+        for a, b in zip(mine, theirs, strict=True):
+            assert torch.equal(a, b)
+    assert method.feature_extractor() is method.backbone
+
+
+def test_queue_shorter_than_the_batch_is_a_clear_error() -> None:
+    method, ctx = _pcl()
+    assert ctx.images is not None
+    method.cfg.queue_length = 4
+    with pytest.raises(ModelError, match="queue_length 4 is shorter than the global batch 5"):
+        method(_two_views(ctx.images, torch.arange(5)))
+
+
+def test_split_shuffled_key_forward_gives_each_sample_its_own_key() -> None:
+    """Eval mode: a per-sample function, so the shuffled chunked forward equals the plain one. Train mode
+    with BatchNorm: each key is normalised with the statistics of the chunk its sample was shuffled into."""
+    images = torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(TinyBackbone(num_features=6), torch.nn.BatchNorm1d(6, affine=False))
+    encoder.eval()
+    torch.testing.assert_close(
+        split_shuffled_forward(encoder, images, 4, torch.Generator().manual_seed(1)), encoder(images)
+    )
+    encoder.train()
+    keys = split_shuffled_forward(encoder, images, 3, torch.Generator().manual_seed(1))
+    permutation = torch.randperm(12, generator=torch.Generator().manual_seed(1))
+    features = encoder[0](images)
+    for chunk in permutation.chunk(3):
+        part = features[chunk]
+        expected = (part - part.mean(0)) / torch.sqrt(part.var(0, unbiased=False) + 1e-5)
+        torch.testing.assert_close(keys[chunk], expected, rtol=1e-4, atol=1e-5)
+    # One chunk is the plain call (batch statistics of the whole batch).
+    torch.testing.assert_close(split_shuffled_forward(encoder, images, 1), encoder(images))

@@ -16,13 +16,8 @@ from click.testing import CliRunner
 
 from pipeline.train_config import build_train_config
 from pipeline.trainer import train
-from tests.trainer_helpers import digits_dir, step_losses, tiny_config, write_config
+from tests.trainer_helpers import step_losses, tiny_config, write_config
 from tools.cli import cli
-
-
-@pytest.fixture(scope="session")
-def digits16(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return digits_dir(tmp_path_factory.mktemp("cache"))
 
 
 def test_mlflow_run_holds_params_metrics_tags_and_artifacts(digits16: Path, tmp_path: Path) -> None:
@@ -79,6 +74,13 @@ def config_manifest_hash(root: Path) -> str:
     return load_manifest(root / "train").content_hash()
 
 
+def _steps_logged(metrics: Path) -> int:
+    """Per-step records in a run's metrics.jsonl so far (clustering and window records are not steps)."""
+    if not metrics.exists():
+        return 0
+    return sum('"epoch"' in line for line in metrics.read_text().splitlines())
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "tools.cli", *args],
@@ -90,7 +92,16 @@ def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
     )
 
 
-@pytest.mark.parametrize("method", ["swav", "dino"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "swav",
+        "dino",
+        # The clustering methods' tables (pseudo-labels, memory, prototypes, queue) come back from the
+        # checkpoint: a mid-epoch resume re-clusters nothing. Slow: an extraction pass per epoch.
+        *(pytest.param(name, marks=pytest.mark.slow) for name in ("deepcluster", "deepcluster_v2", "pcl")),
+    ],
+)
 def test_interrupted_and_resumed_run_reproduces_the_losses(
     digits16: Path, tmp_path: Path, method: str
 ) -> None:
@@ -108,7 +119,7 @@ def test_interrupted_and_resumed_run_reproduces_the_losses(
     process = _cli("train", str(config), cwd=tmp_path)
     metrics = tmp_path / "resumed" / "metrics.jsonl"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
+    while time.monotonic() < deadline and _steps_logged(metrics) < 4:
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)

@@ -32,6 +32,24 @@ def tiny_config(root: Path, out: Path, method: str = "swav", **sections: dict[st
             "bottleneck_dim": 16,
             "warmup_teacher_temp_epochs": 2,
         },
+        "deepcluster": {"name": "deepcluster", "num_clusters": 20, "pca_dim": 16},
+        "deepcluster_v2": {
+            "name": "deepcluster_v2",
+            "hidden_dim": 32,
+            "feat_dim": 16,
+            "num_prototypes": [10, 20],
+        },
+        "pcl": {
+            "name": "pcl",
+            "hidden_dim": 32,
+            "feat_dim": 16,
+            "queue_length": 512,
+            "momentum": 0.9,
+            "num_clusters": [10, 20],
+            "warmup_epochs": 1,
+            "num_negatives": 8,
+            "kmeans_redo": 1,
+        },
     }
     config: dict[str, Any] = {
         "data": {

@@ -184,4 +184,12 @@ def _register_kmeans() -> None:
     bench.add_command(kmeans_command, "kmeans")
 
 
+def _register_extract() -> None:
+    """`bench extract` is defined beside its benchmark code (tools/bench_extract.py)."""
+    from tools.bench_extract import extract_command
+
+    bench.add_command(extract_command, "extract")
+
+
 _register_kmeans()
+_register_extract()

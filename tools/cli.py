@@ -65,17 +65,28 @@ def cli() -> None:
 
 def _register_commands() -> None:
     """Attach the stage commands (kept in their own modules to keep this file about plumbing)."""
-    from tools import bench_cmd, demo_cmd, eval_cmd, run_cmd, shards_cmd, train_cmd
+    from tools import (
+        bench_cmd,
+        cluster_cmd,
+        demo_cmd,
+        eval_cmd,
+        extract_cmd,
+        run_cmd,
+        shards_cmd,
+        train_cmd,
+    )
 
     cli.add_command(shards_cmd.shards)
     cli.add_command(train_cmd.train)
+    cli.add_command(extract_cmd.extract)
+    cli.add_command(cluster_cmd.cluster)
     cli.add_command(eval_cmd.eval_group)
     cli.add_command(run_cmd.run)
     cli.add_command(bench_cmd.bench)
     cli.add_command(demo_cmd.demo)
 
 
-NOISY_LOGGERS = ("mlflow", "alembic", "urllib3", "matplotlib", "PIL")
+NOISY_LOGGERS = ("mlflow", "alembic", "urllib3", "matplotlib", "PIL", "faiss")
 
 
 def configure_logging() -> None:

@@ -1,0 +1,48 @@
+"""A tiny feature extractor and extraction settings shared by the extraction tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.extraction import extract_features
+from pipeline.memory_bank import MemoryBank
+from pipeline.spec import MultiCropSpec
+from tests.fakes import TinyBackbone
+
+EVAL_SPEC = MultiCropSpec.preset("eval", global_size=16)
+"""The eval view of the 16-px digits."""
+
+
+def tiny_module(seed: int = 0) -> nn.Module:
+    """(batch, 3, H, W) → (batch, 8): the same weights for the same seed, in any process."""
+    torch.manual_seed(seed)
+    return TinyBackbone(num_features=8)
+
+
+class CountingModule(nn.Module):
+    """Wraps a module and counts the images it embeds (to see what a resumed pass reads)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.images = 0
+
+    def forward(self, images: Tensor) -> Tensor:
+        self.images += images.shape[0]
+        return self.inner(images)
+
+
+def run_extraction(data: Path | str, module: nn.Module, **options: object) -> MemoryBank:
+    """``extract_features`` with the 16-px eval view, batches of 100, the torch backend, no progress bar;
+    ``options`` override or add settings."""
+    settings: dict[str, object] = {
+        "spec": EVAL_SPEC,
+        "batch_size": 100,
+        "backend": "torch",
+        "progress": False,
+    }
+    settings.update(options)
+    return extract_features(module, data, **settings)  # type: ignore[arg-type]

@@ -1,0 +1,215 @@
+"""Two real processes (gloo, CPU) for the memory-bank methods' distributed pieces.
+
+One spawn serves every test in the file: each rank runs the extraction pass (fresh, and continuing a
+bank that a one-process pass left unfinished on rank 0's disk), PCL's shuffled key forward and queue, and
+DeepCluster-v2's memory update, and saves what it got; the tests compare with one process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from models.deepcluster_v2 import DeepClusterV2, DeepClusterV2Config
+from models.pcl import PCL, PCLConfig, shuffled_key_forward
+from pipeline.distributed import DistributedEnv
+from pipeline.extraction import extract_features
+from pipeline.memory_bank import MemoryBank
+from tests.extraction_helpers import EVAL_SPEC, tiny_module
+from tests.fakes import TinyBackbone
+
+WORLD_SIZE = 2
+TIMEOUT_S = 180
+PARTIAL_BATCHES = 4
+LOCAL_BATCH = 5
+
+
+def worker(rank: int, init_file: str, out_dir: str, data: str) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+    )
+    try:
+        torch.set_num_threads(1)
+        out = Path(out_dir)
+        env = DistributedEnv(rank=rank, world_size=WORLD_SIZE)
+        results: dict[str, Any] = {}
+
+        # Every index each rank writes into its bank (the gathered rows of both ranks).
+        written: list[np.ndarray] = []
+        original_write = MemoryBank.write
+
+        def recording_write(self: MemoryBank, indices: Any, *args: Any, **kwargs: Any) -> None:
+            written.append(np.asarray(indices).copy())
+            original_write(self, indices, *args, **kwargs)
+
+        MemoryBank.write = recording_write  # type: ignore[method-assign]
+        common: dict[str, Any] = {
+            "spec": EVAL_SPEC,
+            "batch_size": 100,
+            "backend": "torch",
+            "num_workers": 0,
+            "env": env,
+            "progress": False,
+        }
+        fresh = extract_features(tiny_module(), data, out_dir=out / "fresh", **common)
+        results["fresh"] = torch.from_numpy(np.asarray(fresh.features, dtype=np.float32))
+        results["fresh_written"] = torch.from_numpy(np.concatenate(written))
+        written.clear()
+        # Continue the bank a one-process pass left unfinished in rank 0's directory.
+        resumed = extract_features(
+            tiny_module(), data, out_dir=out / "partial", source={"test": "resume"}, **common
+        )
+        results["resumed"] = torch.from_numpy(np.asarray(resumed.features, dtype=np.float32))
+        results["resumed_labels"] = torch.from_numpy(resumed.labels)
+        results["resumed_written"] = torch.from_numpy(np.concatenate(written))
+        MemoryBank.write = original_write  # type: ignore[method-assign]
+
+        results.update(pcl_pieces(rank))
+        results.update(deepcluster_v2_pieces(rank))
+        torch.save(results, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def global_images(seed: int = 0) -> torch.Tensor:
+    return torch.randn(WORLD_SIZE * LOCAL_BATCH, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def rank_rows(tensor: torch.Tensor, rank: int) -> torch.Tensor:
+    return tensor[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
+
+
+def pcl_pieces(rank: int) -> dict[str, Any]:
+    torch.manual_seed(0)  # same weights on both ranks
+    pcl = PCL(TinyBackbone(), PCLConfig(hidden_dim=8, feat_dim=4, queue_length=30, num_clusters=(3,)))
+    pcl.eval()  # BatchNorm-free head, but eval keeps the key encoder a pure per-sample function
+    torch.manual_seed(100 + rank)  # the permutation must come from rank 0 whatever the local RNG says
+    keys = shuffled_key_forward(pcl.key_encoder, rank_rows(global_images(), rank))
+    pcl._ensure_queue(LOCAL_BATCH)
+    before = pcl.queue.clone()
+    # Rank 0 has 2 real samples, rank 1 has 4: the queue takes all 6, rank 0's first, on both ranks.
+    real = 2 if rank == 0 else 4
+    valid = torch.arange(LOCAL_BATCH) < real
+    pcl._enqueue(keys[valid], valid)
+    return {"pcl_keys": keys, "pcl_queue_before": before, "pcl_queue": pcl.queue.clone()}
+
+
+def deepcluster_v2_pieces(rank: int) -> dict[str, Any]:
+    model = DeepClusterV2(TinyBackbone(), DeepClusterV2Config(hidden_dim=0, feat_dim=3, num_prototypes=(2,)))
+    model.memory = torch.zeros(2, 20, 3)
+    index = torch.tensor([0, 3, -1, 7, 9]) if rank == 0 else torch.tensor([12, -1, 19, 4, 5])
+    embeddings = torch.arange(2 * LOCAL_BATCH * 3, dtype=torch.float32).view(2, LOCAL_BATCH, 3) + 100 * rank
+    model._update_memory(index, embeddings)
+    return {"dc2_memory": model.memory.clone(), "dc2_index": index, "dc2_embeddings": embeddings}
+
+
+@pytest.fixture(scope="module")
+def rank_results(digits16: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("ddp-extract")
+    data = str(digits16 / "train")
+    # A one-process pass interrupted after a few batches: rank 0's directory holds the unfinished bank.
+    extract_features(
+        tiny_module(),
+        data,
+        spec=EVAL_SPEC,
+        batch_size=100,
+        backend="torch",
+        num_workers=0,
+        out_dir=tmp / "partial",
+        source={"test": "resume"},
+        max_batches=PARTIAL_BATCHES,
+        progress=False,
+    )
+    context = mp.start_processes(
+        worker, args=(str(tmp / "init"), str(tmp), data), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    os.kill(process.pid, 9)
+            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    results = [torch.load(tmp / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    for result in results:
+        result["dir"] = tmp
+    return results
+
+
+def test_two_rank_bank_equals_the_one_rank_bank_and_writes_each_row_once(
+    rank_results: list[dict[str, Any]], sequential_bank: MemoryBank
+) -> None:
+    reference = torch.from_numpy(np.asarray(sequential_bank.features))
+    for result in rank_results:  # complete on every rank
+        torch.testing.assert_close(result["fresh"], reference, rtol=1e-6, atol=1e-6)
+        indices = result["fresh_written"].numpy()
+        real = indices[indices >= 0]
+        # Both ranks' rows, gathered: every index exactly once; the padding (-1) was never written.
+        assert real.size == 1618 and np.array_equal(np.sort(real), np.arange(1618))
+        assert (indices < 0).sum() == 2 * 9 * 100 - 1618  # 809 real + 91 padded slots per rank
+    on_disk = np.load(rank_results[0]["dir"] / "fresh" / "features.npy", mmap_mode="r")
+    np.testing.assert_allclose(on_disk, reference.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_two_ranks_continue_the_bank_rank_zero_left_unfinished(
+    rank_results: list[dict[str, Any]], sequential_bank: MemoryBank
+) -> None:
+    reference = torch.from_numpy(np.asarray(sequential_bank.features))
+    partial_rows = PARTIAL_BATCHES * 100
+    for rank, result in enumerate(rank_results):
+        torch.testing.assert_close(result["resumed"], reference, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(result["resumed_labels"].numpy(), sequential_bank.labels)
+        indices = result["resumed_written"].numpy()
+        real = indices[indices >= 0]
+        # Rank 0 already holds the first rows on disk; rank 1 receives them (written once into its
+        # in-memory bank); then both read only the missing rows, each exactly once.
+        handed_over = 0 if rank == 0 else partial_rows
+        assert real.size == 1618 - partial_rows + handed_over
+        assert np.unique(real).size == real.size
+    bank = MemoryBank.open(rank_results[0]["dir"] / "partial")
+    assert bank.meta.complete
+    np.testing.assert_allclose(bank.features, reference.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_pcl_shuffled_keys_come_back_to_their_samples(rank_results: list[dict[str, Any]]) -> None:
+    torch.manual_seed(0)
+    pcl = PCL(TinyBackbone(), PCLConfig(hidden_dim=8, feat_dim=4, queue_length=30, num_clusters=(3,)))
+    pcl.eval()
+    with torch.no_grad():
+        expected = pcl.key_encoder(global_images())
+    got = torch.cat([result["pcl_keys"] for result in rank_results])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pcl_queue_takes_every_ranks_real_keys(rank_results: list[dict[str, Any]]) -> None:
+    keys = [result["pcl_keys"] for result in rank_results]
+    newest = torch.cat([keys[0][:2], keys[1][:4]])
+    for result in rank_results:
+        before, after = result["pcl_queue_before"], result["pcl_queue"]
+        assert after.shape == before.shape == (30, 4)  # 30 rounded to the global batch of 10
+        torch.testing.assert_close(after[:6], newest)
+        torch.testing.assert_close(after[6:], before[:-6])
+    torch.testing.assert_close(rank_results[0]["pcl_queue"], rank_results[1]["pcl_queue"])
+
+
+def test_deepcluster_v2_memory_takes_every_ranks_rows(rank_results: list[dict[str, Any]]) -> None:
+    expected = torch.zeros(2, 20, 3)
+    for result in rank_results:
+        index, embeddings = result["dc2_index"], result["dc2_embeddings"]
+        real = index >= 0
+        expected[:, index[real]] = embeddings[:, real]
+    for result in rank_results:
+        torch.testing.assert_close(result["dc2_memory"], expected)
