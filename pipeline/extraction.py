@@ -10,7 +10,6 @@ are not even decoded).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,10 @@ from pipeline.distributed import DistributedEnv
 from pipeline.errors import PipelineError
 from pipeline.loader import build_loader
 from pipeline.memory_bank import MemoryBank
+from pipeline.precision import autocast
 from pipeline.spec import MultiCropSpec
 
 log = logging.getLogger(__name__)
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    if precision in ("bf16", "fp16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return contextlib.nullcontext()
 
 
 def _resumable_bank(out_dir: Path | None, num_samples: int, source: dict[str, Any]) -> MemoryBank | None:
@@ -108,7 +102,7 @@ def extract_features(
         batches = tqdm(loader, desc="extract", unit="batch", disable=not progress, leave=False)
         for number, batch in enumerate(batches):
             views = batch.views[0].to(device, non_blocking=True)
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 features = module(views).float()
             index = batch.index.to(device)
             labels = (batch.labels if batch.labels is not None else torch.full_like(batch.index, -1)).to(
