@@ -1,6 +1,44 @@
-# Minimal image for now; the GPU image (CUDA, DALI GPU build, faiss-gpu) comes with the scale-out work.
-FROM python:3.11-slim
+# clusterssl GPU image: CUDA 13 runtime (from the pip wheels), torch + torchvision, DALI (its wheel carries
+# the GPU build), faiss-gpu, MLflow, and clusterssl itself. Everything is installed at build time; the
+# container needs no network at run time.
+#
+#   docker build -t clusterssl .
+#   docker run --rm clusterssl                                   # prints the CLI help
+#   docker run --gpus all --ipc=host -v /data:/data -v $PWD/runs:/workspace/runs clusterssl \
+#       clusterssl train swav_imagenet --set data.train=/data/imagenet-shards/train
+#   docker run --gpus all --ipc=host ... clusterssl \
+#       torchrun --standalone --nproc_per_node=8 -m tools.cli train swav_imagenet --set data.train=/data/...
+FROM nvidia/cuda:13.0.0-base-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PATH=/opt/venv/bin:$PATH \
+    CLUSTERSSL_CONFIG_DIR=/opt/clusterssl/configs \
+    MLFLOW_TRACKING_URI=sqlite:////workspace/mlflow.db
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv tar ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv \
+    && pip install --upgrade pip
+
+# The heavy, rarely changing layer first: torch/torchvision (CUDA 13.0 wheels) and faiss for GPUs.
+RUN pip install torch==2.14.1 torchvision==0.29.1
+
 WORKDIR /opt/clusterssl
-COPY . .
-RUN pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1 && pip install --no-cache-dir .
+COPY pyproject.toml README.md ./
+COPY shards ./shards
+COPY pipeline ./pipeline
+COPY models ./models
+COPY tools ./tools
+COPY configs ./configs
+# The project depends on faiss-cpu (what CI and laptops use); on GPUs swap it for faiss-gpu, which
+# installs the same `faiss` module.
+RUN pip install . \
+    && pip uninstall -y faiss-cpu \
+    && pip install "faiss-gpu-cu12>=1.8" \
+    && python -c "import faiss, nvidia.dali, mlflow, torch, torchvision, tools.cli"
+
+WORKDIR /workspace
 CMD ["clusterssl", "--help"]

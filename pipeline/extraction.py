@@ -125,3 +125,51 @@ def extract_features(
         raise PipelineError("the extraction pass saw no samples: is the data empty?")
     bank.finalize()
     return bank
+
+
+def extract_checkpoint(
+    checkpoint: str | Path,
+    data: DataSource,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 256,
+    dtype: str = "float32",
+    backend: str = "auto",
+    num_workers: int = 2,
+    device: str = "auto",
+    progress: bool = True,
+) -> MemoryBank:
+    """The bank of a run's feature extractor over ``data`` (eval view of the run's augment section).
+
+    The bank's metadata names the checkpoint and the shard set (directory and manifest hash), which is
+    what ``cluster_bank`` reads sample images back from. Re-running after an interruption continues.
+    """
+    from pipeline.checkpoint import load_feature_extractor
+    from pipeline.distributed import resolve_device
+    from pipeline.shardset import resolve_shards
+
+    module, config = load_feature_extractor(checkpoint)
+    env = DistributedEnv.from_environment()
+    torch_device = resolve_device(device, env)
+    shardset = resolve_shards(data)
+    source = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "backbone": config.model.backbone,
+        "data": str(shardset.root) if shardset.root is not None else None,
+        "manifest_hash": shardset.manifest.content_hash(),
+        "view": config.augment.eval_spec().describe(),
+    }
+    return extract_features(
+        module.to(torch_device),
+        shardset,
+        spec=config.augment.eval_spec(),
+        batch_size=batch_size,
+        backend=backend,
+        num_workers=num_workers,
+        device=torch_device,
+        env=env,
+        out_dir=out_dir,
+        dtype=dtype,
+        source=source,
+        progress=progress,
+    )

@@ -13,6 +13,7 @@ Every key can be overridden from the command line: ``--set trainer.epochs=1 --se
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from pipeline.spec import AugmentConfig
 from pipeline.tracking import TrackingConfig
 
 BACKENDS = ("auto", "dali", "torch")
+BUNDLED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
@@ -126,5 +128,17 @@ def build_train_config(data: dict[str, Any], overrides: Sequence[str] = ()) -> T
     return config
 
 
+def resolve_config_path(value: str | Path) -> Path:
+    """A path as given, else a bundled config by name: ``swav_digits`` → configs/swav_digits.yaml (from
+    $CLUSTERSSL_CONFIG_DIR when set — the Docker image sets it — else the repository's configs/)."""
+    path = Path(value)
+    if path.exists():
+        return path
+    name = str(value)
+    directory = Path(os.environ.get("CLUSTERSSL_CONFIG_DIR") or BUNDLED_CONFIGS)
+    bundled = directory / (name if name.endswith(".yaml") else f"{name}.yaml")
+    return bundled if bundled.exists() else path
+
+
 def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
-    return build_train_config(read_yaml(path), overrides)
+    return build_train_config(read_yaml(resolve_config_path(path)), overrides)

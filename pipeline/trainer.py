@@ -46,7 +46,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import dump_yaml, flatten, to_dict
 from pipeline.data import Dataset, resolve_dataset
-from pipeline.distributed import DistributedEnv, init_distributed, resolve_device
+from pipeline.distributed import DistributedEnv, barrier, init_distributed, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.evaluation import EvalResult, evaluate_features, extract_eval_features
 from pipeline.extraction import extract_features
@@ -146,9 +146,17 @@ class _StopRequest:
 class Trainer:
     """Holds the pieces of one run; ``run()`` is the loop."""
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        parent_run_id: str | None = None,
+    ) -> None:
         self.config = config
         self.progress = progress
+        self.parent_run_id = parent_run_id
         self.env = DistributedEnv.from_environment()
         self.device = resolve_device(config.trainer.device, self.env)
         init_distributed(self.env, self.device)
@@ -158,10 +166,7 @@ class Trainer:
         self.checkpoint_path = self.output_dir / LAST_NAME
         self.checkpoint = self._load_resume_checkpoint(resume)
 
-        self.data: Dataset = resolve_dataset(config.data, split="train")
-        self.val_data: Dataset | None = (
-            resolve_dataset(config.data, split="val") if config.data.val is not None else None
-        )
+        self.data, self.val_data = self._resolve_data()
         self.spec: MultiCropSpec = config.augment.to_spec()
         self.eval_spec: MultiCropSpec = config.augment.eval_spec()
 
@@ -206,10 +211,28 @@ class Trainer:
             )
         return None
 
+    def _resolve_data(self) -> tuple[Dataset, Dataset | None]:
+        """Rank 0 first, then the others: the built-in digits are converted once, by one process."""
+        if not self.env.is_main:
+            barrier(self.env)
+        train = resolve_dataset(self.config.data, split="train")
+        val = resolve_dataset(self.config.data, split="val") if self.config.data.val is not None else None
+        if self.env.is_main:
+            barrier(self.env)
+        return train, val
+
+    def _rank_state_path(self) -> Path:
+        """Where rank r > 0 keeps its own buffers (SwAV's queue, BatchNorm statistics) between runs."""
+        return self.output_dir / f"checkpoint.rank{self.env.rank}.pt"
+
     def _wrap_distributed(self, method: Method) -> nn.Module:
         if not self.env.is_distributed:
             return method
         if self.config.model.sync_batchnorm:
+            if self.device.type != "cuda":
+                raise PipelineError(
+                    "model.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm does not run on CPUs)"
+                )
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
             self.method = method
         # Queues and centres are per rank or all-reduced by the method itself: never broadcast buffers.
@@ -254,12 +277,28 @@ class Trainer:
             )
             saved.step -= saved.batch_in_epoch
             saved.batch_in_epoch = 0
+        if self.env.rank > 0 and saved.world_size == self.env.world_size and self._rank_state_path().exists():
+            buffers = load_checkpoint(self._rank_state_path())["method"]
+            self.method.load_state_dict({**self.method.state_dict(), **buffers})
         saved.world_size, saved.num_workers = self.env.world_size, self.config.data.num_workers
         self.position = saved
         self.sample_repeats = checkpoint.get("extra", {}).get("sample_repeats")
 
     def _save_checkpoint(self) -> None:
+        """Rank 0 writes the checkpoint; under DDP every other rank keeps its own buffers beside it (its
+        queue differs from rank 0's), so a resume on the same world size restores each rank exactly."""
         if not self.env.is_main:
+            buffers = {name: buffer for name, buffer in self.method.named_buffers()}
+            atomic_save(
+                make_checkpoint(
+                    method_state=buffers,
+                    optimizer_state={},
+                    scaler_state=None,
+                    position=self.position,
+                    config_yaml="",
+                ),
+                self._rank_state_path(),
+            )
             return
         extra: dict[str, Any] = {"mlflow_run_id": self.tracker.run_id if self.tracker else None}
         if self.ctx.sample_repeats is not None:
@@ -315,6 +354,7 @@ class Trainer:
             run_name=f"{cfg.method_name}-{cfg.model.backbone}",
             rank=self.env.rank,
             run_id=resumed_run,
+            parent_run_id=self.parent_run_id,
             tags=self._tags(),
         )
         self.ctx = RunContext(
@@ -388,7 +428,7 @@ class Trainer:
                 if position.step % cfg.trainer.log_every == 0:
                     self._log_window(window, lr=lr, wd=wd, step=position.step - 1)
                     window = _MetricWindow()
-                if stop.signal_number is not None:
+                if self._agree_to_stop(stop):
                     self._save_checkpoint()
                     return self._summary(start_time, images_seen, interrupted=True, eval_result=eval_result)
                 fetch_start = time.perf_counter()
@@ -409,6 +449,16 @@ class Trainer:
         return self._summary(
             start_time, images_seen, interrupted=False, eval_result=eval_result, backbone=backbone_path
         )
+
+    def _agree_to_stop(self, stop: _StopRequest) -> bool:
+        """True on every rank when any rank was signalled, so all ranks stop after the same step (a rank
+        that went on alone would wait forever in the next collective)."""
+        flag = stop.signal_number is not None
+        if not self.env.is_distributed:
+            return flag
+        shared = torch.tensor([int(flag)], device=self.device)
+        torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
+        return bool(shared.item())
 
     def _log_window(self, window: _MetricWindow, *, lr: float, wd: float, step: int) -> None:
         self.log_metrics({**window.summary(), "lr": lr, "weight_decay": wd}, step=step)
@@ -539,9 +589,11 @@ class _MetricWindow:
         return summary
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainSummary:
-    """Run (or resume) one training run and return its summary."""
-    return Trainer(config, resume=resume, progress=progress).run()
+def train(
+    config: TrainConfig, *, resume: bool = False, progress: bool = True, parent_run_id: str | None = None
+) -> TrainSummary:
+    """Run (or resume) one training run and return its summary; ``parent_run_id`` nests its MLflow run."""
+    return Trainer(config, resume=resume, progress=progress, parent_run_id=parent_run_id).run()
 
 
 __all__ = ["Batch", "RunContext", "TrainSummary", "Trainer", "train"]

@@ -126,17 +126,6 @@ def test_human_outputs_mention_the_numbers(image_folder: ImageFolder, tmp_path: 
     assert "OK " in invoke("shards", "verify", out).stdout
 
 
-def test_demo_converts_once_and_verifies(tmp_path: Path) -> None:
-    result = invoke("demo", "--data-dir", str(tmp_path / "data"), "--workers", "1", "--json")
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
-    counts = {s["name"]: s["count"] for s in summary["convert"]["sets"]}
-    assert counts == {"train": 1618, "val": 179}
-    assert summary["verify"]["ok"] and [s["images_decoded"] for s in summary["verify"]["sets"]] == [1618, 179]
-    again = json.loads(invoke("demo", "--data-dir", str(tmp_path / "data"), "--json").stdout)
-    assert again["convert"]["unchanged"] is True
-
-
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("500000", 500_000), ("256MB", 256_000_000), ("1.5GiB", 3 * 2**29), ("64 kib", 65536)],

@@ -81,3 +81,22 @@ def step_losses(run_dir: Path) -> dict[int, float]:
         if "epoch" in record and "loss" in record:
             losses[record["step"]] = record["loss"]
     return losses
+
+
+def pipeline_dict(tmp_path: Path, epochs: int = 1) -> dict[str, Any]:
+    train = tiny_config(tmp_path, tmp_path / "unused", trainer={"epochs": epochs})
+    write_config(tmp_path / "train.yaml", train)
+    return {
+        "name": "test",
+        "workdir": str(tmp_path / "work"),
+        "num_workers": 0,
+        "convert": {"source": "digits", "image_size": 16, "out": str(tmp_path / "shards"), "workers": 1},
+        "pretrain": {"config": str(tmp_path / "train.yaml")},
+        "cluster": {"k": [5]},
+        "evaluate": {"baseline": False},
+        "tracking": {
+            "uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "experiment": "pipe",
+            "system_metrics": False,
+        },
+    }

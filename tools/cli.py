@@ -9,6 +9,8 @@ stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -63,16 +65,30 @@ def cli() -> None:
 
 def _register_commands() -> None:
     """Attach the stage commands (kept in their own modules to keep this file about plumbing)."""
-    from tools import bench_cmd, demo_cmd, eval_cmd, shards_cmd, train_cmd
+    from tools import bench_cmd, demo_cmd, eval_cmd, run_cmd, shards_cmd, train_cmd
 
     cli.add_command(shards_cmd.shards)
     cli.add_command(train_cmd.train)
     cli.add_command(eval_cmd.eval_group)
+    cli.add_command(run_cmd.run)
     cli.add_command(bench_cmd.bench)
     cli.add_command(demo_cmd.demo)
 
 
+NOISY_LOGGERS = ("mlflow", "alembic", "urllib3", "matplotlib", "PIL")
+
+
+def configure_logging() -> None:
+    """Our warnings and progress notes on stderr; libraries only when they have something to warn of."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # MLflow configures its own loggers when imported (inside the commands), from this variable
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> None:
+    configure_logging()
     cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="clusterssl")
 
 

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import click
 
 from tools.cli import emit, json_option
-
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def resolve_config_path(value: str) -> Path:
-    """A path as given, else a bundled config by name: ``swav_digits`` → configs/swav_digits.yaml."""
-    path = Path(value)
-    if path.exists():
-        return path
-    bundled = REPO_CONFIGS / (value if value.endswith(".yaml") else f"{value}.yaml")
-    return bundled if bundled.exists() else path
 
 
 def tracking_overrides(no_track: bool, tracking_uri: str | None, experiment: str | None) -> list[str]:
@@ -71,9 +59,7 @@ def train(
     from pipeline.train_config import load_train_config
     from pipeline.trainer import train as run_training
 
-    cfg = load_train_config(
-        resolve_config_path(config), [*overrides, *tracking_overrides(no_track, tracking_uri, experiment)]
-    )
+    cfg = load_train_config(config, [*overrides, *tracking_overrides(no_track, tracking_uri, experiment)])
     summary = run_training(cfg, resume=resume, progress=not as_json)
     emit(summary.to_json(), as_json, render_train_summary)
     if summary.interrupted:

@@ -1,0 +1,489 @@
+"""``clusterssl run PIPELINE.yaml``: convert → pretrain → extract → cluster → evaluate, one MLflow parent run
+with a child run per stage.
+
+Every stage records what it produced in ``WORKDIR/stages/<stage>.json`` together with a fingerprint of
+everything it depends on (its own settings and the fingerprints of the stages it reads from). Running the
+same pipeline again skips every stage whose fingerprint matches and whose outputs still exist; a stage
+that was interrupted (its record says ``running``) is resumed — the conversion through its journal, the
+pretraining from its checkpoint, the extraction from its bank's written-rows bitmap. Skipped stages
+still get a child run (tagged ``skipped``) that points at the run and outputs they reuse, so the MLflow
+record of every pipeline run can be followed from the final k-NN figure back to the shards' manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from models.config import from_dict, to_dict
+from pipeline.config import apply_overrides, flatten, read_yaml
+from pipeline.errors import PipelineError
+from pipeline.tracking import Tracker, TrackingConfig, open_tracker, tracking_run
+
+log = logging.getLogger(__name__)
+
+STAGES = ("convert", "pretrain", "extract", "cluster", "evaluate")
+
+
+@dataclass
+class ConvertSection:
+    source: str = "digits"
+    """digits, imagefolder or list (as `clusterssl shards convert SOURCE`)."""
+    path: str | None = None
+    """The image folder or list file (not for digits)."""
+    out: str = "data/digits"
+    """Where the shard sets go; with a hold-out, OUT/train and OUT/val."""
+    holdout: float | None = 0.1
+    """Stratified fraction written to OUT/val for evaluation; null writes everything to OUT."""
+    samples_per_shard: int | None = 256
+    image_size: int = 32
+    """digits only: side of the rendered images."""
+    seed: int = 0
+    workers: int = 2
+
+
+@dataclass
+class PretrainSection:
+    config: str = "swav_digits"
+    """A training config: a path or a bundled name (configs/<name>.yaml)."""
+    overrides: list[str] = field(default_factory=list)
+    """--set style overrides applied to it, e.g. [trainer.epochs=5]."""
+
+
+@dataclass
+class ExtractSection:
+    enabled: bool = True
+    batch_size: int = 256
+    dtype: str = "float32"
+    """float32 or float16 (halves the bank on disk)."""
+
+
+@dataclass
+class ClusterSection:
+    enabled: bool = True
+    k: list[int] = field(default_factory=lambda: [10])
+    """One k-means per value; NMI/ARI against the labels are logged for each."""
+    spherical: bool = False
+    niter: int = 20
+    seed: int = 0
+
+
+@dataclass
+class EvaluateSection:
+    k: int = 20
+    temperature: float = 0.07
+    baseline: bool = True
+    """Also evaluate the same architecture at random init (the floor), in the same stage."""
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "pipeline"
+    workdir: str = "runs/pipeline"
+    """Every stage's outputs and records go under this directory."""
+    backend: str = "auto"
+    num_workers: int = 2
+    device: str = "auto"
+    convert: ConvertSection = field(default_factory=ConvertSection)
+    pretrain: PretrainSection = field(default_factory=PretrainSection)
+    extract: ExtractSection = field(default_factory=ExtractSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def load_pipeline_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    return from_dict(PipelineConfig, apply_overrides(read_yaml(path), list(overrides)))
+
+
+def fingerprint(*parts: Any) -> str:
+    payload = json.dumps([to_dict(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    fingerprint: str
+    status: str
+    """running (started, not finished) or complete."""
+    outputs: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class StageResult:
+    record: StageRecord
+    skipped: bool
+
+
+@dataclass
+class PipelineSummary:
+    name: str
+    run_id: str | None
+    stages: dict[str, StageResult]
+    seconds: float
+    interrupted: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "run_id": self.run_id,
+            "seconds": round(self.seconds, 2),
+            "interrupted": self.interrupted,
+            "stages": {
+                name: {
+                    "skipped": result.skipped,
+                    "status": result.record.status,
+                    "run_id": result.record.run_id,
+                    "seconds": round(result.record.seconds, 2),
+                    "outputs": result.record.outputs,
+                }
+                for name, result in self.stages.items()
+            },
+        }
+
+
+class _Interrupted(Exception):
+    """The pretraining stopped on a signal after checkpointing; the pipeline stops and can be re-run."""
+
+
+class PipelineRunner:
+    def __init__(self, config: PipelineConfig, *, progress: bool = True) -> None:
+        self.config = config
+        self.progress = progress
+        self.workdir = Path(config.workdir)
+        self.records_dir = self.workdir / "stages"
+        self.parent: Tracker | None = None
+
+    # -- records ------------------------------------------------------------------------------------
+    def _record_path(self, stage: str) -> Path:
+        return self.records_dir / f"{stage}.json"
+
+    def _read_record(self, stage: str) -> StageRecord | None:
+        path = self._record_path(stage)
+        if not path.is_file():
+            return None
+        try:
+            return StageRecord(**json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, TypeError):
+            return None
+
+    def _write_record(self, record: StageRecord) -> None:
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        path = self._record_path(record.stage)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record.__dict__, indent=1, default=str), encoding="utf-8")
+        os.replace(tmp, path)
+
+    # -- stage driver -------------------------------------------------------------------------------
+    def _stage(
+        self,
+        stage: str,
+        stage_fingerprint: str,
+        outputs_exist: Callable[[StageRecord], bool],
+        run: Callable[[bool], tuple[dict[str, Any], str | None]],
+    ) -> StageResult:
+        """Skip ``stage`` when its record matches and its outputs exist; else run it (``run(resuming)``
+        returns the outputs and the MLflow run id of its child run)."""
+        previous = self._read_record(stage)
+        if (
+            previous is not None
+            and previous.status == "complete"
+            and previous.fingerprint == stage_fingerprint
+            and outputs_exist(previous)
+        ):
+            self._log_skipped(previous)
+            return StageResult(previous, skipped=True)
+        resuming = (
+            previous is not None
+            and previous.status == "running"
+            and previous.fingerprint == stage_fingerprint
+        )
+        if previous is not None and not resuming:
+            log.info("%s: settings or inputs changed since the last run; running it again", stage)
+        started = time.perf_counter()
+        self._write_record(StageRecord(stage, stage_fingerprint, "running"))
+        outputs, run_id = run(resuming)
+        record = StageRecord(
+            stage, stage_fingerprint, "complete", outputs, run_id, seconds=time.perf_counter() - started
+        )
+        self._write_record(record)
+        return StageResult(record, skipped=False)
+
+    def _child(self, stage: str, tags: Mapping[str, str] | None = None) -> Tracker:
+        assert self.parent is not None
+        tracking = replace(self.config.tracking, run_name=f"{self.config.name}/{stage}")
+        return open_tracker(
+            tracking,
+            run_name=tracking.run_name or stage,
+            parent_run_id=self.parent.run_id,
+            tags={"stage": stage, "pipeline": self.config.name, **(tags or {})},
+        )
+
+    def _log_skipped(self, record: StageRecord) -> None:
+        child = self._child(record.stage, {"skipped": "true", "reused_run_id": str(record.run_id)})
+        with tracking_run(child):
+            child.log_params(flatten({"outputs": record.outputs, "fingerprint": record.fingerprint}))
+
+    # -- the pipeline -------------------------------------------------------------------------------
+    def run(self) -> PipelineSummary:
+        started = time.perf_counter()
+        tracking = replace(self.config.tracking, run_name=f"pipeline-{self.config.name}")
+        self.parent = open_tracker(
+            tracking,
+            run_name=tracking.run_name or "pipeline",
+            tags={"stage": "pipeline", "pipeline": self.config.name},
+        )
+        parent_run_id = self.parent.run_id
+        results: dict[str, StageResult] = {}
+        interrupted = False
+        status = "FINISHED"
+        try:
+            self.parent.log_params(flatten(to_dict(self.config)))
+            results["convert"] = self._convert()
+            results["pretrain"] = self._pretrain(results["convert"])
+            if self.config.extract.enabled:
+                results["extract"] = self._extract(results["pretrain"])
+                if self.config.cluster.enabled:
+                    results["cluster"] = self._cluster(results["extract"])
+            if results["convert"].record.outputs.get("val"):
+                results["evaluate"] = self._evaluate(results["convert"], results["pretrain"])
+                self.parent.log_metrics(
+                    {k: v for k, v in results["evaluate"].record.outputs.items() if isinstance(v, float)},
+                    step=0,
+                )
+        except _Interrupted:
+            interrupted, status = True, "KILLED"
+        except BaseException:
+            self.parent.close("FAILED")
+            raise
+        self.parent.close(status)
+        return PipelineSummary(self.config.name, parent_run_id, results, time.perf_counter() - started, interrupted)
+
+    # -- stages -------------------------------------------------------------------------------------
+    def _convert(self) -> StageResult:
+        """Always asks the converter, which is a no-op (status `unchanged`) when the shards are current
+        and resumes an interrupted conversion through its journal."""
+        from shards.convert import ConvertOptions, convert
+        from shards.sources import open_source
+
+        section = self.config.convert
+        started = time.perf_counter()
+        source = open_source(section.source, section.path, image_size=section.image_size)
+        outcome = convert(
+            source,
+            section.out,
+            ConvertOptions(
+                samples_per_shard=section.samples_per_shard,
+                holdout=section.holdout,
+                seed=section.seed,
+                workers=section.workers,
+            ),
+            progress=self.progress,
+        )
+        sets = {s.name or "train": s for s in outcome.sets}
+        outputs: dict[str, Any] = {
+            name: {
+                "dir": str(s.directory),
+                "manifest_hash": s.manifest.content_hash(),
+                "count": s.manifest.count,
+            }
+            for name, s in sets.items()
+        }
+        record = StageRecord("convert", fingerprint(section, outputs), "complete", outputs)
+        record.seconds = time.perf_counter() - started
+        if outcome.unchanged:
+            previous = self._read_record("convert")
+            if previous is not None and previous.fingerprint == record.fingerprint:
+                self._log_skipped(previous)
+                return StageResult(previous, skipped=True)
+        child = self._child("convert")
+        with tracking_run(child):
+            child.log_params(flatten({"convert": to_dict(section)}))
+            for name, s in sets.items():
+                child.log_metrics(
+                    {
+                        f"{name}_count": float(s.manifest.count),
+                        f"{name}_skipped": float(len(s.manifest.skipped)),
+                    },
+                    step=0,
+                )
+                child.log_artifact(Path(s.directory) / "manifest.json", f"manifests/{name}")
+            record.run_id = child.run_id
+        self._write_record(record)
+        return StageResult(record, skipped=False)
+
+    def _train_config(self, convert: StageResult) -> Any:
+        from pipeline.train_config import build_train_config, resolve_config_path
+
+        outputs = convert.record.outputs
+        data = read_yaml(resolve_config_path(self.config.pretrain.config))
+        overrides = [
+            *self.config.pretrain.overrides,
+            f"data.train={outputs['train']['dir']}",
+            f"data.val={outputs['val']['dir']}" if "val" in outputs else "data.val=null",
+            f"trainer.output_dir={self.workdir / 'pretrain'}",
+        ]
+        config = build_train_config(data, overrides)
+        config.tracking = replace(self.config.tracking, run_name=f"{self.config.name}/pretrain")
+        return config
+
+    def _pretrain(self, convert: StageResult) -> StageResult:
+        from pipeline.trainer import train
+
+        config = self._train_config(convert)
+        stage_fingerprint = fingerprint(convert.record.fingerprint, config)
+        output_dir = Path(config.trainer.output_dir)
+
+        def run(resuming: bool) -> tuple[dict[str, Any], str | None]:
+            if not resuming and output_dir.exists():
+                shutil.rmtree(output_dir)  # a checkpoint of other settings must not be continued
+            assert self.parent is not None
+            summary = train(config, resume=resuming, progress=self.progress, parent_run_id=self.parent.run_id)
+            if summary.interrupted:
+                raise _Interrupted
+            return {
+                "run_dir": str(output_dir),
+                "checkpoint": summary.checkpoint,
+                "backbone": summary.backbone,
+                **summary.eval,
+            }, summary.run_id
+
+        return self._stage(
+            "pretrain",
+            stage_fingerprint,
+            lambda r: bool(r.outputs.get("backbone")) and Path(r.outputs["backbone"]).is_file(),
+            run,
+        )
+
+    def _extract(self, pretrain: StageResult) -> StageResult:
+        from pipeline.extraction import extract_checkpoint
+
+        section = self.config.extract
+        stage_fingerprint = fingerprint(pretrain.record.fingerprint, section)
+        bank_dir = self.workdir / "bank"
+
+        def run(resuming: bool) -> tuple[dict[str, Any], str | None]:
+            if not resuming and bank_dir.exists():
+                shutil.rmtree(bank_dir)
+            child = self._child("extract")
+            with tracking_run(child):
+                child.log_params(
+                    {
+                        "checkpoint": pretrain.record.outputs["backbone"],
+                        **flatten({"extract": to_dict(section)}),
+                    }
+                )
+                bank = extract_checkpoint(
+                    pretrain.record.outputs["backbone"],
+                    self._train_data(),
+                    bank_dir,
+                    batch_size=section.batch_size,
+                    dtype=section.dtype,
+                    backend=self.config.backend,
+                    num_workers=self.config.num_workers,
+                    device=self.config.device,
+                    progress=self.progress,
+                )
+                child.log_metrics({"rows": float(bank.meta.num_samples), "dim": float(bank.meta.dim)}, step=0)
+                return {
+                    "bank": str(bank_dir),
+                    "rows": bank.meta.num_samples,
+                    "dim": bank.meta.dim,
+                }, child.run_id
+
+        return self._stage(
+            "extract",
+            stage_fingerprint,
+            lambda r: (Path(r.outputs.get("bank", "")) / "bank.json").is_file(),
+            run,
+        )
+
+    def _cluster(self, extract: StageResult) -> StageResult:
+        from pipeline.clustering import cluster_bank
+
+        section = self.config.cluster
+        stage_fingerprint = fingerprint(extract.record.fingerprint, section)
+        out_dir = self.workdir / "clusters"
+
+        def run(resuming: bool) -> tuple[dict[str, Any], str | None]:
+            child = self._child("cluster")
+            with tracking_run(child):
+                child.log_params(
+                    flatten({"cluster": to_dict(section), "bank": extract.record.outputs["bank"]})
+                )
+                report = cluster_bank(
+                    extract.record.outputs["bank"],
+                    section.k,
+                    out_dir,
+                    spherical=section.spherical,
+                    niter=section.niter,
+                    seed=section.seed,
+                )
+                for k, stats in report.statistics.items():
+                    child.log_metrics({f"k{k}/{name}": float(value) for name, value in stats.items()}, step=0)
+                for path in report.files:
+                    if path.suffix == ".png":
+                        child.log_artifact(path, "plots")
+                outputs = {"dir": str(out_dir), "k": list(section.k)}
+                outputs.update(
+                    {f"k{k}_nmi": stats["nmi"] for k, stats in report.statistics.items() if "nmi" in stats}
+                )
+                return outputs, child.run_id
+
+        return self._stage(
+            "cluster", stage_fingerprint, lambda r: Path(r.outputs.get("dir", "")).is_dir(), run
+        )
+
+    def _evaluate(self, convert: StageResult, pretrain: StageResult) -> StageResult:
+        from pipeline.evaluation import evaluate_checkpoint
+
+        section = self.config.evaluate
+        stage_fingerprint = fingerprint(pretrain.record.fingerprint, convert.record.fingerprint, section)
+
+        def run(resuming: bool) -> tuple[dict[str, Any], str | None]:
+            assert self.parent is not None
+            outputs = convert.record.outputs
+            summary = evaluate_checkpoint(
+                pretrain.record.outputs["backbone"],
+                outputs["train"]["dir"],
+                outputs["val"]["dir"],
+                backend=self.config.backend,
+                num_workers=self.config.num_workers,
+                k=section.k,
+                temperature=section.temperature,
+                baseline=section.baseline,
+                device=self.config.device,
+                track=self.config.tracking.enabled,
+                tracking_uri=self.config.tracking.uri,
+                experiment=self.config.tracking.experiment,
+                parent_run_id=self.parent.run_id,
+            )
+            run_id = summary.pop("run_id", None)
+            baseline = summary.pop("baseline", None)
+            result = {k: v for k, v in summary.items() if k in ("knn_top1", "knn_top5", "nmi", "ari")}
+            if baseline:
+                result.update({f"random_init_{k}": v for k, v in baseline.items()})
+            return result, run_id
+
+        return self._stage("evaluate", stage_fingerprint, lambda r: "knn_top1" in r.outputs, run)
+
+    def _train_data(self) -> str:
+        convert = self._read_record("convert")
+        if convert is None:
+            raise PipelineError("the convert stage has no record; run the pipeline from the start")
+        return convert.outputs["train"]["dir"]
+
+
+def run_pipeline(config: PipelineConfig, *, progress: bool = True) -> PipelineSummary:
+    return PipelineRunner(config, progress=progress).run()

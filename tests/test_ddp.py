@@ -1,0 +1,132 @@
+"""Data-parallel training on the CPU (gloo): two processes equal one process over the same global batch,
+and `torchrun … clusterssl train` finishes on uneven shards (a timeout guards against a hang)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from models.factory import build_method
+from models.types import Batch
+from pipeline.optim import OptimizerStep
+from tests.fakes import FakeContext, random_batch
+from tests.trainer_helpers import digits_dir, step_losses, tiny_config, write_config
+
+WORLD_SIZE = 2
+GLOBAL_BATCH = 8
+STEPS = 3
+TIMEOUT_S = 180
+METHODS = {
+    # hidden_dim 0: a linear projection (no BatchNorm, whose per-rank statistics would differ; SyncBN
+    # needs GPUs); no frozen prototypes and no queue, so every step exercises the distributed Sinkhorn.
+    "swav": {"hidden_dim": 0, "feat_dim": 8, "num_prototypes": 6, "freeze_prototypes_niters": 0},
+    "dino": {"out_dim": 16, "hidden_dim": 16, "bottleneck_dim": 8, "freeze_last_layer": 0},
+}
+BACKBONE = ("vit_tiny_p4", {"depth": 1, "dim": 16, "num_heads": 2})
+
+
+def make_method(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return build_method(name, BACKBONE[0], METHODS[name], BACKBONE[1])
+
+
+def global_batches() -> list[Batch]:
+    return [random_batch(GLOBAL_BATCH, sizes=(16, 16, 8, 8), seed=step) for step in range(STEPS)]
+
+
+def rank_share(batch: Batch, rank: int) -> Batch:
+    share = GLOBAL_BATCH // WORLD_SIZE
+    rows = slice(rank * share, (rank + 1) * share)
+    return Batch([v[rows] for v in batch.views], None, batch.index[rows], batch.num_global)
+
+
+def run_steps(method: nn.Module, model: nn.Module, batches: list[Batch]) -> list[float]:
+    """The trainer's step path (OptimizerStep, then on_step_end) over ``batches``; returns the losses."""
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.5, momentum=0.9)
+    step = OptimizerStep(optimizer)
+    losses = []
+    for number, batch in enumerate(batches):
+        ctx = FakeContext(step=number, epochs=1, steps_per_epoch=STEPS)
+        output = model(batch)
+        step(output.loss, method, ctx)
+        method.on_step_end(ctx)
+        losses.append(output.loss.detach())
+    return [float(loss) for loss in losses]
+
+
+def ddp_worker(rank: int, init_file: str, out_dir: str, name: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+    )  # fmt: skip
+    try:
+        torch.set_num_threads(1)
+        method = make_method(name)
+        model = nn.parallel.DistributedDataParallel(method, broadcast_buffers=False)
+        losses = torch.tensor(run_steps(method, model, [rank_share(b, rank) for b in global_batches()]))
+        dist.all_reduce(losses)  # each rank's loss is its local mean: the global mean is their average
+        if rank == 0:
+            torch.save(
+                {"losses": losses / WORLD_SIZE, "state": method.state_dict()}, Path(out_dir) / "ddp.pt"
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["swav", "dino"])
+def test_two_ranks_equal_one_process_over_the_same_global_batch(name: str, tmp_path: Path) -> None:
+    mp.start_processes(
+        ddp_worker,
+        args=(str(tmp_path / "init"), str(tmp_path), name),
+        nprocs=WORLD_SIZE,
+        start_method="spawn",
+    )
+    ddp: dict[str, Any] = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    method = make_method(name)
+    single = run_steps(method, method, global_batches())
+    torch.testing.assert_close(ddp["losses"], torch.tensor(single), rtol=1e-5, atol=1e-6)
+    for key, value in method.state_dict().items():
+        torch.testing.assert_close(ddp["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+    reason="torchrun is not installed",
+)
+def test_torchrun_trains_on_uneven_shards_and_resumes(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """1,618 samples in shards of 256 (the last one short) over 2 ranks × 1 worker: equal batch counts per
+    rank, so no rank waits forever at a collective. Then a resume on the same world size continues."""
+    root = digits_dir(tmp_path_factory.mktemp("cache"))
+    config = tiny_config(
+        root, tmp_path / "run", trainer={"epochs": 1, "batch_size": 100}, data={"num_workers": 1}
+    )
+    path = write_config(tmp_path / "cfg.yaml", config)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "tools.cli", "train", str(path)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S * 2
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    # 1,618 / 2 ranks = 809 per rank → 9 batches of 100 (the last padded), counted once by rank 0
+    assert sorted(step_losses(tmp_path / "run")) == list(range(9))
+    assert (tmp_path / "run" / "checkpoint.rank1.pt").exists()
+    write_config(path, {**config, "trainer": {**config["trainer"], "epochs": 2}})
+    second = subprocess.run(
+        [*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S * 2
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert sorted(step_losses(tmp_path / "run")) == list(range(18))

@@ -1,0 +1,37 @@
+"""`clusterssl demo` (the README's main command) on a short schedule: the whole pipeline per method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from tools.cli import cli
+
+
+def test_demo_runs_the_pipeline_and_prints_a_table(tmp_path: Path) -> None:
+    args = ["demo", "--methods", "swav", "--epochs", "1", "--data-dir", str(tmp_path / "data"),
+            "--workdir", str(tmp_path / "runs"), "--no-track"]  # fmt: skip
+    result = CliRunner().invoke(cli, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    [row] = summary["methods"]
+    assert row["method"] == "swav" and 0.0 < row["knn_top1"] <= 1.0 and 0.0 <= row["nmi"] <= 1.0
+    manifests = {
+        name: json.loads((tmp_path / "data" / "digits" / name / "manifest.json").read_text())
+        for name in ("train", "val")
+    }
+    assert {name: m["count"] for name, m in manifests.items()} == {"train": 1618, "val": 179}
+    stages = json.loads((tmp_path / "runs" / "swav" / "stages" / "evaluate.json").read_text())
+    assert stages["status"] == "complete" and stages["outputs"]["knn_top1"] == row["knn_top1"]
+
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert "swav" in again.output and "k-NN top-1" in again.output
+
+
+def test_unknown_demo_method_is_one_line() -> None:
+    result = CliRunner().invoke(cli, ["demo", "--methods", "swav,byol", "--no-track"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "Error: unknown demo method(s) byol; known: swav, dino, deepcluster, pcl"

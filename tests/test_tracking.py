@@ -1,0 +1,70 @@
+"""MLflow tracking: a store that fails mid-run is reported once and training goes on; rank > 0 logs nothing."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.tracking import MlflowTracker, NullTracker, TrackingConfig, open_tracker
+
+
+class FlakyClient:
+    """Accepts calls until ``fail_after`` of them, then raises like an unreachable server."""
+
+    def __init__(self, fail_after: int) -> None:
+        self.calls = 0
+        self.fail_after = fail_after
+
+    def _call(self, *args: object, **kwargs: object) -> None:
+        self.calls += 1
+        if self.calls > self.fail_after:
+            raise ConnectionError("HTTPConnectionPool(host='tracking', port=5000): Max retries exceeded")
+
+    log_batch = log_artifact = log_text = set_terminated = _call
+
+
+def test_a_failing_store_is_reported_once_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    client = FlakyClient(fail_after=2)
+    tracker = MlflowTracker(client, "run", "http://tracking:5000", system_metrics=False)
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        tracker.log_params({"a": 1})
+        tracker.log_metrics({"loss": 1.0}, step=0)
+        for step in range(1, 5):
+            tracker.log_metrics({"loss": 1.0}, step=step)
+        tracker.log_artifact(Path("x"))
+        tracker.close()
+    warnings = [r for r in caplog.records if "tracking failed" in r.getMessage()]
+    assert len(warnings) == 1 and "training continues" in warnings[0].getMessage()
+    assert client.calls == 3, "after the first failure nothing more is sent"
+
+
+def test_other_ranks_and_disabled_tracking_get_a_null_tracker() -> None:
+    assert isinstance(open_tracker(TrackingConfig(), run_name="x", rank=1), NullTracker)
+    assert isinstance(open_tracker(TrackingConfig(enabled=False), run_name="x"), NullTracker)
+
+
+def test_unreachable_store_at_start_is_one_clear_error() -> None:
+    with pytest.raises(
+        PipelineError, match=r"cannot reach the MLflow tracking store at http://127.0.0.1:9 .*--no-track"
+    ):
+        open_tracker(TrackingConfig(uri="http://127.0.0.1:9", system_metrics=False), run_name="x")
+
+
+def test_resumed_run_logs_into_the_same_mlflow_run(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    config = TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}", system_metrics=False)
+    first = open_tracker(config, run_name="x")
+    run_id = first.run_id
+    first.log_metrics({"loss": 2.0}, step=0)
+    first.close("KILLED")
+    again = open_tracker(config, run_name="x", run_id=run_id)
+    assert again.run_id == run_id
+    again.log_metrics({"loss": 1.0}, step=1)
+    again.close()
+    client = MlflowClient(config.uri)
+    assert [m.value for m in client.get_metric_history(run_id, "loss")] == [2.0, 1.0]
+    assert client.get_run(run_id).info.status == "FINISHED"
