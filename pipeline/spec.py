@@ -257,6 +257,10 @@ class AugmentConfig:
     dino (0.4, 0.4, 0.2, 0.1)); factors are drawn in [1 − s, 1 + s], hue in ±h turns."""
     grayscale_p: float | None = None
     """Probability of converting a view to grey (default 0.2); irrelevant for grey images."""
+    solarize_p: float | None = None
+    """Solarisation probability of the views the preset solarises (dino: the second global view, 0.2;
+    swav solarises none). 0 for data where inverting the bright values erases the object (light ink on
+    a dark background, like the digits)."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     """Per-channel mean on the 0..1 scale used to normalise the views."""
     std: tuple[float, float, float] = field(default=IMAGENET_STD)
@@ -291,7 +295,21 @@ class AugmentConfig:
                 dataclasses.replace(v, **overrides) if v.crop == "random" else v for v in spec.views
             )
             spec = dataclasses.replace(spec, views=views)
+        if self.solarize_p is not None:
+            spec = self._with_solarization(spec, self.solarize_p)
         return spec
+
+    def _with_solarization(self, spec: MultiCropSpec, probability: float) -> MultiCropSpec:
+        solarized = [i for i, view in enumerate(spec.views) if view.solarize_p > 0]
+        if not solarized and probability > 0:
+            raise PipelineError(
+                f"augment.solarize_p: the {self.preset} preset solarises no view; only dino's can be changed"
+            )
+        views = tuple(
+            dataclasses.replace(v, solarize_p=probability) if i in solarized else v
+            for i, v in enumerate(spec.views)
+        )
+        return dataclasses.replace(spec, views=views)
 
     def eval_spec(self) -> MultiCropSpec:
         """The matching evaluation view (centre crop at ``global_size``), for extraction and k-NN."""
