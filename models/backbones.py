@@ -121,6 +121,18 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+def without_stochastic_depth(module: nn.Module) -> nn.Module:
+    """Set every ``DropPath`` inside ``module`` to drop nothing, in place; returns ``module``.
+
+    For copies that must see whole networks in training mode: DINO's teacher is built without
+    stochastic depth (only the student drops paths), although it runs in training mode with the student.
+    """
+    for layer in module.modules():
+        if isinstance(layer, DropPath):
+            layer.drop_prob = 0.0
+    return module
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import distributed
-from models.backbones import embed_views
+from models.backbones import embed_views, without_stochastic_depth
 from models.ema import ema_update_
 from models.errors import ModelError
 from models.heads import DINOHead
@@ -199,7 +199,9 @@ class DINO(Method):
             use_bn=cfg.use_bn_in_head,
             norm_last_layer=cfg.norm_last_layer,
         )
-        self.teacher_backbone = copy.deepcopy(backbone).requires_grad_(False)
+        # The teacher sees whole networks: the original builds it without stochastic depth, and a copy
+        # of a student with drop_path_rate > 0 would otherwise drop paths too (it runs in train mode).
+        self.teacher_backbone = without_stochastic_depth(copy.deepcopy(backbone)).requires_grad_(False)
         self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
         self.loss_fn = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
         self._epoch = 0

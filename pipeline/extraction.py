@@ -11,7 +11,6 @@ written to the other ranks, so that every rank reads the same remaining samples.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from pipeline.distributed import DistributedEnv
 from pipeline.errors import PipelineError
 from pipeline.loader import build_loader
 from pipeline.memory_bank import MemoryBank
+from pipeline.precision import autocast
 from pipeline.shardset import resolve_shards
 from pipeline.spec import MultiCropSpec
 
@@ -36,12 +36,6 @@ log = logging.getLogger(__name__)
 
 ROWS_PER_BROADCAST = 65536
 """Rows of a resumed bank sent from rank 0 to the other ranks at once (bounds the temporary memory)."""
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    if precision in ("bf16", "fp16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return contextlib.nullcontext()
 
 
 def resumable_bank(out_dir: Path | None, num_samples: int, source: dict[str, Any]) -> MemoryBank | None:
@@ -150,7 +144,7 @@ def extract_features(
 def embed_batch(module: nn.Module, batch: Batch, device: torch.device, precision: str = "fp32") -> Tensor:
     """(batch, D) float32 features of the batch's first view (the eval view), computed on ``device``."""
     views = batch.views[0].to(device, non_blocking=True)
-    with _autocast(device, precision):
+    with autocast(device, precision):
         return module(views).float()
 
 

@@ -249,6 +249,18 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] | None = None
     """Gaussian blur sigma range in pixels (default (0.1, 2.0), tuned for 224/96 px crops; scale it down
     with the crop sizes, e.g. (0.1, 0.3) for 32/16 px)."""
+    jitter_p: float | None = None
+    """Probability of the colour jitter (default 0.8). Lower it for data whose colours carry little (grey
+    digits), where strong jitter mostly adds noise that one view cannot predict from another."""
+    jitter: tuple[float, float, float, float] | None = None
+    """Jitter strengths (brightness, contrast, saturation, hue) (default: swav (0.8, 0.8, 0.8, 0.2),
+    dino (0.4, 0.4, 0.2, 0.1)); factors are drawn in [1 − s, 1 + s], hue in ±h turns."""
+    grayscale_p: float | None = None
+    """Probability of converting a view to grey (default 0.2); irrelevant for grey images."""
+    solarize_p: float | None = None
+    """Solarisation probability of the views the preset solarises (dino: the second global view, 0.2;
+    swav solarises none). 0 for data where inverting the bright values erases the object (light ink on
+    a dark background, like the digits)."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     """Per-channel mean on the 0..1 scale used to normalise the views."""
     std: tuple[float, float, float] = field(default=IMAGENET_STD)
@@ -268,15 +280,36 @@ class AugmentConfig:
         )
         overrides = {
             name: value
-            for name, value in (("flip_p", self.flip_p), ("blur_sigma", self.blur_sigma))
+            for name, value in (
+                ("flip_p", self.flip_p),
+                ("blur_sigma", self.blur_sigma),
+                ("jitter_p", self.jitter_p),
+                ("grayscale_p", self.grayscale_p),
+            )
             if value is not None
         }
+        if self.jitter is not None:
+            overrides.update(zip(("brightness", "contrast", "saturation", "hue"), self.jitter, strict=True))
         if overrides:
             views = tuple(
                 dataclasses.replace(v, **overrides) if v.crop == "random" else v for v in spec.views
             )
             spec = dataclasses.replace(spec, views=views)
+        if self.solarize_p is not None:
+            spec = self._with_solarization(spec, self.solarize_p)
         return spec
+
+    def _with_solarization(self, spec: MultiCropSpec, probability: float) -> MultiCropSpec:
+        solarized = [i for i, view in enumerate(spec.views) if view.solarize_p > 0]
+        if not solarized and probability > 0:
+            raise PipelineError(
+                f"augment.solarize_p: the {self.preset} preset solarises no view; only dino's can be changed"
+            )
+        views = tuple(
+            dataclasses.replace(v, solarize_p=probability) if i in solarized else v
+            for i, v in enumerate(spec.views)
+        )
+        return dataclasses.replace(spec, views=views)
 
     def eval_spec(self) -> MultiCropSpec:
         """The matching evaluation view (centre crop at ``global_size``), for extraction and k-NN."""

@@ -24,12 +24,12 @@ from models.factory import method_config_from_dict
 from pipeline.config import apply_overrides, from_dict, read_yaml
 from pipeline.errors import PipelineError
 from pipeline.optim import OptimConfig
+from pipeline.precision import PRECISIONS
 from pipeline.spec import AugmentConfig
 from pipeline.tracking import TrackingConfig
 
 BACKENDS = ("auto", "dali", "torch")
 BUNDLED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass

@@ -53,6 +53,7 @@ from pipeline.extraction import extract_features
 from pipeline.loader import build_loader
 from pipeline.optim import OptimizerStep, build_optimizer, build_schedules
 from pipeline.plots import attention_maps, plot_attention_maps, plot_loss_curve
+from pipeline.precision import autocast, resolve_precision
 from pipeline.spec import MultiCropSpec
 from pipeline.tracking import Tracker, git_commit, open_tracker, tracking_run
 from pipeline.train_config import TrainConfig
@@ -176,7 +177,7 @@ class Trainer:
         self.model: nn.Module = self._wrap_distributed(self.method)
         if config.trainer.compile:
             self.method.backbone.compile()
-        self.precision = self._resolve_precision()
+        self.precision = resolve_precision(config.trainer.precision, self.device)
         self.optimizer = build_optimizer(config.optim, self.method)
         scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.step_fn = OptimizerStep(self.optimizer, clip_grad=config.optim.clip_grad, scaler=scaler)
@@ -237,18 +238,6 @@ class Trainer:
         # Queues and centres are per rank or all-reduced by the method itself: never broadcast buffers.
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(method, device_ids=device_ids, broadcast_buffers=False)
-
-    def _resolve_precision(self) -> str:
-        precision = self.config.trainer.precision
-        if precision == "auto":
-            return "bf16" if self.device.type == "cuda" else "fp32"
-        return precision
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
 
     def _loader(self, *, epoch: int, start_batch: int, repeats: np.ndarray | None) -> Any:
         cfg = self.config
@@ -423,7 +412,7 @@ class Trainer:
                 data_time = time.perf_counter() - fetch_start
                 ctx.step = position.step
                 lr, wd = self.schedules.apply(self.optimizer, position.step)
-                with self._autocast():
+                with autocast(self.device, self.precision):
                     out = self.model(batch)
                 grad_norm = self.step_fn(out.loss, self.method, ctx)
                 self.method.on_step_end(ctx)

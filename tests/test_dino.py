@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.backbones import DropPath, create_backbone
 from models.dino import DINO, DINOConfig, DINOLoss, collapse_metrics
 from models.errors import ModelError
 from models.factory import build_method
@@ -165,6 +166,26 @@ def test_teacher_starts_equal_without_gradient_and_is_the_feature_extractor() ->
         assert torch.equal(student, teacher), name
         assert not teacher.requires_grad
     assert model.feature_extractor() is model.teacher_backbone
+
+
+def test_teacher_has_no_stochastic_depth_even_in_train_mode() -> None:
+    """A ViT student with drop_path_rate > 0: the teacher copy must see the whole network (as the
+    original builds it without drop path), so in train mode its output is deterministic and equals the
+    eval-mode output, while the student's paths are still dropped."""
+    torch.manual_seed(0)
+    vit = create_backbone("vit_tiny_p4", depth=2, dim=16, num_heads=2, drop_path_rate=0.9)
+    model = DINO(vit, SMALL).train()
+    images = torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        first, second = model.teacher_backbone(images), model.teacher_backbone(images)
+        whole = model.teacher_backbone.eval()(images)
+        student_a, student_b = model.backbone(images), model.backbone(images)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, whole, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(student_a, student_b)  # the student still drops paths
+    assert max(
+        layer.drop_prob for layer in model.backbone.modules() if isinstance(layer, DropPath)
+    ) == pytest.approx(0.9)
 
 
 def test_forward_equals_the_loss_on_student_all_crops_and_teacher_global_crops() -> None:

@@ -77,6 +77,45 @@ def test_augment_config_overrides_and_eval_spec() -> None:
     assert resolve_spec("dino") == MultiCropSpec.preset("dino")
 
 
+def test_augment_config_colour_overrides_reach_every_random_view_and_keep_the_rest() -> None:
+    """jitter_p, jitter strengths and grayscale_p replace the preset's on every random view; the
+    per-view blur/solarisation of the dino preset are untouched, and unset knobs keep the preset;
+    solarize_p changes only the views the preset solarises."""
+    spec = AugmentConfig(
+        preset="dino",
+        global_size=32,
+        local_size=16,
+        jitter_p=0.3,
+        jitter=(0.5, 0.4, 0.0, 0.0),
+        grayscale_p=0.0,
+    ).to_spec()
+    for view in spec.views:
+        assert (view.jitter_p, view.brightness, view.contrast, view.saturation, view.hue) == (
+            0.3,
+            0.5,
+            0.4,
+            0.0,
+            0.0,
+        )
+        assert view.grayscale_p == 0.0
+    assert [v.blur_p for v in spec.views[:3]] == [1.0, 0.1, 0.5]
+    assert [v.solarize_p for v in spec.views[:3]] == [0.0, 0.2, 0.0]
+    untouched = AugmentConfig(preset="swav", jitter_p=0.0).to_spec().views[0]
+    assert (untouched.jitter_p, untouched.brightness, untouched.grayscale_p) == (0.0, 0.8, 0.2)
+    assert not AugmentConfig(preset="swav", jitter_p=0.0, grayscale_p=0.0).to_spec().views[0].uses_color
+    solarised = AugmentConfig(preset="dino", solarize_p=0.5).to_spec()
+    assert [v.solarize_p for v in solarised.views] == [0.0, 0.5] + [0.0] * 8
+    off = AugmentConfig(preset="dino", solarize_p=0.0).to_spec()
+    assert all(v.solarize_p == 0.0 for v in off.views)
+    assert AugmentConfig(preset="swav", solarize_p=0.0).to_spec() == AugmentConfig(preset="swav").to_spec()
+    with pytest.raises(PipelineError, match="solarises no view"):
+        AugmentConfig(preset="swav", solarize_p=0.2).to_spec()
+    with pytest.raises(PipelineError, match="jitter_p must be a probability"):
+        AugmentConfig(jitter_p=1.5).to_spec()
+    with pytest.raises(PipelineError, match="hue strength"):
+        AugmentConfig(jitter=(0.4, 0.4, 0.4, 0.7)).to_spec()
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

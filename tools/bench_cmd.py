@@ -193,3 +193,120 @@ def _register_extract() -> None:
 
 _register_kmeans()
 _register_extract()
+
+
+@bench.command("train")
+@click.option(
+    "--method",
+    "methods",
+    multiple=True,
+    help="Method to time (repeat the option); default: every registered method.",
+)
+@click.option("--backbone", default="resnet50", show_default=True, help="Backbone name.")
+@click.option(
+    "--backbone-option",
+    "backbone_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Backbone constructor option (repeatable), e.g. depth=6 for a ViT.",
+)
+@click.option(
+    "--preset", type=click.Choice(["swav", "dino"]), default="swav", show_default=True, help="Multi-crop."
+)
+@click.option(
+    "--global-size", type=click.IntRange(min=1), default=224, show_default=True, help="Global crop side."
+)
+@click.option(
+    "--local-size", type=click.IntRange(min=1), default=96, show_default=True, help="Local crop side."
+)
+@click.option(
+    "--num-local", type=click.IntRange(min=0), help="Local crops (default: the preset's, 6 swav / 8 dino)."
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Per step.")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Timed steps.")
+@click.option(
+    "--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed steps first."
+)
+@click.option("--device", default="auto", show_default=True, help="auto (GPU when available), cpu, cuda.")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 on GPU, fp32 on CPU (as the trainer).",
+)
+@click.option(
+    "--optimizer",
+    type=click.Choice(["sgd", "lars", "adamw"]),
+    default="sgd",
+    show_default=True,
+    help="The same optimizer for the bare backbone and every method.",
+)
+@click.option(
+    "--set",
+    "method_overrides",
+    multiple=True,
+    metavar="METHOD.KEY=VALUE",
+    help="Method setting (repeatable), e.g. --set swav.num_prototypes=100; default: the papers' settings.",
+)
+@click.option(
+    "--bank-samples",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Synthetic images for methods that cluster a memory bank at epoch start (untimed).",
+)
+@click.option("--threads", type=click.IntRange(min=1), help="torch intra-op threads (default: torch's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@json_option
+def train_benchmark(
+    methods: tuple[str, ...],
+    backbone: str,
+    backbone_options: tuple[str, ...],
+    preset: str,
+    global_size: int,
+    local_size: int,
+    num_local: int | None,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    precision: str,
+    optimizer: str,
+    method_overrides: tuple[str, ...],
+    bank_samples: int,
+    threads: int | None,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Training images/s of each method on synthetic multi-crop tensors, beside the bare forward+backward
+    of the same backbone on the same tensors (measured before and after), so each method's overhead shows.
+    """
+    import torch
+
+    from models.factory import METHODS
+    from pipeline.config import apply_overrides
+    from pipeline.distributed import DistributedEnv, resolve_device
+    from pipeline.spec import MultiCropSpec
+    from tools.bench_train import render, run_benchmark
+
+    if threads:
+        torch.set_num_threads(threads)
+    spec = MultiCropSpec.preset(preset, global_size=global_size, local_size=local_size, num_local=num_local)
+    summary = run_benchmark(
+        methods=list(methods) or list(METHODS),
+        backbone=backbone,
+        backbone_kwargs=apply_overrides({}, backbone_options),
+        spec=spec,
+        batch_size=batch_size,
+        steps=steps,
+        warmup=warmup,
+        device=resolve_device(device, DistributedEnv()),
+        precision=precision,
+        optimizer=optimizer,
+        method_overrides=method_overrides,
+        bank_samples=bank_samples,
+        seed=seed,
+        progress=not as_json,
+    )
+    emit(summary, as_json, render)
