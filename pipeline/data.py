@@ -89,20 +89,36 @@ def ensure_builtin_digits(
 
 
 def resolve_data(
-    value: str | Sequence[str] | Path, *, split: Split, cache_dir: str | None = None, image_size: int = 32
+    value: str | Sequence[str] | Path,
+    *,
+    split: Split,
+    cache_dir: str | None = None,
+    image_size: int = 32,
+    manifest: str | Path | None = None,
 ) -> Dataset:
-    """A config's data value (directory, manifest, shard URLs, or ``digits``) as a Dataset."""
+    """A config's data value (directory, manifest, shard URLs, or ``digits``) as a Dataset.
+
+    manifest: the set's manifest.json, for shard URLs that have none next to them (``pipe:``, http).
+    """
     if isinstance(value, str) and value == BUILTIN_DIGITS:
         root = ensure_builtin_digits(cache_dir, image_size)
         return Dataset(resolve_shards(root / split), name=f"digits/{split}")
-    return Dataset(resolve_shards(value), name=str(value))
+    return Dataset(resolve_shards(value, manifest), name=str(value))
 
 
 def resolve_dataset(config: DataConfig, *, split: Split) -> Dataset:
-    value = config.train if split == "train" else config.val
+    value, manifest = (
+        (config.train, config.manifest) if split == "train" else (config.val, config.val_manifest)
+    )
     if value is None:
         raise PipelineError(f"the config names no {split} data")
-    return resolve_data(value, split=split, cache_dir=config.cache_dir, image_size=config.digits_image_size)
+    return resolve_data(
+        value,
+        split=split,
+        cache_dir=config.cache_dir,
+        image_size=config.digits_image_size,
+        manifest=manifest,
+    )
 
 
 def dataset_size(data: DataSource) -> int:

@@ -160,8 +160,13 @@ def evaluate_checkpoint(
     tracking_uri: str | None = None,
     experiment: str | None = None,
     parent_run_id: str | None = None,
+    train_manifest: str | None = None,
+    val_manifest: str | None = None,
 ) -> dict[str, object]:
-    """Evaluate a run's feature extractor (and optionally its random-init twin); logs an MLflow run."""
+    """Evaluate a run's feature extractor (and optionally its random-init twin); logs an MLflow run.
+
+    train_manifest / val_manifest: the sets' manifest.json when they are given as URLs (``pipe:``, http).
+    """
     from dataclasses import replace
 
     from pipeline.checkpoint import load_feature_extractor
@@ -172,8 +177,8 @@ def evaluate_checkpoint(
     module, config = load_feature_extractor(checkpoint)
     torch_device = resolve_device(device, DistributedEnv())
     data_kwargs = {"cache_dir": config.data.cache_dir, "image_size": config.data.digits_image_size}
-    train = resolve_data(train_data, split="train", **data_kwargs)
-    val = resolve_data(val_data, split="val", **data_kwargs)
+    train = resolve_data(train_data, split="train", manifest=train_manifest, **data_kwargs)
+    val = resolve_data(val_data, split="val", manifest=val_manifest, **data_kwargs)
     extraction = dict(
         spec=config.augment.eval_spec(),
         batch_size=batch_size,

@@ -206,11 +206,13 @@ def extract_checkpoint(
     num_workers: int = 2,
     device: str = "auto",
     progress: bool = True,
+    manifest: str | Path | None = None,
 ) -> MemoryBank:
     """The bank of a run's feature extractor over ``data`` (eval view of the run's augment section).
 
     checkpoint: a checkpoint.pt, a backbone.pt or a run directory holding either.
     data:       a shard set in any of the loader's forms, or ``digits`` (then ``split`` says which).
+    manifest:   the set's manifest.json when ``data`` is URLs with none next to them (``pipe:``, http).
     The bank's metadata names the checkpoint (path and sha256) and the shard set (directory, manifest
     hash and path), which is what ``cluster_bank`` reads sample images back from, and the view.
     Re-running after an interruption continues the bank (``bank.rows_resumed`` says how many rows were
@@ -236,9 +238,10 @@ def extract_checkpoint(
             split=split,  # type: ignore[arg-type]
             cache_dir=config.data.cache_dir,
             image_size=config.data.digits_image_size,
+            manifest=manifest,
         ).source
     else:
-        shardset = resolve_shards(data)
+        shardset = resolve_shards(data, manifest)
     root = shardset.root
     spec = config.augment.eval_spec()
     source = {

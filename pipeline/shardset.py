@@ -128,7 +128,8 @@ def _manifest_for(urls: Sequence[str], manifest: Manifest | str | Path | None) -
     where = ", ".join(sorted(str(p) for p in parents)) or "next to the URLs"
     raise PipelineError(
         f"cannot tell how many samples the shards hold: no {MANIFEST_NAME} in {where}; "
-        "pass the shard directory, or manifest= with the set's manifest.json"
+        "pass the shard directory, or give the set's manifest.json (data.manifest / data.val_manifest "
+        "in a config, --manifest / --train-manifest / --val-manifest on the command line, manifest= in Python)"
     )
 
 

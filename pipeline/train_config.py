@@ -36,9 +36,14 @@ BUNDLED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 class DataConfig:
     train: str | list[str] = "digits"
     """Training shards: a shard directory, its manifest.json, a list of shard URLs (brace patterns and
-    pipe: URLs for the torch backend), or `digits` (scikit-learn's digits, converted on first use)."""
+    pipe: URLs for the torch backend; then `manifest` gives the counts), or `digits` (scikit-learn's
+    digits, converted on first use)."""
+    manifest: str | None = None
+    """The manifest.json of `train` when it is given as URLs with no manifest next to them (pipe:, http)."""
     val: str | list[str] | None = None
     """Labelled shards for k-NN/NMI evaluation (same forms; `digits` = the built-in hold-out split)."""
+    val_manifest: str | None = None
+    """The manifest.json of `val` when it is given as URLs (see `manifest`)."""
     backend: str = "auto"
     """Augmentation backend: dali, torch, or auto (DALI when it imports)."""
     num_workers: int = 2

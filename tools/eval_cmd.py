@@ -30,6 +30,10 @@ def eval_group() -> None:
     required=True,
     help="Labelled query shards (same forms; `digits` = the built-in hold-out).",
 )
+@click.option(
+    "--train-manifest", help="manifest.json of --train when it is URLs with none next to them (pipe:, http)."
+)
+@click.option("--val-manifest", help="manifest.json of --val when it is URLs (see --train-manifest).")
 @click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True)
@@ -47,6 +51,8 @@ def knn(
     checkpoint: str,
     train_data: str,
     val_data: str,
+    train_manifest: str | None,
+    val_manifest: str | None,
     backend: str,
     batch_size: int,
     num_workers: int,
@@ -78,6 +84,8 @@ def knn(
         track=not no_track,
         tracking_uri=tracking_uri,
         experiment=experiment,
+        train_manifest=train_manifest,
+        val_manifest=val_manifest,
     )
     emit(summary, as_json, _render)
 

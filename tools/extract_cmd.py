@@ -22,6 +22,9 @@ from tools.cli import emit, json_option
     show_default=True,
     help="With DATA = digits: which split of the built-in digits.",
 )
+@click.option(
+    "--manifest", help="manifest.json of DATA when it is URLs with none next to them (pipe:, http)."
+)
 @click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option(
@@ -45,6 +48,7 @@ def extract(
     data: str,
     out_dir: str,
     split: str,
+    manifest: str | None,
     backend: str,
     batch_size: int,
     num_workers: int,
@@ -76,6 +80,7 @@ def extract(
         num_workers=num_workers,
         device=device,
         progress=not as_json,
+        manifest=manifest,
     )
     seconds = time.perf_counter() - start
     if not DistributedEnv.from_environment().is_main:
