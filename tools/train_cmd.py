@@ -24,7 +24,9 @@ def tracking_overrides(no_track: bool, tracking_uri: str | None, experiment: str
 
 def tracking_options(command: Any) -> Any:
     """--no-track, --tracking-uri and --experiment, shared by every command that logs to MLflow."""
-    command = click.option("--experiment", help="MLflow experiment name (default: clusterssl).")(command)
+    command = click.option(
+        "--experiment", help="MLflow experiment name (default: the config's tracking.experiment)."
+    )(command)
     command = click.option(
         "--tracking-uri",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).",
