@@ -133,11 +133,14 @@ class PipelineSummary:
     stages: dict[str, StageResult]
     seconds: float
     interrupted: bool = False
+    tracking_uri: str | None = None
+    """The MLflow store the pipeline run went to (None: not tracked)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "run_id": self.run_id,
+            "tracking_uri": self.tracking_uri,
             "seconds": round(self.seconds, 2),
             "interrupted": self.interrupted,
             "stages": {
@@ -269,7 +272,12 @@ class PipelineRunner:
             raise
         self.parent.close(status)
         return PipelineSummary(
-            self.config.name, parent_run_id, results, time.perf_counter() - started, interrupted
+            self.config.name,
+            parent_run_id,
+            results,
+            time.perf_counter() - started,
+            interrupted,
+            tracking_uri=self.parent.tracking_uri,
         )
 
     # -- stages -------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -46,6 +47,8 @@ class TrackingConfig:
 
 class Tracker(Protocol):
     run_id: str | None
+    tracking_uri: str | None
+    """The store the run is logged to (None when nothing is tracked)."""
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
@@ -59,6 +62,7 @@ class NullTracker:
     """Tracks nothing: for --no-track and for every rank but 0."""
 
     run_id: str | None = None
+    tracking_uri: str | None = None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         pass
@@ -83,6 +87,13 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def ui_hint(uri: str) -> str:
+    """How to look at the runs in ``uri``: open a tracking server's address, or serve a local store."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+
+
 def _limit_http_retries() -> None:
     """Make an unreachable server fail in seconds, not after minutes of back-off (user settings win)."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -95,7 +106,7 @@ class MlflowTracker:
     def __init__(self, client: Any, run_id: str, tracking_uri: str, system_metrics: bool) -> None:
         self._client = client
         self.run_id: str | None = run_id
-        self.tracking_uri = tracking_uri
+        self.tracking_uri: str | None = tracking_uri
         self._failed = False
         self._monitor = self._start_system_metrics() if system_metrics else None
 

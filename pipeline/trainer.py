@@ -108,6 +108,8 @@ class TrainSummary:
     images_per_s: float
     last_loss: float | None
     interrupted: bool = False
+    tracking_uri: str | None = None
+    """The MLflow store the run went to (None: not tracked)."""
     eval: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -547,6 +549,7 @@ class Trainer:
             images_per_s=round(images_seen / seconds, 1) if seconds > 0 else 0.0,
             last_loss=self.losses[-1][1] if self.losses else None,
             interrupted=interrupted,
+            tracking_uri=self.tracker.tracking_uri if self.tracker else None,
             eval=eval_result.metrics() if eval_result else {},
         )
 

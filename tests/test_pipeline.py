@@ -34,6 +34,7 @@ def test_parent_and_child_runs_then_everything_skipped(tmp_path: Path) -> None:
     config = from_dict(PipelineConfig, pipeline_dict(tmp_path))
     first = run_pipeline(config, progress=False)
     assert [name for name, r in first.stages.items() if not r.skipped] == STAGES
+    assert first.tracking_uri == config.tracking.uri and first.to_json()["tracking_uri"] == config.tracking.uri
     client = MlflowClient(config.tracking.uri)
     children = children_of(client, first.run_id)
     assert sorted(children) == sorted(STAGES)

@@ -89,6 +89,7 @@ def demo(
             f"unknown demo method(s) {', '.join(unknown) or '(none)'}; known: {', '.join(DEMO_METHODS)}"
         )
     rows = []
+    tracking_uri = None
     for method in chosen:
         if not as_json:
             click.echo(f"== {method}", err=True)
@@ -97,6 +98,7 @@ def demo(
         )
         if summary.interrupted:
             raise SystemExit(130)
+        tracking_uri = summary.tracking_uri
         evaluate = summary.stages["evaluate"].record.outputs
         rows.append(
             {
@@ -107,16 +109,21 @@ def demo(
                 "run_id": summary.run_id,
             }
         )
-    emit({"methods": rows, "tracking_uri": None if no_track else "sqlite:///mlflow.db"}, as_json, _render)
+    emit({"methods": rows, "tracking_uri": tracking_uri}, as_json, render_demo_summary)
 
 
-def _render(summary: Mapping[str, Any]) -> str:
+def render_demo_summary(summary: Mapping[str, Any]) -> str:
     lines = ["", f"{'method':<12} {'k-NN top-1':>10} {'NMI':>7} {'time':>8}"]
     for row in summary["methods"]:
         lines.append(
             f"{row['method']:<12} {row['knn_top1']:>10.4f} {row['nmi']:>7.4f} {row['seconds']:>7.0f}s"
         )
-    if summary["tracking_uri"]:
-        lines += ["", "Browse the runs (one pipeline run per method, a child run per stage):",
-                  "  mlflow ui --backend-store-uri sqlite:///mlflow.db   # then open http://127.0.0.1:5000"]  # fmt: skip
+    uri = summary["tracking_uri"]
+    if uri:
+        from pipeline.tracking import ui_hint
+
+        hint = ui_hint(uri)
+        if hint.startswith("mlflow ui"):
+            hint += "   # then open http://127.0.0.1:5000"
+        lines += ["", "Browse the runs (one pipeline run per method, a child run per stage):", f"  {hint}"]
     return "\n".join(lines)

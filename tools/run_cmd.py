@@ -57,5 +57,7 @@ def render_pipeline(summary: Mapping[str, Any]) -> str:
     if "knn_top1" in evaluate:
         lines.append(f"  k-NN top-1 {evaluate['knn_top1']:.4f}   NMI {evaluate['nmi']:.4f}")
     if summary.get("run_id"):
-        lines.append(f"  MLflow parent run {summary['run_id']}")
+        from pipeline.tracking import ui_hint
+
+        lines.append(f"  MLflow parent run {summary['run_id']}  ({ui_hint(summary['tracking_uri'])})")
     return "\n".join(lines)

@@ -81,9 +81,9 @@ def render_train_summary(summary: Mapping[str, Any]) -> str:
             f"  k-NN top-1  {summary['knn_top1']:.4f}   NMI {summary['nmi']:.4f}   ARI {summary['ari']:.4f}"
         )
     if summary.get("run_id"):
-        lines.append(
-            f"  MLflow run  {summary['run_id']}  (mlflow ui --backend-store-uri sqlite:///mlflow.db)"
-        )
+        from pipeline.tracking import ui_hint
+
+        lines.append(f"  MLflow run  {summary['run_id']}  ({ui_hint(summary['tracking_uri'])})")
     if summary["interrupted"]:
         lines.append("  continue with: clusterssl train CONFIG --resume (same --set options)")
     return "\n".join(lines)
