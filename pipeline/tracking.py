@@ -253,11 +253,21 @@ def _default_artifact_location(uri: str, experiment: str) -> str | None:
     return None
 
 
+@dataclass
+class RunOutcome:
+    """How ``tracking_run`` closes a run whose body returns normally."""
+
+    status: str = "FINISHED"
+    """FINISHED, or KILLED for a run that stopped early on a signal (after checkpointing)."""
+
+
 @contextmanager
-def tracking_run(tracker: Tracker) -> Iterator[Tracker]:
-    """Close the run as FINISHED, or FAILED/KILLED when the body raises."""
+def tracking_run(tracker: Tracker) -> Iterator[RunOutcome]:
+    """Close the run as the body's outcome says (FINISHED unless it sets KILLED), or FAILED/KILLED when
+    the body raises."""
+    outcome = RunOutcome()
     try:
-        yield tracker
+        yield outcome
     except KeyboardInterrupt:
         tracker.close("KILLED")
         raise
@@ -265,7 +275,7 @@ def tracking_run(tracker: Tracker) -> Iterator[Tracker]:
         tracker.close("FAILED")
         raise
     else:
-        tracker.close("FINISHED")
+        tracker.close(outcome.status)
 
 
 def git_commit(cwd: str | Path | None = None) -> str:

@@ -378,11 +378,14 @@ class Trainer:
         repeats = getattr(self, "sample_repeats", None)
         if repeats is not None:
             self.ctx.sample_repeats = np.asarray(repeats)
-        with tracking_run(self.tracker), _StopRequest().installed() as stop:
+        with tracking_run(self.tracker) as outcome, _StopRequest().installed() as stop:
             if resumed_run is None:
                 self.tracker.log_params(flatten(to_dict(cfg)))
                 self.tracker.log_text(dump_yaml(cfg), CONFIG_FILE)
-            return self._train(stop)
+            summary = self._train(stop)
+            if summary.interrupted:  # stopped on a signal: the run is not finished, --resume continues it
+                outcome.status = "KILLED"
+            return summary
 
     def _tags(self) -> dict[str, str]:
         cfg = self.config

@@ -68,3 +68,33 @@ def test_resumed_run_logs_into_the_same_mlflow_run(tmp_path: Path) -> None:
     client = MlflowClient(config.uri)
     assert [m.value for m in client.get_metric_history(run_id, "loss")] == [2.0, 1.0]
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+class ClosingTracker(NullTracker):
+    """Records the status each close() was given."""
+
+    def __init__(self) -> None:
+        self.closed: list[str] = []
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.closed.append(status)
+
+
+def test_tracking_run_closes_with_the_outcome_of_its_body() -> None:
+    from pipeline.tracking import tracking_run
+
+    finished, stopped, failed, interrupted = (ClosingTracker() for _ in range(4))
+    with tracking_run(finished):
+        pass
+    with tracking_run(stopped) as outcome:
+        outcome.status = "KILLED"  # what the trainer sets after checkpointing on SIGTERM/SIGINT
+    with pytest.raises(ValueError), tracking_run(failed):
+        raise ValueError
+    with pytest.raises(KeyboardInterrupt), tracking_run(interrupted):
+        raise KeyboardInterrupt
+    assert [t.closed for t in (finished, stopped, failed, interrupted)] == [
+        ["FINISHED"],
+        ["KILLED"],
+        ["FAILED"],
+        ["KILLED"],
+    ]

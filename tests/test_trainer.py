@@ -114,7 +114,11 @@ def test_interrupted_and_resumed_run_reproduces_the_losses(
     expected = step_losses(tmp_path / "reference")
     assert len(expected) == 21  # 3 epochs × 7 batches of 256 over 1,618 samples
 
-    resumable = tiny_config(digits16, tmp_path / "resumed", method, trainer={"epochs": 3}, data=no_eval)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracked = {"enabled": True, "uri": uri, "experiment": "t", "system_metrics": False}
+    resumable = tiny_config(
+        digits16, tmp_path / "resumed", method, trainer={"epochs": 3}, data=no_eval, tracking=tracked
+    )
     config = write_config(tmp_path / "cfg.yaml", resumable)
     process = _cli("train", str(config), cwd=tmp_path)
     metrics = tmp_path / "resumed" / "metrics.jsonl"
@@ -126,10 +130,16 @@ def test_interrupted_and_resumed_run_reproduces_the_losses(
     assert process.returncode == 130, stderr
     done = len(step_losses(tmp_path / "resumed"))
     assert 4 <= done < 21, "stopped mid-run"
+    from mlflow import MlflowClient
+
+    [run] = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("t").experiment_id])
+    assert run.info.status == "KILLED", "an interrupted run is not finished"
 
     summary = train(build_train_config(resumable), resume=True, progress=False)
     assert summary.steps == 21 and not summary.interrupted
     assert step_losses(tmp_path / "resumed") == expected
+    assert summary.run_id == run.info.run_id
+    assert MlflowClient(uri).get_run(run.info.run_id).info.status == "FINISHED"
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(digits16: Path, tmp_path: Path) -> None:
