@@ -7,6 +7,7 @@ torch.distributed; under ``torchrun`` the process group is created here (NCCL on
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -71,6 +72,20 @@ def init_distributed(env: DistributedEnv, device: torch.device, timeout_s: float
 def barrier(env: DistributedEnv) -> None:
     if env.is_distributed and dist.is_initialized():
         dist.barrier()
+
+
+def same_on_all_ranks(env: DistributedEnv, values: Sequence[int], device: torch.device) -> bool:
+    """Whether every rank passed the same integers (always True for a single process).
+
+    A collective: every rank must call it, with the same number of values.
+    """
+    if not env.is_distributed or not dist.is_initialized():
+        return True
+    low = torch.tensor(list(values), dtype=torch.int64, device=device)
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(low, high))
 
 
 def shutdown_distributed() -> None:

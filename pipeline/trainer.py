@@ -46,7 +46,13 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import dump_yaml, flatten, to_dict
 from pipeline.data import Dataset, resolve_dataset
-from pipeline.distributed import DistributedEnv, barrier, init_distributed, resolve_device
+from pipeline.distributed import (
+    DistributedEnv,
+    barrier,
+    init_distributed,
+    resolve_device,
+    same_on_all_ranks,
+)
 from pipeline.errors import PipelineError
 from pipeline.evaluation import EvalResult, evaluate_features, extract_eval_features
 from pipeline.extraction import extract_features
@@ -201,17 +207,32 @@ class Trainer:
 
     # -- setup helpers ------------------------------------------------------------------------------
     def _load_resume_checkpoint(self, resume: bool) -> dict[str, Any] | None:
+        found = self.checkpoint_path.exists()
+        checkpoint = load_checkpoint(self.checkpoint_path) if resume and found else None
+        self._check_ranks_see_the_same_checkpoint(found, checkpoint)
         if resume:
-            if not self.checkpoint_path.exists():
+            if checkpoint is None:
                 log.warning("--resume: no checkpoint in %s yet, starting from scratch", self.output_dir)
-                return None
-            return load_checkpoint(self.checkpoint_path)
-        if self.checkpoint_path.exists():
+            return checkpoint
+        if found:
             raise PipelineError(
                 f"{self.output_dir} already holds a checkpoint; continue it with --resume or choose another "
                 "--set trainer.output_dir=…"
             )
         return None
+
+    def _check_ranks_see_the_same_checkpoint(self, found: bool, checkpoint: dict[str, Any] | None) -> None:
+        """Every rank reads checkpoint.pt itself: under torchrun across nodes, a rank that does not see
+        it (output_dir on node-local storage) would start from scratch while the others resume."""
+        position = position_of(checkpoint) if checkpoint is not None else None
+        seen = [int(found), *((position.epoch, position.step) if position else (-1, -1))]
+        if same_on_all_ranks(self.env, seen, self.device):
+            return
+        mine = f"epoch {position.epoch}, step {position.step}" if position else ("found" if found else "none")
+        raise PipelineError(
+            f"the ranks do not see the same checkpoint in {self.output_dir} (rank {self.env.rank}: {mine}); "
+            "trainer.output_dir must be on storage all nodes share"
+        )
 
     def _resolve_data(self) -> tuple[Dataset, Dataset | None]:
         """Rank 0 first, then the others: the built-in digits are converted once, by one process."""

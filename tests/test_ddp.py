@@ -4,6 +4,7 @@ and `torchrun … clusterssl train` finishes on uneven shards (a timeout guards 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import shutil
 import subprocess
@@ -130,3 +131,61 @@ def test_torchrun_trains_on_uneven_shards_and_resumes(
     )
     assert second.returncode == 0, second.stderr[-3000:]
     assert sorted(step_losses(tmp_path / "run")) == list(range(18))
+
+
+def resume_worker(rank: int, port: int, configs: list[dict[str, Any]], out_dir: str) -> None:
+    """A rank of a 2-process torchrun-like world (env:// rendezvous) that builds a Trainer with --resume."""
+    from pipeline.distributed import DistributedEnv, same_on_all_ranks
+    from pipeline.errors import PipelineError
+    from pipeline.train_config import build_train_config
+    from pipeline.trainer import Trainer
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    result: dict[str, Any] = {}
+    try:
+        Trainer(build_train_config(configs[rank]), resume=True, progress=False)
+        result["error"] = None
+    except PipelineError as error:
+        result["error"] = str(error)
+    env, cpu = DistributedEnv.from_environment(), torch.device("cpu")
+    result["same"] = same_on_all_ranks(env, [3, 7], cpu)
+    result["different"] = same_on_all_ranks(env, [3, 7 + rank], cpu)
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_ranks_that_see_different_checkpoints_refuse_to_resume(digits16: Path, tmp_path: Path) -> None:
+    """Rank 0 finds a checkpoint in its output_dir, rank 1 (another node's local disk) finds none: both
+    stop with the same one-line reason instead of rank 1 training from scratch beside resumed ranks."""
+    from pipeline.train_config import build_train_config
+    from pipeline.trainer import train
+
+    no_eval = {"train": str(digits16 / "train"), "val": None}
+    configs = [
+        tiny_config(digits16, tmp_path / f"node{rank}", trainer={"epochs": 1, "device": "cpu"}, data=no_eval)
+        for rank in range(WORLD_SIZE)
+    ]
+    train(build_train_config(configs[0]), progress=False)  # only node 0's directory holds checkpoint.pt
+    mp.start_processes(
+        resume_worker,
+        args=(free_port(), configs, str(tmp_path)),
+        nprocs=WORLD_SIZE,
+        start_method="spawn",
+    )
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+    assert [r["same"] for r in results] == [True, True]
+    assert [r["different"] for r in results] == [False, False]
+    assert "rank 0: epoch 1, step 7" in results[0]["error"] and "rank 1: none" in results[1]["error"]
+    for result in results:
+        assert "output_dir must be on storage all nodes share" in result["error"]
+        assert "\n" not in result["error"]
