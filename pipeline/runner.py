@@ -496,4 +496,18 @@ class PipelineRunner:
 
 
 def run_pipeline(config: PipelineConfig, *, progress: bool = True) -> PipelineSummary:
+    """Run the stages in one process (refused under torchrun: the runner is not rank-aware)."""
+    check_single_process()
     return PipelineRunner(config, progress=progress).run()
+
+
+def check_single_process() -> None:
+    """Under torchrun every rank would convert, write the stage records and open MLflow runs of its own."""
+    from pipeline.distributed import DistributedEnv
+
+    world_size = DistributedEnv.from_environment().world_size
+    if world_size > 1:
+        raise PipelineError(
+            f"the pipeline runs as one process, not under torchrun (WORLD_SIZE={world_size}); run it with "
+            "plain `clusterssl run`, or run its pretrain stage under torchrun with `clusterssl train CONFIG`"
+        )

@@ -34,7 +34,9 @@ def test_parent_and_child_runs_then_everything_skipped(tmp_path: Path) -> None:
     config = from_dict(PipelineConfig, pipeline_dict(tmp_path))
     first = run_pipeline(config, progress=False)
     assert [name for name, r in first.stages.items() if not r.skipped] == STAGES
-    assert first.tracking_uri == config.tracking.uri and first.to_json()["tracking_uri"] == config.tracking.uri
+    assert (
+        first.tracking_uri == config.tracking.uri and first.to_json()["tracking_uri"] == config.tracking.uri
+    )
     client = MlflowClient(config.tracking.uri)
     children = children_of(client, first.run_id)
     assert sorted(children) == sorted(STAGES)
@@ -109,3 +111,25 @@ def test_bad_pipeline_settings_are_one_line(tmp_path: Path, key: str) -> None:
     result = CliRunner().invoke(cli, ["run", str(path), "--set", key, "--no-track"])
     assert result.exit_code == 2, result.output
     assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_run_under_torchrun_stops_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from tools.cli import cli
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipeline_dict(tmp_path)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    for args in (["run", str(path)], ["demo", "--methods", "swav", "--data-dir", str(tmp_path / "data"),
+                                      "--workdir", str(tmp_path / "work")]):  # fmt: skip
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, result.output
+        [line] = [line for line in result.stderr.splitlines() if line.strip()]
+        assert "not under torchrun (WORLD_SIZE=2)" in line and "clusterssl train" in line
+    assert (
+        not (tmp_path / "work").exists()
+        and not (tmp_path / "data").exists()
+        and not (tmp_path / "shards").exists()
+    )

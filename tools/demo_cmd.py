@@ -80,8 +80,9 @@ def demo(
 ) -> None:
     """Run the built-in demo: digits → shards → pretrain → extract → cluster → evaluate, per method."""
     from models.errors import ModelError
-    from pipeline.runner import run_pipeline
+    from pipeline.runner import check_single_process, run_pipeline
 
+    check_single_process()
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in DEMO_METHODS]
     if unknown or not chosen:
