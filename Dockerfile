@@ -4,8 +4,10 @@
 #
 #   docker build -t clusterssl .
 #   docker run --rm clusterssl                                   # prints the CLI help
-#   docker run --gpus all --ipc=host -v /data:/data -v $PWD/runs:/workspace/runs clusterssl \
+#   docker run --gpus all --ipc=host -v /data:/data -v $PWD:/workspace clusterssl \
 #       clusterssl train swav_imagenet --set data.train=/data/imagenet-shards/train
+# Mount the whole of /workspace: the runs (runs/), the MLflow store (mlflow.db) and its artifacts
+# (mlruns/) all live there and would vanish with the --rm container otherwise.
 #   docker run --gpus all --ipc=host ... clusterssl \
 #       torchrun --standalone --nproc_per_node=8 -m tools.cli train swav_imagenet --set data.train=/data/...
 FROM nvidia/cuda:13.0.0-base-ubuntu24.04
@@ -34,10 +36,14 @@ COPY models ./models
 COPY tools ./tools
 COPY configs ./configs
 # The project depends on faiss-cpu (what CI and laptops use); on GPUs swap it for faiss-gpu, which
-# installs the same `faiss` module.
+# installs the same `faiss` module. PyPI has no CUDA 13 build of faiss (no faiss-gpu-cu13): Meta's
+# faiss-gpu wheel links the CUDA 12 runtime and cuBLAS it pulls in as nvidia-*-cu12 wheels, so it runs
+# beside torch's CUDA 13 libraries and needs only a driver that supports CUDA 12.x, which every CUDA 13
+# driver does. (faiss-gpu rather than faiss-gpu-cu12: the latter has no recent wheel for this image's Python
+# 3.12 and would fall back to 1.9.0, which pins numpy < 2.)
 RUN pip install . \
     && pip uninstall -y faiss-cpu \
-    && pip install "faiss-gpu-cu12>=1.8" \
+    && pip install "faiss-gpu>=1.15.1" \
     && python -c "import faiss, nvidia.dali, mlflow, torch, torchvision, tools.cli"
 
 WORKDIR /workspace
