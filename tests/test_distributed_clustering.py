@@ -17,7 +17,7 @@ import torch
 from models.deepcluster_v2 import DeepClusterV2, DeepClusterV2Config
 from models.pcl import PCL, PCLConfig, shuffled_key_forward
 from pipeline.distributed import DistributedEnv
-from pipeline.extraction import extract_features
+from pipeline.extraction import ExtractionSettings, extract_features
 from pipeline.memory_bank import MemoryBank
 from tests.distributed_helpers import gloo_process_group, load_rank_results, run_ranks
 from tests.extraction_helpers import EVAL_SPEC, tiny_module
@@ -46,9 +46,7 @@ def worker(rank: int, init_file: str, out_dir: str, data: str) -> None:
         MemoryBank.write = recording_write  # type: ignore[method-assign]
         common: dict[str, Any] = {
             "spec": EVAL_SPEC,
-            "batch_size": 100,
-            "backend": "torch",
-            "num_workers": 0,
+            "settings": ExtractionSettings(batch_size=100, backend="torch", num_workers=0),
             "env": env,
             "progress": False,
         }
@@ -111,9 +109,7 @@ def rank_results(digits16: Path, tmp_path_factory: pytest.TempPathFactory) -> li
         tiny_module(),
         data,
         spec=EVAL_SPEC,
-        batch_size=100,
-        backend="torch",
-        num_workers=0,
+        settings=ExtractionSettings(batch_size=100, backend="torch", num_workers=0),
         out_dir=tmp / "partial",
         source={"test": "resume"},
         max_batches=PARTIAL_BATCHES,
