@@ -2,7 +2,8 @@
 
 Extraction options (`clusterssl extract`, `clusterssl eval knn`, `clusterssl bench extract`) become a
 ``pipeline.extraction.ExtractionSettings``; their defaults are that class's (tests check both agree). Tracking options (`train`,
-`run`, `eval knn`) become overrides of a config's ``tracking`` section.
+`run`, `eval knn`) become overrides of a config's ``tracking`` section. Crop sides serve the benchmarks
+that build a multi-crop preset (`bench loader`, `bench train`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,16 @@ device_option = click.option(
 def num_workers_option(help: str | None = None) -> Callable[[Command], Command]:
     """--num-workers (default 2); ``help`` says what the count should match for this command."""
     return click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True, help=help)
+
+
+def crop_size_options(command: Command) -> Command:
+    """--global-size and --local-size: the multi-crop sides of the benchmarks that build a preset's views."""
+    command = click.option(
+        "--local-size", type=click.IntRange(min=1), default=96, show_default=True, help="Local crop side."
+    )(command)
+    return click.option(
+        "--global-size", type=click.IntRange(min=1), default=224, show_default=True, help="Global crop side."
+    )(command)
 
 
 def tracking_options(command: Command) -> Command:
