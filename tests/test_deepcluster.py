@@ -251,7 +251,9 @@ def test_classifier_is_reinitialised_and_its_optimizer_state_dropped_every_clust
         method.on_epoch_start(run_ctx)
         assert torch.equal(method.classifier.bias, torch.zeros(6))
         assert not torch.allclose(method.classifier.weight, trained)
-        assert float(method.classifier.weight.detach().std()) == pytest.approx(0.01, rel=0.35)  # 48 weights only
+        assert float(method.classifier.weight.detach().std()) == pytest.approx(
+            0.01, rel=0.35
+        )  # 48 weights only
         # The classifier's momentum is gone; the backbone keeps its own.
         assert (
             method.classifier.weight not in optimizer.state and method.classifier.bias not in optimizer.state

@@ -18,6 +18,7 @@ def test_demo_runs_the_pipeline_and_prints_a_table(tmp_path: Path) -> None:
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     [row] = summary["methods"]
     assert row["method"] == "swav" and 0.0 < row["knn_top1"] <= 1.0 and 0.0 <= row["nmi"] <= 1.0
+    assert 0.0 < row["random_init_knn_top1"] <= 1.0 and 0.0 <= row["random_init_nmi"] <= 1.0
     manifests = {
         name: json.loads((tmp_path / "data" / "digits" / name / "manifest.json").read_text())
         for name in ("train", "val")
@@ -29,6 +30,8 @@ def test_demo_runs_the_pipeline_and_prints_a_table(tmp_path: Path) -> None:
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0, again.output
     assert "swav" in again.output and "k-NN top-1" in again.output
+    [floor] = [line for line in again.output.splitlines() if line.startswith("random init")]
+    assert f"{row['random_init_knn_top1']:.4f}" in floor
 
 
 def test_unknown_demo_method_is_one_line() -> None:

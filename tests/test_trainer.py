@@ -136,7 +136,10 @@ def test_cli_errors_are_one_line_with_exit_code_2(digits16: Path, tmp_path: Path
     config = write_config(tmp_path / "cfg.yaml", tiny_config(digits16, tmp_path / "run"))
     cases = {
         ("--set", "optim.lrr=1"): "unknown config key 'optim.lrr'",
-        ("--set", "method.name=swv"): "unknown method 'swv'; known: deepcluster, deepcluster_v2, dino, pcl, swav",
+        (
+            "--set",
+            "method.name=swv",
+        ): "unknown method 'swv'; known: deepcluster, deepcluster_v2, dino, pcl, swav",
         ("--set", "model.backbone=resnt18"): "unknown backbone 'resnt18'; known:",
         ("--set", "data.train=/nonexistent/shards"): "no shard set at /nonexistent/shards",
         (

@@ -43,7 +43,7 @@ def demo_pipeline(method: str, data_dir: Path, workdir: Path, epochs: int | None
                 "overrides": [f"trainer.epochs={epochs or DEMO_EPOCHS[method]}", "trainer.eval_every=0"],
             },
             "cluster": {"k": [10]},
-            "evaluate": {"baseline": False},
+            "evaluate": {"baseline": True},
             "tracking": {"enabled": track, "experiment": "clusterssl-demo"},
         },
     )
@@ -103,6 +103,8 @@ def demo(
                 "method": method,
                 "knn_top1": evaluate["knn_top1"],
                 "nmi": evaluate["nmi"],
+                "random_init_knn_top1": evaluate.get("random_init_knn_top1"),
+                "random_init_nmi": evaluate.get("random_init_nmi"),
                 "seconds": round(summary.seconds, 1),
                 "run_id": summary.run_id,
             }
@@ -115,6 +117,13 @@ def _render(summary: Mapping[str, Any]) -> str:
     for row in summary["methods"]:
         lines.append(
             f"{row['method']:<12} {row['knn_top1']:>10.4f} {row['nmi']:>7.4f} {row['seconds']:>7.0f}s"
+        )
+    # Every digits config uses the same backbone and seed, so one random-init row serves as the floor.
+    floor = next((row for row in summary["methods"] if row.get("random_init_knn_top1") is not None), None)
+    if floor is not None:
+        lines.append(
+            f"{'random init':<12} {floor['random_init_knn_top1']:>10.4f} {floor['random_init_nmi']:>7.4f}"
+            "   (same backbone, untrained: the floor to beat)"
         )
     if summary["tracking_uri"]:
         lines += ["", "Browse the runs (one pipeline run per method, a child run per stage):",
