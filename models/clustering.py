@@ -174,50 +174,7 @@ def kmeans(
     """
     matrix = as_feature_matrix(features)
     k = _check_k(k, matrix.shape[0])
-    return _kmeans_matrix(
-        matrix,
-        k,
-        niter=niter,
-        seed=seed,
-        spherical=spherical,
-        num_gpus=_resolve_gpus(gpu),
-        nredo=nredo,
-        max_points_per_centroid=max_points_per_centroid,
-        verbose=verbose,
-        init=init,
-        init_points_per_centroid=init_points_per_centroid,
-        init_trials=init_trials,
-    )
-
-
-def multi_kmeans(features: Any, ks: Sequence[int], **kwargs: Any) -> list[KMeansResult]:
-    """k-means for each k in ``ks`` on the same bank (PCL's hierarchy of clusterings). The bank is
-    validated and converted once, every k is checked before any clustering starts. ``kwargs`` are those
-    of ``kmeans``."""
-    matrix = as_feature_matrix(features)
-    if len(ks) == 0:
-        raise ModelError("multi_kmeans needs at least one k")
-    checked = [_check_k(k, matrix.shape[0]) for k in ks]
-    num_gpus = _resolve_gpus(kwargs.pop("gpu", None))
-    return [_kmeans_matrix(matrix, k, num_gpus=num_gpus, **kwargs) for k in checked]
-
-
-def _kmeans_matrix(
-    matrix: np.ndarray,
-    k: int,
-    *,
-    niter: int = 20,
-    seed: int = 0,
-    spherical: bool = False,
-    num_gpus: int = 0,
-    nredo: int = 1,
-    max_points_per_centroid: int | None = None,
-    verbose: bool = False,
-    init: str = "kmeans++",
-    init_points_per_centroid: int = 10,
-    init_trials: int = 32,
-) -> KMeansResult:
-    """``kmeans`` on an already validated float32 matrix and an already checked k."""
+    num_gpus = _resolve_gpus(gpu)
     if init not in KMEANS_INITS:
         raise ModelError(f"unknown k-means init {init!r}; known: {', '.join(KMEANS_INITS)}")
     if niter < 1 or nredo < 1:
@@ -251,6 +208,17 @@ def _kmeans_matrix(
             best = result
     assert best is not None
     return best
+
+
+def multi_kmeans(features: Any, ks: Sequence[int], **kwargs: Any) -> list[KMeansResult]:
+    """k-means for each k in ``ks`` on the same bank (PCL's hierarchy of clusterings). The bank is
+    converted once (``kmeans`` then takes the float32 matrix in place) and every k is checked before any
+    clustering starts. ``kwargs`` are those of ``kmeans``."""
+    matrix = as_feature_matrix(features)
+    if len(ks) == 0:
+        raise ModelError("multi_kmeans needs at least one k")
+    checked = [_check_k(k, matrix.shape[0]) for k in ks]
+    return [kmeans(matrix, k, **kwargs) for k in checked]
 
 
 def _kmeans_once(

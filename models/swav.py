@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from models import distributed
 from models.backbones import embed_views
+from models.buffers import RuntimeShapedBuffers
 from models.errors import ModelError
 from models.heads import ProjectionHead, Prototypes
 from models.losses import cross_entropy_to_other_views
@@ -110,7 +111,7 @@ def code_metrics(codes: Tensor) -> dict[str, Tensor]:
     }
 
 
-class SwAV(Method):
+class SwAV(RuntimeShapedBuffers, Method):
     """Backbone → projection MLP → L2-normalise → prototypes, trained with swapped Sinkhorn codes.
 
     Buffers that checkpoint with the module: ``queue`` (assign crops, rows, feat_dim) of past embeddings,
@@ -121,6 +122,8 @@ class SwAV(Method):
 
     name: ClassVar[str] = "swav"
     config_class: ClassVar[type[Any]] = SwAVConfig
+    # the queue's shape is set by the batch at run time: a checkpoint's shape is taken before loading
+    runtime_buffers: ClassVar[tuple[str, ...]] = ("queue",)
 
     def __init__(self, backbone: nn.Module, cfg: SwAVConfig | None = None) -> None:
         super().__init__(backbone)
@@ -243,24 +246,6 @@ class SwAV(Method):
         rows = self.queue.shape[1]
         self.queue.copy_(torch.cat([embeddings, self.queue], dim=1)[:, :rows])
         self.queue_filled.fill_(min(int(self.queue_filled) + embeddings.shape[1], rows))
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # The queue's shape is set by the batch at run time: take the checkpoint's shape before loading.
-        saved = state_dict.get(prefix + "queue")
-        if isinstance(saved, Tensor) and saved.shape != self.queue.shape:
-            self.queue = self.queue.new_zeros(saved.shape)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
 
 def _device_type(scores: Tensor | Sequence[Tensor]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -10,6 +11,9 @@ import torch.nn.functional as F
 
 from models.types import FeatureBank
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.extraction import ExtractionSettings
 
 
 @torch.no_grad()
@@ -149,9 +153,7 @@ def evaluate_checkpoint(
     train_data: str,
     val_data: str,
     *,
-    backend: str = "auto",
-    batch_size: int = 256,
-    num_workers: int = 2,
+    settings: ExtractionSettings | None = None,
     k: int = 20,
     temperature: float = 0.07,
     baseline: bool = False,
@@ -181,9 +183,7 @@ def evaluate_checkpoint(
     val = resolve_data(val_data, split="val", manifest=val_manifest, **data_kwargs)
     extraction = dict(
         spec=config.augment.eval_spec(),
-        batch_size=batch_size,
-        backend=backend,
-        num_workers=num_workers,
+        settings=settings,
         device=torch_device,
     )
 

@@ -12,6 +12,7 @@ written to the other ranks, so that every rank reads the same remaining samples.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,20 @@ log = logging.getLogger(__name__)
 
 ROWS_PER_BROADCAST = 65536
 """Rows of a resumed bank sent from rank 0 to the other ranks at once (bounds the temporary memory)."""
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """How an extraction pass reads and embeds (not what): one value built by `clusterssl extract`,
+    `clusterssl eval`, the pipeline runner and the trainer, read by ``extract_features``."""
+
+    batch_size: int = 256
+    backend: str = "auto"
+    """Loader backend: auto (DALI on a GPU, torch otherwise), dali or torch."""
+    num_workers: int = 2
+    """Loader workers (torch) or DALI threads."""
+    precision: str = "fp32"
+    """Autocast of the forward: fp32, bf16 or fp16, already resolved (see ``pipeline.precision``)."""
 
 
 def resumable_bank(out_dir: Path | None, num_samples: int, source: dict[str, Any]) -> MemoryBank | None:
@@ -63,9 +78,7 @@ def extract_features(
     data: DataSource,
     *,
     spec: MultiCropSpec,
-    batch_size: int = 256,
-    backend: str = "auto",
-    num_workers: int = 2,
+    settings: ExtractionSettings | None = None,
     device: torch.device | str = "cpu",
     env: DistributedEnv | None = None,
     out_dir: str | Path | None = None,
@@ -73,7 +86,6 @@ def extract_features(
     source: dict[str, Any] | None = None,
     flush_every: int = 20,
     progress: bool = True,
-    precision: str = "fp32",
     max_batches: int | None = None,
     shuffle: bool = True,
 ) -> MemoryBank:
@@ -86,6 +98,7 @@ def extract_features(
     resumption) and returns the unfinished bank. ``shuffle=False`` reads the shards in stored order; the
     bank is the same either way.
     """
+    settings = settings or ExtractionSettings()
     env = env or DistributedEnv()
     device = torch.device(device)
     out_path = Path(out_dir) if out_dir is not None and env.is_main else None
@@ -101,11 +114,11 @@ def extract_features(
     loader = build_loader(
         data,
         spec,
-        batch_size,
-        backend=backend,
+        settings.batch_size,
+        backend=settings.backend,
         rank=env.rank,
         world_size=env.world_size,
-        num_workers=num_workers,
+        num_workers=settings.num_workers,
         seed=0,
         epoch=0,
         device=device,
@@ -117,7 +130,7 @@ def extract_features(
     try:
         batches = tqdm(loader, desc="extract", unit="batch", disable=not progress, leave=False)
         for number, batch in enumerate(batches):
-            features = embed_batch(module, batch, device, precision)
+            features = embed_batch(module, batch, device, settings.precision)
             index = batch.index.to(device)
             labels = (batch.labels if batch.labels is not None else torch.full_like(batch.index, -1)).to(
                 device
@@ -200,10 +213,8 @@ def extract_checkpoint(
     out_dir: str | Path,
     *,
     split: str = "train",
-    batch_size: int = 256,
+    settings: ExtractionSettings | None = None,
     dtype: str = "float32",
-    backend: str = "auto",
-    num_workers: int = 2,
     device: str = "auto",
     progress: bool = True,
     manifest: str | Path | None = None,
@@ -257,9 +268,7 @@ def extract_checkpoint(
         module.to(torch_device),
         shardset,
         spec=spec,
-        batch_size=batch_size,
-        backend=backend,
-        num_workers=num_workers,
+        settings=settings,
         device=torch_device,
         env=env,
         out_dir=out_dir,

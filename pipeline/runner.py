@@ -21,12 +21,15 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models.config import from_dict, to_dict
 from pipeline.config import apply_overrides, flatten, read_yaml
 from pipeline.errors import PipelineError
 from pipeline.tracking import Tracker, TrackingConfig, open_tracker, tracking_run
+
+if TYPE_CHECKING:
+    from pipeline.extraction import ExtractionSettings
 
 log = logging.getLogger(__name__)
 
@@ -398,10 +401,8 @@ class PipelineRunner:
                     pretrain.record.outputs["backbone"],
                     self._train_data(),
                     bank_dir,
-                    batch_size=section.batch_size,
+                    settings=self._extraction_settings(batch_size=section.batch_size),
                     dtype=section.dtype,
-                    backend=self.config.backend,
-                    num_workers=self.config.num_workers,
                     device=self.config.device,
                     progress=self.progress,
                 )
@@ -468,8 +469,7 @@ class PipelineRunner:
                 pretrain.record.outputs["backbone"],
                 outputs["train"]["dir"],
                 outputs["val"]["dir"],
-                backend=self.config.backend,
-                num_workers=self.config.num_workers,
+                settings=self._extraction_settings(),
                 k=section.k,
                 temperature=section.temperature,
                 baseline=section.baseline,
@@ -487,6 +487,14 @@ class PipelineRunner:
             return result, run_id
 
         return self._stage("evaluate", stage_fingerprint, lambda r: "knn_top1" in r.outputs, run)
+
+    def _extraction_settings(self, **overrides: Any) -> ExtractionSettings:
+        """The loader settings every extraction pass of the pipeline shares (``overrides`` per stage)."""
+        from pipeline.extraction import ExtractionSettings
+
+        return ExtractionSettings(
+            backend=self.config.backend, num_workers=self.config.num_workers, **overrides
+        )
 
     def _train_data(self) -> str:
         convert = self._read_record("convert")

@@ -55,7 +55,7 @@ from pipeline.distributed import (
 )
 from pipeline.errors import PipelineError
 from pipeline.evaluation import EvalResult, evaluate_features, extract_eval_features
-from pipeline.extraction import extract_features
+from pipeline.extraction import ExtractionSettings, extract_features
 from pipeline.loader import build_loader
 from pipeline.optim import OptimizerStep, build_optimizer, build_schedules
 from pipeline.plots import attention_maps, plot_attention_maps, plot_loss_curve
@@ -186,6 +186,13 @@ class Trainer:
         if config.trainer.compile:
             self.method.backbone.compile()
         self.precision = resolve_precision(config.trainer.precision, self.device)
+        # the training-set passes (clustering, evaluation) read and embed like the standalone extraction
+        self.extraction = ExtractionSettings(
+            batch_size=config.trainer.eval_batch_size,
+            backend=config.data.backend,
+            num_workers=config.data.num_workers,
+            precision=self.precision,
+        )
         self.optimizer = build_optimizer(config.optim, self.method)
         scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.step_fn = OptimizerStep(self.optimizer, clip_grad=config.optim.clip_grad, scaler=scaler)
@@ -343,9 +350,7 @@ class Trainer:
             module,
             self.data.source,
             spec=self.eval_spec,
-            batch_size=self.config.trainer.eval_batch_size,
-            backend=self.config.data.backend,
-            num_workers=self.config.data.num_workers,
+            settings=self.extraction,
             device=self.device,
             env=self.env,
             out_dir=self.output_dir / f"bank-{name}",
@@ -356,7 +361,6 @@ class Trainer:
                 "manifest_path": self.data.manifest_path,
             },
             progress=self.progress and self.env.is_main,
-            precision=self.precision,
         )
         return bank.as_feature_bank()
 
@@ -501,12 +505,9 @@ class Trainer:
         extractor = self.method.feature_extractor()
         common = dict(
             spec=self.eval_spec,
-            batch_size=self.config.trainer.eval_batch_size,
-            backend=self.config.data.backend,
-            num_workers=self.config.data.num_workers,
+            settings=self.extraction,
             device=self.device,
             env=self.env,
-            precision=self.precision,
         )
         train = extract_eval_features(extractor, self.data.source, **common)
         val = extract_eval_features(extractor, self.val_data.source, **common)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pipeline.extraction import extract_features
+from pipeline.extraction import ExtractionSettings, extract_features
 from pipeline.memory_bank import MemoryBank
 from pipeline.spec import MultiCropSpec
 from tests.fakes import TinyBackbone
@@ -35,14 +35,10 @@ class CountingModule(nn.Module):
         return self.inner(images)
 
 
-def run_extraction(data: Path | str, module: nn.Module, **options: object) -> MemoryBank:
+def run_extraction(
+    data: Path | str, module: nn.Module, *, batch_size: int = 100, num_workers: int = 2, **options: object
+) -> MemoryBank:
     """``extract_features`` with the 16-px eval view, batches of 100, the torch backend, no progress bar;
-    ``options`` override or add settings."""
-    settings: dict[str, object] = {
-        "spec": EVAL_SPEC,
-        "batch_size": 100,
-        "backend": "torch",
-        "progress": False,
-    }
-    settings.update(options)
-    return extract_features(module, data, **settings)  # type: ignore[arg-type]
+    ``options`` are further arguments of ``extract_features``."""
+    settings = ExtractionSettings(batch_size=batch_size, backend="torch", num_workers=num_workers)
+    return extract_features(module, data, spec=EVAL_SPEC, settings=settings, progress=False, **options)  # type: ignore[arg-type]

@@ -3,7 +3,6 @@ and `torchrun … clusterssl train` finishes on uneven shards (a timeout guards 
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import shutil
@@ -15,12 +14,12 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from models.factory import build_method
 from models.types import Batch
 from pipeline.optim import OptimizerStep
+from tests.distributed_helpers import gloo_process_group, run_ranks
 from tests.fakes import FakeContext, random_batch
 from tests.trainer_helpers import digits_dir, step_losses, tiny_config, write_config
 
@@ -67,12 +66,7 @@ def run_steps(method: nn.Module, model: nn.Module, batches: list[Batch]) -> list
 
 
 def ddp_worker(rank: int, init_file: str, out_dir: str, name: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )  # fmt: skip
-    try:
-        torch.set_num_threads(1)
+    with gloo_process_group(rank, init_file, WORLD_SIZE, TIMEOUT_S):
         method = make_method(name)
         model = nn.parallel.DistributedDataParallel(method, broadcast_buffers=False)
         losses = torch.tensor(run_steps(method, model, [rank_share(b, rank) for b in global_batches()]))
@@ -81,18 +75,11 @@ def ddp_worker(rank: int, init_file: str, out_dir: str, name: str) -> None:
             torch.save(
                 {"losses": losses / WORLD_SIZE, "state": method.state_dict()}, Path(out_dir) / "ddp.pt"
             )
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("name", ["swav", "dino"])
 def test_two_ranks_equal_one_process_over_the_same_global_batch(name: str, tmp_path: Path) -> None:
-    mp.start_processes(
-        ddp_worker,
-        args=(str(tmp_path / "init"), str(tmp_path), name),
-        nprocs=WORLD_SIZE,
-        start_method="spawn",
-    )
+    run_ranks(ddp_worker, (str(tmp_path / "init"), str(tmp_path), name), WORLD_SIZE, TIMEOUT_S)
     ddp: dict[str, Any] = torch.load(tmp_path / "ddp.pt", weights_only=True)
     method = make_method(name)
     single = run_steps(method, method, global_batches())
@@ -176,12 +163,7 @@ def test_ranks_that_see_different_checkpoints_refuse_to_resume(digits16: Path, t
         for rank in range(WORLD_SIZE)
     ]
     train(build_train_config(configs[0]), progress=False)  # only node 0's directory holds checkpoint.pt
-    mp.start_processes(
-        resume_worker,
-        args=(free_port(), configs, str(tmp_path)),
-        nprocs=WORLD_SIZE,
-        start_method="spawn",
-    )
+    run_ranks(resume_worker, (free_port(), configs, str(tmp_path)), WORLD_SIZE, TIMEOUT_S)
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
     assert [r["same"] for r in results] == [True, True]
     assert [r["different"] for r in results] == [False, False]

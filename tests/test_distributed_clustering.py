@@ -7,23 +7,19 @@ DeepCluster-v2's memory update, and saves what it got; the tests compare with on
 
 from __future__ import annotations
 
-import datetime
-import os
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from models.deepcluster_v2 import DeepClusterV2, DeepClusterV2Config
 from models.pcl import PCL, PCLConfig, shuffled_key_forward
 from pipeline.distributed import DistributedEnv
-from pipeline.extraction import extract_features
+from pipeline.extraction import ExtractionSettings, extract_features
 from pipeline.memory_bank import MemoryBank
+from tests.distributed_helpers import gloo_process_group, load_rank_results, run_ranks
 from tests.extraction_helpers import EVAL_SPEC, tiny_module
 from tests.fakes import TinyBackbone
 
@@ -34,15 +30,7 @@ LOCAL_BATCH = 5
 
 
 def worker(rank: int, init_file: str, out_dir: str, data: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )
-    try:
-        torch.set_num_threads(1)
+    with gloo_process_group(rank, init_file, WORLD_SIZE, TIMEOUT_S):
         out = Path(out_dir)
         env = DistributedEnv(rank=rank, world_size=WORLD_SIZE)
         results: dict[str, Any] = {}
@@ -58,9 +46,7 @@ def worker(rank: int, init_file: str, out_dir: str, data: str) -> None:
         MemoryBank.write = recording_write  # type: ignore[method-assign]
         common: dict[str, Any] = {
             "spec": EVAL_SPEC,
-            "batch_size": 100,
-            "backend": "torch",
-            "num_workers": 0,
+            "settings": ExtractionSettings(batch_size=100, backend="torch", num_workers=0),
             "env": env,
             "progress": False,
         }
@@ -80,8 +66,6 @@ def worker(rank: int, init_file: str, out_dir: str, data: str) -> None:
         results.update(pcl_pieces(rank))
         results.update(deepcluster_v2_pieces(rank))
         torch.save(results, out / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def global_images(seed: int = 0) -> torch.Tensor:
@@ -125,25 +109,14 @@ def rank_results(digits16: Path, tmp_path_factory: pytest.TempPathFactory) -> li
         tiny_module(),
         data,
         spec=EVAL_SPEC,
-        batch_size=100,
-        backend="torch",
-        num_workers=0,
+        settings=ExtractionSettings(batch_size=100, backend="torch", num_workers=0),
         out_dir=tmp / "partial",
         source={"test": "resume"},
         max_batches=PARTIAL_BATCHES,
         progress=False,
     )
-    context = mp.start_processes(
-        worker, args=(str(tmp / "init"), str(tmp), data), nprocs=WORLD_SIZE, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    os.kill(process.pid, 9)
-            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    results = [torch.load(tmp / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    run_ranks(worker, (str(tmp / "init"), str(tmp), data), WORLD_SIZE, TIMEOUT_S)
+    results = load_rank_results(tmp, WORLD_SIZE)
     for result in results:
         result["dir"] = tmp
     return results

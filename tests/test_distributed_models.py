@@ -6,22 +6,18 @@ share and saves it; the tests compare the saved results with a single-process co
 
 from __future__ import annotations
 
-import datetime
-import os
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from models import distributed
 from models.dino import DINOLoss
 from models.sinkhorn import sinkhorn
 from models.swav import SwAV, SwAVConfig
+from tests.distributed_helpers import gloo_process_group, load_rank_results, run_ranks
 from tests.fakes import TinyBackbone
 
 WORLD_SIZE = 2
@@ -51,15 +47,7 @@ def rank_rows(tensor: torch.Tensor, rank: int, dim: int = 0) -> torch.Tensor:
 
 
 def worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )
-    try:
-        torch.set_num_threads(1)
+    with gloo_process_group(rank, init_file, WORLD_SIZE, TIMEOUT_S):
         inputs = global_inputs()
         results: dict[str, Any] = {"world_size": distributed.world_size(), "rank": distributed.rank()}
         local_scores = rank_rows(inputs["scores"], rank)
@@ -80,24 +68,13 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         swav = SwAV(TinyBackbone(), SwAVConfig(queue_length=20, feat_dim=4, hidden_dim=8, num_prototypes=3))
         results["queue_rows"] = swav.local_queue_length(LOCAL_BATCH)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("ddp")
-    context = mp.start_processes(
-        worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    os.kill(process.pid, 9)
-            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    return [torch.load(tmp / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    run_ranks(worker, (str(tmp / "init"), str(tmp)), WORLD_SIZE, TIMEOUT_S)
+    return load_rank_results(tmp, WORLD_SIZE)
 
 
 def test_helpers_see_the_process_group(rank_results: list[dict[str, Any]]) -> None:

@@ -58,12 +58,16 @@ def test_extract_writes_a_memmappable_bank_with_its_provenance(
 ) -> None:
     from pipeline.checkpoint import load_feature_extractor
     from pipeline.evaluation import extract_eval_features
+    from pipeline.extraction import ExtractionSettings
 
     features = np.load(bank_dir / "features.npy", mmap_mode="r")
     assert isinstance(features, np.memmap) and features.shape == (1618, 32) and features.dtype == np.float32
     module, config = load_feature_extractor(backbone_file)
     expected = extract_eval_features(
-        module, digits16 / "train", spec=config.augment.eval_spec(), backend="torch", num_workers=0
+        module,
+        digits16 / "train",
+        spec=config.augment.eval_spec(),
+        settings=ExtractionSettings(backend="torch", num_workers=0),
     )
     np.testing.assert_allclose(features, expected.features, rtol=1e-5, atol=1e-5)
     meta = MemoryBank.open(bank_dir).meta
@@ -200,3 +204,19 @@ def test_cluster_and_extract_errors_are_one_line_with_exit_code_2(
         invoke("extract", str(backbone_file), str(tmp_path / "no-shards"), "--out", str(tmp_path / "b"))
     )
     assert "no shard set at" in message
+
+
+@pytest.mark.parametrize("path", [("extract",), ("eval", "knn"), ("bench", "extract")])
+def test_extraction_options_default_to_the_extraction_settings(path: tuple[str, ...]) -> None:
+    from dataclasses import fields
+
+    from pipeline.extraction import ExtractionSettings
+
+    command = cli
+    for name in path:
+        command = command.commands[name]  # type: ignore[attr-defined]
+    defaults = {param.name: param.default for param in command.params}
+    settings = ExtractionSettings()
+    for field in fields(ExtractionSettings):
+        if field.name != "precision":  # resolved by the trainer, not a command-line choice
+            assert defaults[field.name] == getattr(settings, field.name), field.name

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from tools.cli import emit, json_option
+from tools.options import crop_size_options
 
 
 @click.group()
@@ -93,12 +94,7 @@ def convert_benchmark(
     show_default=True,
     help="Views to make.",
 )
-@click.option(
-    "--global-size", type=click.IntRange(min=1), default=224, show_default=True, help="Global crop side."
-)
-@click.option(
-    "--local-size", type=click.IntRange(min=1), default=96, show_default=True, help="Local crop side."
-)
+@crop_size_options
 @click.option(
     "--num-local", type=click.IntRange(min=0), help="Local crops (default: the preset's, 6 for swav)."
 )
@@ -213,12 +209,7 @@ _register_extract()
 @click.option(
     "--preset", type=click.Choice(["swav", "dino"]), default="swav", show_default=True, help="Multi-crop."
 )
-@click.option(
-    "--global-size", type=click.IntRange(min=1), default=224, show_default=True, help="Global crop side."
-)
-@click.option(
-    "--local-size", type=click.IntRange(min=1), default=96, show_default=True, help="Local crop side."
-)
+@crop_size_options
 @click.option(
     "--num-local", type=click.IntRange(min=0), help="Local crops (default: the preset's, 6 swav / 8 dino)."
 )

@@ -26,6 +26,7 @@ from typing import Any
 import click
 
 from tools.cli import emit, json_option
+from tools.options import backend_option, batch_size_option, device_option, num_workers_option
 
 
 def run_benchmark(
@@ -49,7 +50,7 @@ def run_benchmark(
     from pipeline.checkpoint import load_feature_extractor
     from pipeline.data import BUILTIN_DIGITS, resolve_data
     from pipeline.distributed import DistributedEnv, resolve_device
-    from pipeline.extraction import extract_features
+    from pipeline.extraction import ExtractionSettings, extract_features
     from pipeline.loader import build_loader
     from pipeline.spec import MultiCropSpec
 
@@ -72,8 +73,14 @@ def run_benchmark(
             torch.cuda.synchronize(torch_device)
 
     _progress(f"pre-loading the batches of {dataset.name} ({dataset.num_samples:,} images, {side} px) …")
+    settings = ExtractionSettings(batch_size=batch_size, backend=backend, num_workers=num_workers)
     loader = build_loader(
-        dataset.source, spec, batch_size, backend=backend, num_workers=num_workers, device=torch_device
+        dataset.source,
+        spec,
+        settings.batch_size,
+        backend=settings.backend,
+        num_workers=settings.num_workers,
+        device=torch_device,
     )
     batches = []
     for batch in loader:
@@ -118,9 +125,7 @@ def run_benchmark(
                 module,
                 dataset.source,
                 spec=spec,
-                batch_size=batch_size,
-                backend=backend,
-                num_workers=num_workers,
+                settings=settings,
                 device=torch_device,
                 out_dir=Path(tmp) / f"bank{repeat}",
                 progress=False,
@@ -166,16 +171,10 @@ def _human(summary: Mapping[str, Any]) -> str:
 )
 @click.option("--checkpoint", help="Use this checkpoint's feature extractor instead of --backbone.")
 @click.option("--size", type=click.IntRange(min=8), help="Eval view side (default: 32 for digits, else 224).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option(
-    "--num-workers",
-    type=click.IntRange(min=0),
-    default=2,
-    show_default=True,
-    help="Loader workers (torch) or DALI threads, as `clusterssl extract`.",
-)
-@click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto (GPU when available), cpu or cuda.")
+@batch_size_option
+@num_workers_option("Loader workers (torch) or DALI threads, as `clusterssl extract`.")
+@backend_option
+@device_option
 @click.option(
     "--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Runs of each; best kept."
 )

@@ -8,7 +8,13 @@ from typing import Any
 import click
 
 from tools.cli import emit, json_option
-from tools.train_cmd import tracking_options
+from tools.options import (
+    backend_option,
+    batch_size_option,
+    device_option,
+    num_workers_option,
+    tracking_options,
+)
 
 
 @click.group(name="eval")
@@ -34,9 +40,9 @@ def eval_group() -> None:
     "--train-manifest", help="manifest.json of --train when it is URLs with none next to them (pipe:, http)."
 )
 @click.option("--val-manifest", help="manifest.json of --val when it is URLs (see --train-manifest).")
-@click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True)
+@backend_option
+@batch_size_option
+@num_workers_option()
 @click.option(
     "--k", "knn_k", type=click.IntRange(min=1), default=20, show_default=True, help="Neighbours that vote."
 )
@@ -44,7 +50,7 @@ def eval_group() -> None:
 @click.option(
     "--baseline", is_flag=True, help="Also evaluate the same architecture at random init, in the same run."
 )
-@click.option("--device", default="auto", show_default=True)
+@device_option
 @tracking_options
 @json_option
 def knn(
@@ -69,14 +75,13 @@ def knn(
     (k = number of classes) NMI/ARI of the --val features. CHECKPOINT is a checkpoint.pt, a backbone.pt
     or a run directory."""
     from pipeline.evaluation import evaluate_checkpoint
+    from pipeline.extraction import ExtractionSettings
 
     summary = evaluate_checkpoint(
         checkpoint,
         train_data,
         val_data,
-        backend=backend,
-        batch_size=batch_size,
-        num_workers=num_workers,
+        settings=ExtractionSettings(batch_size=batch_size, backend=backend, num_workers=num_workers),
         k=knn_k,
         temperature=temperature,
         baseline=baseline,

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from tools.cli import emit, json_option
+from tools.options import backend_option, batch_size_option, device_option, num_workers_option
 
 
 @click.command()
@@ -25,15 +26,9 @@ from tools.cli import emit, json_option
 @click.option(
     "--manifest", help="manifest.json of DATA when it is URLs with none next to them (pipe:, http)."
 )
-@click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option(
-    "--num-workers",
-    type=click.IntRange(min=0),
-    default=2,
-    show_default=True,
-    help="Loader workers (torch) or DALI threads; match the cores the model leaves free.",
-)
+@backend_option
+@batch_size_option
+@num_workers_option("Loader workers (torch) or DALI threads; match the cores the model leaves free.")
 @click.option(
     "--dtype",
     type=click.Choice(["float32", "float16"]),
@@ -41,7 +36,7 @@ from tools.cli import emit, json_option
     show_default=True,
     help="Storage of the features; float16 halves the bank (ImageNet × 2048: 5 GB instead of 10).",
 )
-@click.option("--device", default="auto", show_default=True, help="auto (GPU when available), cpu or cuda.")
+@device_option
 @json_option
 def extract(
     checkpoint: str,
@@ -66,7 +61,7 @@ def extract(
     import time
 
     from pipeline.distributed import DistributedEnv
-    from pipeline.extraction import extract_checkpoint
+    from pipeline.extraction import ExtractionSettings, extract_checkpoint
 
     start = time.perf_counter()
     bank = extract_checkpoint(
@@ -74,10 +69,8 @@ def extract(
         data,
         out_dir,
         split=split,
-        batch_size=batch_size,
+        settings=ExtractionSettings(batch_size=batch_size, backend=backend, num_workers=num_workers),
         dtype=dtype,
-        backend=backend,
-        num_workers=num_workers,
         device=device,
         progress=not as_json,
         manifest=manifest,

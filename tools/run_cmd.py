@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from tools.cli import emit, json_option
-from tools.train_cmd import tracking_options, tracking_overrides
+from tools.options import tracking_options, tracking_overrides
 
 
 @click.command()

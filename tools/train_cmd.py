@@ -8,30 +8,7 @@ from typing import Any
 import click
 
 from tools.cli import emit, json_option
-
-
-def tracking_overrides(no_track: bool, tracking_uri: str | None, experiment: str | None) -> list[str]:
-    """The tracking options of every command, as --set overrides of the tracking section."""
-    overrides = []
-    if no_track:
-        overrides.append("tracking.enabled=false")
-    if tracking_uri:
-        overrides.append(f"tracking.uri={tracking_uri}")
-    if experiment:
-        overrides.append(f"tracking.experiment={experiment}")
-    return overrides
-
-
-def tracking_options(command: Any) -> Any:
-    """--no-track, --tracking-uri and --experiment, shared by every command that logs to MLflow."""
-    command = click.option(
-        "--experiment", help="MLflow experiment name (default: the config's tracking.experiment)."
-    )(command)
-    command = click.option(
-        "--tracking-uri",
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).",
-    )(command)
-    return click.option("--no-track", is_flag=True, help="Run without MLflow tracking.")(command)
+from tools.options import tracking_options, tracking_overrides
 
 
 @click.command()
