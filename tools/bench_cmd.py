@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from tools.cli import emit, json_option
-from tools.options import crop_size_options
+from tools.options import crop_size_options, emit, json_option
 
 
 @click.group()

@@ -26,7 +26,7 @@ from typing import Any
 
 import click
 
-from tools.cli import emit, json_option
+from tools.options import emit, json_option
 
 
 def gaussian_mixture(samples: int, dim: int, centres: int, sigma: float, seed: int) -> Any:

@@ -8,11 +8,9 @@ stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import click
@@ -39,19 +37,6 @@ class ClusterSSLGroup(click.Group):
             return super().invoke(ctx)
         except USER_ERRORS as error:
             raise UserError(str(error)) from None
-
-
-def emit(summary: Mapping[str, Any], as_json: bool, human: Callable[[Mapping[str, Any]], str]) -> None:
-    """Print a command's final summary: one JSON object with ``--json``, else the human-readable text."""
-    if as_json:
-        click.echo(json.dumps(summary, indent=None, sort_keys=True, default=str))
-    else:
-        click.echo(human(summary))
-
-
-json_option = click.option(
-    "--json", "as_json", is_flag=True, help="Print the final summary as one JSON object."
-)
 
 
 @click.group(cls=ClusterSSLGroup, context_settings={"help_option_names": ["-h", "--help"]})

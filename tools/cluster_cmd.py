@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from tools.cli import emit, json_option
+from tools.options import emit, json_option
 
 
 @click.command()

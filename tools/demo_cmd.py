@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from tools.cli import emit, json_option
+from tools.options import emit, json_option
 
 DEMO_METHODS = ("swav", "dino", "deepcluster", "pcl")
 DEMO_EPOCHS = {"swav": 6, "dino": 6, "deepcluster": 6, "pcl": 6}

@@ -7,11 +7,12 @@ from typing import Any
 
 import click
 
-from tools.cli import emit, json_option
 from tools.options import (
     backend_option,
     batch_size_option,
     device_option,
+    emit,
+    json_option,
     num_workers_option,
     tracking_options,
 )

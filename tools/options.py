@@ -8,12 +8,26 @@ that build a multi-crop preset (`bench loader`, `bench train`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import click
 
 Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def emit(summary: Mapping[str, Any], as_json: bool, human: Callable[[Mapping[str, Any]], str]) -> None:
+    """Print a command's final summary: one JSON object with ``--json``, else the human-readable text."""
+    if as_json:
+        click.echo(json.dumps(summary, indent=None, sort_keys=True, default=str))
+    else:
+        click.echo(human(summary))
+
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print the final summary as one JSON object."
+)
 
 backend_option = click.option(
     "--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True

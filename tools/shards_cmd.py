@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import click
 
 from shards.errors import ShardsError
-from tools.cli import emit, json_option
+from tools.options import emit, json_option
 
 KNOWN_SOURCES = ("digits", "imagefolder", "list")
 

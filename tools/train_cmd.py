@@ -7,8 +7,7 @@ from typing import Any
 
 import click
 
-from tools.cli import emit, json_option
-from tools.options import tracking_options, tracking_overrides
+from tools.options import emit, json_option, tracking_options, tracking_overrides
 
 
 @click.command()
