@@ -11,7 +11,6 @@ from pipeline.tracking import TrackingConfig, open_tracker, ui_hint
 from pipeline.train_config import build_train_config
 from pipeline.trainer import train
 from tests.trainer_helpers import tiny_config
-from tools.cli import cli  # noqa: F401  (imported first: tools.cli imports the command modules itself)
 from tools.demo_cmd import render_demo_summary
 from tools.run_cmd import render_pipeline
 from tools.train_cmd import render_train_summary
