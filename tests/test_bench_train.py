@@ -165,3 +165,21 @@ def test_cli_json_is_one_object_and_user_errors_are_one_line() -> None:
     bad = CliRunner().invoke(cli, [*common, "--method", "swaav"])
     assert bad.exit_code == 2
     assert "unknown method 'swaav'" in bad.output and "Traceback" not in bad.output
+
+
+def test_a_k_larger_than_the_synthetic_bank_says_which_option_fixes_it() -> None:
+    with pytest.raises(PipelineError, match=r"^deepcluster: k=50 is larger .*raise --bank-samples or lower"):
+        run_benchmark(
+            methods=["deepcluster"],
+            backbone="vit_tiny_p4",
+            backbone_kwargs=TINY_VIT,
+            spec=SPEC,
+            batch_size=4,
+            steps=1,
+            warmup=0,
+            device=torch.device("cpu"),
+            precision="auto",
+            optimizer="sgd",
+            method_overrides=["deepcluster.num_clusters=50"],
+            bank_samples=8,
+        )

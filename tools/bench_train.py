@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from models.backbones import create_backbone, embed_views
+from models.errors import ModelError
 from models.factory import METHODS, build_method, method_config_from_dict
 from models.method import Method
 from models.types import Batch, FeatureBank, LossOutput
@@ -266,9 +267,15 @@ def run_benchmark(
     results: dict[str, dict[str, float]] = {}
     for name in methods:
         torch.manual_seed(seed)
-        timing = time_training(
-            build_method(name, backbone, settings[name], backbone_kwargs), batch, label=name, **timing_options
-        )
+        try:
+            timing = time_training(
+                build_method(name, backbone, settings[name], backbone_kwargs), batch, label=name, **timing_options
+            )
+        except ModelError as error:  # e.g. DeepCluster's k = 10,000 against the 1,024-image synthetic bank
+            raise PipelineError(
+                f"{name}: {error} (the benchmark's bank holds --bank-samples {bank_samples} synthetic images: "
+                f"raise --bank-samples or lower the method's k with --set {name}.KEY=VALUE)"
+            ) from None
         results[name] = {
             "images_per_s": timing.images_per_s,
             "seconds_per_step": timing.seconds_per_step,
