@@ -269,7 +269,10 @@ def run_benchmark(
         torch.manual_seed(seed)
         try:
             timing = time_training(
-                build_method(name, backbone, settings[name], backbone_kwargs), batch, label=name, **timing_options
+                build_method(name, backbone, settings[name], backbone_kwargs),
+                batch,
+                label=name,
+                **timing_options,
             )
         except ModelError as error:  # e.g. DeepCluster's k = 10,000 against the 1,024-image synthetic bank
             raise PipelineError(
