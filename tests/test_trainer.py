@@ -189,3 +189,16 @@ def test_train_json_summary_chains_into_eval(digits16: Path, tmp_path: Path) -> 
     # the same features and the same protocol give the same figures as the end-of-training evaluation
     assert evaluated["knn_top1"] == pytest.approx(summary["knn_top1"])
     assert evaluated["nmi"] == pytest.approx(summary["nmi"])
+
+
+def test_compiled_backbone_trains_to_the_eager_losses(digits16: Path, tmp_path: Path) -> None:
+    """trainer.compile: torch.compile of the backbone changes how the step runs, not what it computes."""
+    no_eval = {"train": str(digits16 / "train"), "val": None}
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile-{compiled}"
+        config = tiny_config(digits16, out, "swav", trainer={"epochs": 1, "compile": compiled}, data=no_eval)
+        train(build_train_config(config), progress=False)
+        losses[compiled] = step_losses(out)
+    assert len(losses[True]) == 7
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
