@@ -4,6 +4,7 @@ arithmetic and the CLI (tiny ViT, a few steps: the figures themselves are not ch
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -89,21 +90,24 @@ def test_method_settings_parse_and_refuse_unknown_methods() -> None:
         method_settings_from_overrides(["swav"], ["swaav.out_dim=8"])
 
 
-def test_summary_overhead_is_relative_to_the_mean_of_both_bare_runs() -> None:
-    summary = run_benchmark(
-        methods=["swav", "dino"],
+def tiny_benchmark(methods: list[str], overrides: list[str], **options: Any) -> dict[str, Any]:
+    """``run_benchmark`` on the tiny ViT and 16/8 px views, one timed step unless ``options`` say more."""
+    settings: dict[str, Any] = dict(
         backbone="vit_tiny_p4",
         backbone_kwargs=TINY_VIT,
         spec=SPEC,
         batch_size=4,
-        steps=2,
-        warmup=1,
+        steps=1,
+        warmup=0,
         device=torch.device("cpu"),
         precision="auto",
         optimizer="sgd",
-        method_overrides=SMALL_METHODS,
-        bank_samples=8,
     )
+    return run_benchmark(methods=methods, method_overrides=overrides, **{**settings, **options})
+
+
+def test_summary_overhead_is_relative_to_the_mean_of_both_bare_runs() -> None:
+    summary = tiny_benchmark(["swav", "dino"], SMALL_METHODS, steps=2, warmup=1, bank_samples=8)
     bare = summary["bare_images_per_s"]
     assert bare == pytest.approx((summary["bare_images_per_s_first"] + summary["bare_images_per_s_last"]) / 2)
     assert summary["precision"] == "fp32" and summary["views"] == "dino: 2×16 + 2×8"
@@ -116,19 +120,7 @@ def test_summary_overhead_is_relative_to_the_mean_of_both_bare_runs() -> None:
 
 def test_a_bad_method_key_fails_before_anything_is_timed() -> None:
     with pytest.raises(ModelError, match="num_protos"):
-        run_benchmark(
-            methods=["swav"],
-            backbone="vit_tiny_p4",
-            backbone_kwargs=TINY_VIT,
-            spec=SPEC,
-            batch_size=4,
-            steps=1,
-            warmup=0,
-            device=torch.device("cpu"),
-            precision="auto",
-            optimizer="sgd",
-            method_overrides=["swav.num_protos=3"],
-        )
+        tiny_benchmark(["swav"], ["swav.num_protos=3"])
 
 
 def test_cli_json_is_one_object_and_user_errors_are_one_line() -> None:
@@ -169,17 +161,4 @@ def test_cli_json_is_one_object_and_user_errors_are_one_line() -> None:
 
 def test_a_k_larger_than_the_synthetic_bank_says_which_option_fixes_it() -> None:
     with pytest.raises(PipelineError, match=r"^deepcluster: k=50 is larger .*raise --bank-samples or lower"):
-        run_benchmark(
-            methods=["deepcluster"],
-            backbone="vit_tiny_p4",
-            backbone_kwargs=TINY_VIT,
-            spec=SPEC,
-            batch_size=4,
-            steps=1,
-            warmup=0,
-            device=torch.device("cpu"),
-            precision="auto",
-            optimizer="sgd",
-            method_overrides=["deepcluster.num_clusters=50"],
-            bank_samples=8,
-        )
+        tiny_benchmark(["deepcluster"], ["deepcluster.num_clusters=50"], bank_samples=8)

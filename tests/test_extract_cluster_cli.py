@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
 
 from models.backbones import create_backbone
 from models.clustering import kmeans
@@ -17,6 +16,7 @@ from pipeline.config import dump_yaml
 from pipeline.memory_bank import MemoryBank
 from pipeline.train_config import build_train_config
 from shards.manifest import load_manifest
+from tests.cli_helpers import invoke, one_error_line
 from tests.trainer_helpers import tiny_config
 from tools.cli import cli
 
@@ -29,17 +29,6 @@ def backbone_file(digits16: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     torch.manual_seed(0)
     module = create_backbone(config.model.backbone, **config.model.backbone_kwargs)
     return save_backbone(module, dump_yaml(config), tmp / "backbone.pt")
-
-
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(cli, list(args))
-
-
-def one_error_line(result: Result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -5,31 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from click.testing import CliRunner, Result
 
 from models.backbones import create_backbone
 from pipeline.checkpoint import save_backbone
 from pipeline.config import dump_yaml
 from pipeline.train_config import build_train_config
 from pipeline.trainer import train
+from tests.cli_helpers import invoke, one_error_line
 from tests.trainer_helpers import tiny_config, write_config
-from tools.cli import cli
 
 
 def pipe_urls(shard_dir: Path, last: int) -> str:
     """``pipe:cat`` over shards 0..last of ``shard_dir`` (one brace pattern, streamed through a process)."""
     return f"pipe:cat {shard_dir}/shard-{{000000..{last:06d}}}.tar"
-
-
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(cli, list(args))
-
-
-def one_error_line(result: Result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def test_training_and_extraction_read_pipe_urls_with_the_manifest_given(
