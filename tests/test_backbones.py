@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +217,19 @@ def test_embed_views_with_a_vit_equals_one_call_per_view() -> None:
         torch.testing.assert_close(
             embed_views(vit, views), torch.cat([vit(view) for view in views]), rtol=1e-5, atol=1e-5
         )
+
+
+def test_attention_maps_are_the_cls_rows_on_the_patch_grid_and_plot(tmp_path: Path) -> None:
+    from pipeline.plots import attention_maps, plot_attention_maps
+
+    vit = tiny_vit()
+    images = torch.randn(2, 3, 8, 12)  # a 2 × 3 grid of 4-px patches
+    maps = attention_maps(vit, images)
+    attention = vit.last_selfattention(images)
+    assert maps.shape == (2, 3, 2, 3)  # (batch, heads, grid_h, grid_w)
+    # Row-major patches: map[b, h, i, j] is the CLS token's attention to patch i * 3 + j (token 1 + …).
+    torch.testing.assert_close(maps[1, 2, 1, 0], attention[1, 2, 0, 1 + 3])
+    # What the CLS token does not give itself, it gives the patches.
+    torch.testing.assert_close(maps.sum(dim=(-2, -1)), 1 - attention[:, :, 0, 0])
+    png = plot_attention_maps(images, maps, tmp_path / "attention.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
