@@ -32,6 +32,7 @@ from pipeline.memory_bank import MemoryBank
 from pipeline.precision import autocast
 from pipeline.shardset import resolve_shards
 from pipeline.spec import MultiCropSpec
+from shards.tario import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -194,17 +195,6 @@ def _share_resumed_rows(
         if not env.is_main:
             bank.write(chunk, features.cpu().numpy(), labels.cpu().numpy())
     return bank, written
-
-
-def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def extract_checkpoint(
