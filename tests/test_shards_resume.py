@@ -57,6 +57,15 @@ def crash_before_manifest(self: Manifest, directory: object) -> None:
     raise KeyboardInterrupt("simulated crash just before manifest.json is written")
 
 
+def convert_until_the_manifest(source: ImageFolderSource, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Convert with 3 samples per shard and crash just before manifest.json: every shard and the journal
+    are written, the manifest is not."""
+    with monkeypatch.context() as patch:
+        patch.setattr(Manifest, "save", crash_before_manifest)
+        with pytest.raises(KeyboardInterrupt):
+            convert(source, out, ConvertOptions(samples_per_shard=3))
+
+
 def journalled_shards(out: Path) -> int:
     try:
         lines = (out / JOURNAL_NAME).read_text().splitlines()
@@ -130,10 +139,7 @@ def test_crash_after_renumbering_before_manifest_resumes_idempotently(
     source = ImageFolderSource(image_folder.root)
     out = tmp_path / "out"
 
-    with monkeypatch.context() as patch:
-        patch.setattr(Manifest, "save", crash_before_manifest)
-        with pytest.raises(KeyboardInterrupt):
-            convert(source, out, ConvertOptions(samples_per_shard=3))
+    convert_until_the_manifest(source, out, monkeypatch)
     assert (out / JOURNAL_NAME).exists() and not (out / "manifest.json").exists()
     with open(out / JOURNAL_NAME, "a") as journal:  # and the crash tore a line in half
         journal.write('{"kind": "shard", "set": "", "sha')
@@ -152,10 +158,7 @@ def test_journal_of_other_parameters_is_refused(
 ) -> None:
     source = ImageFolderSource(image_folder.root)
     out = tmp_path / "out"
-    with monkeypatch.context() as patch:
-        patch.setattr(Manifest, "save", crash_before_manifest)
-        with pytest.raises(KeyboardInterrupt):
-            convert(source, out, ConvertOptions(samples_per_shard=3))
+    convert_until_the_manifest(source, out, monkeypatch)
     with pytest.raises(ShardsError, match="interrupted conversion with different parameters"):
         convert(source, out, ConvertOptions(samples_per_shard=4))
     outcome = convert(source, out, ConvertOptions(samples_per_shard=4, overwrite=True))
