@@ -129,8 +129,8 @@ def render_demo_summary(summary: Mapping[str, Any]) -> str:
             "   (same backbone, untrained)"
         )
         lines.append(
-            "The demo trains each method for a few epochs only; the full configs (clusterssl train "
-            "<method>_digits) train 25-40 epochs and beat the random-init row: see the README's results."
+            "The demo's default schedule is 6 epochs; the full configs (clusterssl train <method>_digits, "
+            "25-40 epochs) beat the random-init row: see the README's results."
         )
     uri = summary["tracking_uri"]
     if uri:
