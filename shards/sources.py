@@ -110,14 +110,20 @@ class ImageFolderSource(Source):
 
 
 def read_file(path: str | Path) -> bytes:
-    """A whole file, read with plain system calls (cheaper than ``Path.read_bytes`` per small image)."""
+    """A whole file, read with plain system calls: one ``read`` of the size ``fstat`` gives, plus one.
+
+    A regular file that returns fewer bytes than asked is at its end, so one read is enough (no second
+    read to see the end, no join); only a file that grew since ``fstat`` needs more.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
-        chunks = []
-        want = os.fstat(fd).st_size + 1  # one read gets a regular file whole; the next one sees its end
-        while chunk := os.read(fd, max(want, 1 << 16)):
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)
+        if len(data) <= size:
+            return data
+        chunks = [data]
+        while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
-            want -= len(chunk)
         return b"".join(chunks)
     finally:
         os.close(fd)
