@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
+import numpy as np
+
+from shards.sink import DirectSink, open_sink
+
 BLOCK = 512
 _END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
 _ZEROS = bytes(BLOCK)
@@ -92,43 +96,37 @@ class ShardTarWriter:
 
     ``sha256`` and ``bytes_written`` describe exactly the bytes written, available after ``close``.
 
-    Each sample is one ``writev`` of a few buffers (small members are joined, large payloads are passed
-    as they are, never copied in user space). With ``write_behind``, the kernel is asked every that many
-    bytes to start writing the finished part to disk, so the fsync in ``close`` has little left to wait
-    for and the disk works while this process computes.
+    ``add_samples`` writes many samples at once, byte for byte what ``add_sample`` would write for each:
+    the converter's path, where the per-sample cost is what matters (see ``_SampleRun``). ``direct``
+    and ``write_behind`` choose how the bytes reach the disk (see ``shards.sink``).
     """
 
     LARGE = 4096
-    """Payloads at least this big are handed to writev directly instead of being joined."""
+    """``add_sample`` hands payloads at least this big to the sink as they are instead of joining them."""
 
-    def __init__(self, path: str | Path, write_behind: int | None = None) -> None:
+    def __init__(self, path: str | Path, write_behind: int | None = None, direct: bool = False) -> None:
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._hash = hashlib.sha256()
-        self.bytes_written = 0
-        self.samples: list[list[IndexComponent]] = []
+        self._sink = open_sink(self.path, direct=direct, write_behind=write_behind)
+        self.count = 0
+        """Samples written so far."""
+        self._index_lines: list[str] = []
         self._closed = False
-        self._write_behind = write_behind
-        self._flushed = 0
 
-    def _write(self, buffers: list[bytes]) -> None:
-        for buffer in buffers:
-            self._hash.update(buffer)
-        total = sum(len(b) for b in buffers)
-        done = os.writev(self._fd, buffers)
-        if done != total:  # a short write (signal, nearly full disk): finish it piece by piece
-            rest = memoryview(b"".join(buffers))[done:]
-            while rest:
-                rest = rest[os.write(self._fd, rest) :]
-        self.bytes_written += total
-        if self._write_behind and self.bytes_written - self._flushed >= self._write_behind:
-            _start_writeback(self._fd, self._flushed, self.bytes_written - self._flushed)
-            self._flushed = self.bytes_written
+    @property
+    def bytes_written(self) -> int:
+        return self._sink.bytes_written
+
+    @property
+    def direct(self) -> bool:
+        """Whether the bytes bypass the page cache (see ``shards.sink``)."""
+        return isinstance(self._sink, DirectSink)
+
+    def _write(self, buffers: Sequence[bytes | memoryview]) -> None:
+        self._sink.write(buffers)
 
     def add_sample(self, key: str, components: Sequence[tuple[str, bytes]]) -> list[IndexComponent]:
         """Write one sample's members in the given order; returns their index entries."""
-        if "." in key or "/" in key:
-            raise ValueError(f"sample keys may not contain dots or slashes: {key!r}")
+        _check_key(key)
         entries = []
         buffers: list[bytes] = []
         small: list[bytes] = []
@@ -151,31 +149,57 @@ class ShardTarWriter:
         if small:
             buffers.append(b"".join(small))
         self._write(buffers)
-        self.samples.append(entries)
+        self._index_lines.append(dali_index_line(entries))
+        self.count += 1
         return entries
+
+    def add_samples(self, samples: Sequence[tuple[str, Sequence[tuple[str, bytes]]]]) -> None:
+        """Write ``(key, components)`` samples in order: the same bytes and index as ``add_sample`` on
+        each in turn. Consecutive samples with the same extensions whose components after the first each
+        fit one 512-byte block (the converter's samples: an image, then label, index and source) are laid
+        out together; any other sample goes through ``add_sample``."""
+        start = 0
+        while start < len(samples):
+            stop = start
+            exts = _run_extensions(samples[start])
+            while (
+                exts is not None
+                and stop < len(samples)
+                and stop - start < _SampleRun.MAX_SAMPLES
+                and _run_extensions(samples[stop]) == exts
+            ):
+                stop += 1
+            if stop == start:
+                self.add_sample(*samples[start])
+                start += 1
+                continue
+            run = _SampleRun(samples[start:stop], exts, self.bytes_written)  # type: ignore[arg-type]
+            self._write(run.buffers)
+            self._index_lines.extend(run.index_lines())
+            self.count += stop - start
+            start = stop
 
     @property
     def sha256(self) -> str:
-        return self._hash.hexdigest()
+        return self._sink.sha256
 
     def close(self, fsync: bool = True) -> None:
         if self._closed:
             return
-        self._write([_END_OF_ARCHIVE])
-        if fsync:
-            os.fsync(self._fd)
-        os.close(self._fd)
         self._closed = True
+        self._sink.write([_END_OF_ARCHIVE])
+        self._sink.close(fsync)
 
     def abort(self) -> None:
         """Close without finishing the archive and delete the partial file."""
         if not self._closed:
-            os.close(self._fd)
             self._closed = True
+            self._sink.abort()
         self.path.unlink(missing_ok=True)
 
     def write_dali_index(self, path: str | Path, fsync: bool = False) -> None:
-        write_dali_index(path, self.samples, fsync=fsync)
+        """Write the DALI index of the samples written so far (the text ``format_dali_index`` gives)."""
+        _write_text(path, _index_text(self.count, self._index_lines), fsync)
 
     def __enter__(self) -> ShardTarWriter:
         return self
@@ -187,27 +211,123 @@ class ShardTarWriter:
             self.abort()
 
 
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing this range to disk now (Linux starts the writeback of dirty pages
-    on POSIX_FADV_DONTNEED, and drops the pages once clean: a converter's output need not stay cached)."""
-    advise = getattr(os, "posix_fadvise", None)
-    if advise is not None:
-        advise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+def _check_key(key: str) -> None:
+    if "." in key or "/" in key:
+        raise ValueError(f"sample keys may not contain dots or slashes: {key!r}")
+
+
+def _run_extensions(sample: tuple[str, Sequence[tuple[str, bytes]]]) -> tuple[str, ...] | None:
+    """The extensions of a sample ``_SampleRun`` can lay out, or None when it needs ``add_sample``."""
+    key, components = sample
+    if not components or not key.isascii():
+        return None
+    _check_key(key)
+    exts = tuple(ext for ext, _ in components)
+    if any(not 0 < len(data) <= BLOCK for _, data in components[1:]):
+        return None
+    if len(key) + 1 + max(len(ext) for ext in exts) > 100 or not all(ext.isascii() for ext in exts):
+        return None
+    return exts
+
+
+_OCTAL_SHIFTS_11 = np.arange(30, -1, -3, dtype=np.int64)
+_OCTAL_SHIFTS_6 = np.arange(15, -1, -3, dtype=np.int64)
+_MAX_SIZE = 8**11 - 1
+"""The largest size an 11-digit ustar size field holds (8 GiB - 1)."""
+
+
+class _SampleRun:
+    """The bytes of consecutive samples with one layout, built together with numpy.
+
+    Per sample, the first component (the image) may be any size; every later one fits one data block,
+    so after the image's padding the sample always continues with ``2 × (m − 1)`` blocks. All headers are
+    made at once (names, sizes and checksums as array operations), and the small members, the image's
+    padding and the next sample's image header are laid out in one array, so the whole run is one
+    ``writev`` of two buffers per sample: the image's bytes (never copied) and the glue after them.
+    """
+
+    MAX_SAMPLES = 500
+    """Two buffers per sample plus one must stay within the kernel's 1,024 buffers per writev."""
+
+    def __init__(
+        self, samples: Sequence[tuple[str, Sequence[tuple[str, bytes]]]], exts: tuple[str, ...], base: int
+    ) -> None:
+        n, m = len(samples), len(exts)
+        self.keys = [key for key, _ in samples]
+        self.exts = exts
+        sizes = np.array([len(data) for _, components in samples for _, data in components], dtype=np.int64)
+        self.sizes = sizes.reshape(n, m)
+        if int(self.sizes[:, 0].max()) > _MAX_SIZE:
+            raise ValueError(f"a member of {_MAX_SIZE + 1} bytes or more does not fit a ustar header")
+        headers = self._headers(n, m)
+        padding = -self.sizes[:, 0] % BLOCK
+        # glue row i: [room for the image's padding][header + data block of components 1..m-1][header of
+        # the image of sample i + 1]; the image's padding is the tail of the zeroed first block.
+        width = BLOCK + (m - 1) * 2 * BLOCK + BLOCK
+        glue = np.zeros((n, width), dtype=np.uint8)
+        small = glue[:, BLOCK : width - BLOCK].reshape(n, m - 1, 2, BLOCK)
+        small[:, :, 0] = headers[:, 1:]
+        for j in range(1, m):
+            column = np.array([components[j][1] for _, components in samples], dtype=f"S{BLOCK}")
+            small[:, j - 1, 1] = column.view(np.uint8).reshape(n, BLOCK)
+        glue[:-1, width - BLOCK :] = headers[1:, 0]
+        flat = memoryview(glue.reshape(-1))
+        self.buffers: list[bytes | memoryview] = [memoryview(headers[0, 0])]
+        starts = (np.arange(n) * width + BLOCK - padding).tolist()
+        for i, (_, components) in enumerate(samples):
+            self.buffers.append(components[0][1])
+            self.buffers.append(flat[starts[i] : (i + 1) * width - (BLOCK if i == n - 1 else 0)])
+        # data offsets: the image right after its header, then one header block before each small member
+        sample_bytes = BLOCK + self.sizes[:, 0] + padding + (m - 1) * 2 * BLOCK
+        sample_start = base + np.concatenate(([0], np.cumsum(sample_bytes)[:-1]))
+        offsets = np.empty((n, m), dtype=np.int64)
+        offsets[:, 0] = sample_start + BLOCK
+        after_image = sample_start + BLOCK + self.sizes[:, 0] + padding
+        offsets[:, 1:] = after_image[:, None] + np.arange(m - 1) * 2 * BLOCK + BLOCK
+        self.offsets = offsets
+
+    def _headers(self, n: int, m: int) -> np.ndarray:
+        """The ``(n, m, 512)`` ustar headers of every member."""
+        headers = np.empty((n, m, BLOCK), dtype=np.uint8)
+        headers[:] = np.frombuffer(_BLANK_HEADER, dtype=np.uint8)
+        names = np.array([f"{key}.{ext}" for key in self.keys for ext in self.exts], dtype="S100")
+        headers[:, :, :100] = names.view(np.uint8).reshape(n, m, 100)
+        size_digits = (self.sizes[:, :, None] >> _OCTAL_SHIFTS_11) & 7
+        headers[:, :, 124:135] = size_digits + ord("0")
+        headers[:, :, 135] = 0
+        # the checksum is the byte sum with its own field as spaces (as the blank header has it)
+        checksum = headers.sum(axis=2, dtype=np.int64)
+        headers[:, :, 148:154] = ((checksum[:, :, None] >> _OCTAL_SHIFTS_6) & 7) + ord("0")
+        headers[:, :, 154] = 0
+        headers[:, :, 155] = ord(" ")
+        return headers
+
+    def index_lines(self) -> list[str]:
+        """The DALI index line of every sample (the text ``dali_index_line`` gives)."""
+        template = " ".join(
+            f"{ext} {{{1 + 2 * j}}} {{{2 + 2 * j}}} {{0}}.{ext}" for j, ext in enumerate(self.exts)
+        )
+        fields = np.stack([self.offsets, self.sizes], axis=2).reshape(len(self.keys), -1).tolist()
+        return [template.format(key, *row) for key, row in zip(self.keys, fields, strict=True)]
+
+
+def dali_index_line(components: Sequence[IndexComponent]) -> str:
+    """One sample's line of a DALI webdataset index: ``ext offset size name`` per component."""
+    return " ".join(f"{c.ext} {c.offset} {c.size} {c.name}" for c in components)
 
 
 def format_dali_index(samples: Sequence[Sequence[IndexComponent]]) -> str:
     """The text of a DALI webdataset index (the ``v1.2`` format ``wds2idx`` writes)."""
-    lines = [f"{DALI_INDEX_VERSION} {len(samples)}"]
-    for components in samples:
-        lines.append(" ".join(f"{c.ext} {c.offset} {c.size} {c.name}" for c in components))
-    return "\n".join(lines) + "\n"
+    return _index_text(len(samples), [dali_index_line(components) for components in samples])
 
 
-def write_dali_index(
-    path: str | Path, samples: Sequence[Sequence[IndexComponent]], fsync: bool = False
-) -> None:
+def _index_text(count: int, lines: list[str]) -> str:
+    return f"{DALI_INDEX_VERSION} {count}\n" + "".join(line + "\n" for line in lines)
+
+
+def _write_text(path: str | Path, text: str, fsync: bool) -> None:
     with open(path, "w", encoding="utf-8") as handle:
-        handle.write(format_dali_index(samples))
+        handle.write(text)
         if fsync:
             handle.flush()
             os.fsync(handle.fileno())

@@ -6,7 +6,9 @@ Both functions are pure functions of their task (plus the files), so they run th
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,9 @@ TMP_SUFFIX = ".tmp"
 WRITE_BEHIND = 8 << 20
 """Start the disk writeback of a shard every 8 MiB, so its final fsync does not stall the worker
 (measured: 8,000 ~50 KB JPEGs with 2 workers, 1.82 s against 2.0 s without, median of 4 each)."""
+WRITE_BATCH = 64
+"""Samples handed to the tar writer at once (about 3 MB of ~50 KB images): enough to spread the cost of
+laying out their headers together, small enough to keep a worker's memory flat."""
 
 
 @dataclass(frozen=True)
@@ -92,12 +97,14 @@ def temporary_path(path: Path) -> Path:
 def write_shard(task: ShardTask) -> ShardResult:
     """Read, check and write every input of the task into ``<file>.tmp`` (+ its DALI index), then fsync
     and rename the index and the tar to their final names: a final name always means a complete shard."""
+    keep_freed_heap()
     directory = Path(task.directory)
     tar_path = directory / task.file
     idx_path = dali_index_path(tar_path)
     skipped: list[tuple[str, str]] = []
     labels: Counter[int] = Counter()
-    with ShardTarWriter(temporary_path(tar_path), write_behind=WRITE_BEHIND) as writer:
+    with ShardTarWriter(temporary_path(tar_path), write_behind=WRITE_BEHIND, direct=True) as writer:
+        batch: list[tuple[str, list[tuple[str, bytes]]]] = []
         for ref, label, planned_index in task.inputs:
             try:
                 jpeg = prepare_jpeg(task.source.read(ref), task.options)
@@ -107,9 +114,13 @@ def write_shard(task: ShardTask) -> ShardResult:
             except OSError as error:
                 skipped.append((ref, f"cannot read: {error.strerror or error}"))
                 continue
-            key = sample_key(task.number, len(writer.samples))
-            writer.add_sample(key, encode_sample(jpeg, label, planned_index, ref))
+            key = sample_key(task.number, writer.count + len(batch))
+            batch.append((key, encode_sample(jpeg, label, planned_index, ref)))
             labels[label] += 1
+            if len(batch) == WRITE_BATCH:
+                writer.add_samples(batch)
+                batch = []
+        writer.add_samples(batch)
     writer.write_dali_index(temporary_path(idx_path), fsync=True)
     os.replace(temporary_path(idx_path), idx_path)
     os.replace(temporary_path(tar_path), tar_path)
@@ -120,7 +131,7 @@ def write_shard(task: ShardTask) -> ShardResult:
         number=task.number,
         file=tar_path.name,
         index_file=idx_path.name,
-        count=len(writer.samples),
+        count=writer.count,
         bytes=writer.bytes_written,
         sha256=writer.sha256,
         planned_range=planned,
@@ -156,6 +167,30 @@ def renumber_shard(task: RenumberTask) -> tuple[str, int, str]:
         handle.flush()
         os.fsync(handle.fileno())
     return task.set_name, task.number, file_sha256(tar_path)
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+HEAP_KEPT = 64 << 20
+
+
+def keep_freed_heap() -> None:
+    """Let glibc keep up to ``HEAP_KEPT`` of freed memory instead of handing it back to the kernel.
+
+    A writer frees a batch of ~50 KB image buffers every few milliseconds; by default glibc returns
+    the top of its heap to the kernel each time, and the next batch pays a page fault, a zeroed page and
+    a memory-cgroup charge for every 4 KB again (~10% of a worker's time in a profile of the converter
+    on this project's VM). Fixing both thresholds also stops glibc from raising them on its own. A no-op
+    where glibc is not the C library.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_TRIM_THRESHOLD, HEAP_KEPT)
+        libc.mallopt(_M_MMAP_THRESHOLD, 16 << 20)
+    except (OSError, AttributeError):
+        pass
 
 
 def fsync_directory(directory: Path) -> None:
