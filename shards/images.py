@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -105,6 +106,10 @@ _SOF_KEPT = frozenset({0xC0, 0xC1, 0xC2})
 hierarchical and arithmetic-coded frames go the slow way (PIL), which re-encodes or rejects them."""
 _SOF_ANY = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+_SEGMENT_HEAD = struct.Struct(">BBH").unpack_from
+"""``FF``, the marker and the segment length, read in one call (the walk runs once per input)."""
+_FRAME_HEAD = struct.Struct(">BHHB").unpack_from
+"""Precision, height, width and number of components at the start of a frame header."""
 
 
 def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
@@ -119,9 +124,9 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
     frame = None
     position, end = 2, len(data)
     while position + 4 <= end:
-        if data[position] != 0xFF:
+        fill, marker, length = _SEGMENT_HEAD(data, position)
+        if fill != 0xFF:
             return None
-        marker = data[position + 1]
         if marker == 0xFF:  # fill byte before a marker
             position += 1
             continue
@@ -130,16 +135,12 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
             continue
         if marker in (0xD8, 0xD9):
             return None
-        length = (data[position + 2] << 8) | data[position + 3]
         if length < 2 or position + 2 + length > end:
             return None
         if marker in _SOF_ANY:
             if frame is not None or marker not in _SOF_KEPT or length < 8:
                 return None
-            precision = data[position + 4]
-            height = (data[position + 5] << 8) | data[position + 6]
-            width = (data[position + 7] << 8) | data[position + 8]
-            components = data[position + 9]
+            precision, height, width, components = _FRAME_HEAD(data, position + 4)
             if precision != 8 or width == 0 or height == 0 or components not in (1, 3):
                 return None
             frame = (width, height, components)

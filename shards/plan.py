@@ -78,6 +78,10 @@ def plan_shards(
     would pass either limit (a shard always holds at least one input)."""
     if samples_per_shard is None and bytes_per_shard is None:
         raise ValueError("give samples_per_shard and/or bytes_per_shard")
+    if bytes_per_shard is None:  # a count alone: no need to estimate every sample's bytes
+        assert samples_per_shard is not None
+        step = max(samples_per_shard, 1)
+        return [ShardPlan(n, s, min(s + step, len(items))) for n, s in enumerate(range(0, len(items), step))]
     plans: list[ShardPlan] = []
     start, size = 0, 0
     for position, item in enumerate(items):
@@ -100,6 +104,6 @@ def listing_hash(items: Sequence[InputItem], classes: Sequence[str]) -> str:
     digest = hashlib.sha256()
     for name in classes:
         digest.update(f"class\t{name}\n".encode("utf-8", "surrogateescape"))
-    for item in items:
-        digest.update(f"{item.ref}\t{item.label}\t{item.size}\n".encode("utf-8", "surrogateescape"))
+    lines = "".join([f"{item.ref}\t{item.label}\t{item.size}\n" for item in items])
+    digest.update(lines.encode("utf-8", "surrogateescape"))
     return digest.hexdigest()

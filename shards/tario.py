@@ -158,22 +158,18 @@ class ShardTarWriter:
         each in turn. Consecutive samples with the same extensions whose components after the first each
         fit one 512-byte block (the converter's samples: an image, then label, index and source) are laid
         out together; any other sample goes through ``add_sample``."""
+        layouts = [_run_layout(key, components) for key, components in samples]
         start = 0
         while start < len(samples):
-            stop = start
-            exts = _run_extensions(samples[start])
-            while (
-                exts is not None
-                and stop < len(samples)
-                and stop - start < _SampleRun.MAX_SAMPLES
-                and _run_extensions(samples[stop]) == exts
-            ):
-                stop += 1
-            if stop == start:
+            exts = layouts[start]
+            if exts is None:
                 self.add_sample(*samples[start])
                 start += 1
                 continue
-            run = _SampleRun(samples[start:stop], exts, self.bytes_written)  # type: ignore[arg-type]
+            stop = start + 1
+            while stop < len(samples) and stop - start < _SampleRun.MAX_SAMPLES and layouts[stop] == exts:
+                stop += 1
+            run = _SampleRun(samples[start:stop], exts, self.bytes_written)
             self._write(run.buffers)
             self._index_lines.extend(run.index_lines())
             self.count += stop - start
@@ -216,18 +212,24 @@ def _check_key(key: str) -> None:
         raise ValueError(f"sample keys may not contain dots or slashes: {key!r}")
 
 
-def _run_extensions(sample: tuple[str, Sequence[tuple[str, bytes]]]) -> tuple[str, ...] | None:
-    """The extensions of a sample ``_SampleRun`` can lay out, or None when it needs ``add_sample``."""
-    key, components = sample
-    if not components or not key.isascii():
-        return None
+def _run_layout(key: str, components: Sequence[tuple[str, bytes]]) -> tuple[str, ...] | None:
+    """The extensions of a sample ``_SampleRun`` can lay out, or None when it needs ``add_sample``.
+
+    Runs once per sample on the converter's path, hence the plain loops instead of generators."""
     _check_key(key)
-    exts = tuple(ext for ext, _ in components)
-    if any(not 0 < len(data) <= BLOCK for _, data in components[1:]):
+    exts = tuple([ext for ext, _ in components])
+    if not exts or not key.isascii() or len(key) + 1 + _longest_extension(exts) > 100:
         return None
-    if len(key) + 1 + max(len(ext) for ext in exts) > 100 or not all(ext.isascii() for ext in exts):
+    sizes = [len(data) for _, data in components[1:]]
+    if sizes and (min(sizes) == 0 or max(sizes) > BLOCK):
         return None
     return exts
+
+
+@functools.lru_cache(maxsize=64)
+def _longest_extension(exts: tuple[str, ...]) -> int:
+    """The longest extension's length, or 100 (no run possible) when one is not ASCII."""
+    return max(len(ext) for ext in exts) if all(ext.isascii() for ext in exts) else 100
 
 
 _OCTAL_SHIFTS_11 = np.arange(30, -1, -3, dtype=np.int64)

@@ -7,9 +7,12 @@ Both functions are pure functions of their task (plus the files), so they run th
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import sys
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,6 +101,11 @@ def write_shard(task: ShardTask) -> ShardResult:
     """Read, check and write every input of the task into ``<file>.tmp`` (+ its DALI index), then fsync
     and rename the index and the tar to their final names: a final name always means a complete shard."""
     keep_freed_heap()
+    with collector_paused():
+        return _write_shard(task)
+
+
+def _write_shard(task: ShardTask) -> ShardResult:
     directory = Path(task.directory)
     tar_path = directory / task.file
     idx_path = dali_index_path(tar_path)
@@ -167,6 +175,19 @@ def renumber_shard(task: RenumberTask) -> tuple[str, int, str]:
         handle.flush()
         os.fsync(handle.fileno())
     return task.set_name, task.number, file_sha256(tar_path)
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector: a writer allocates a few small tuples and lists per
+    sample, none of them in a cycle, and the collections they trigger cost ~2% of a worker's time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 _M_TRIM_THRESHOLD = -1

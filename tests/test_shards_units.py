@@ -54,6 +54,14 @@ def test_plan_by_samples_and_bytes() -> None:
     assert plan_shards([], 3, None) == []
 
 
+@pytest.mark.parametrize("count", [0, 1, 7, 999, 1000, 1001, 2500])
+@pytest.mark.parametrize("per_shard", [1, 3, 1000])
+def test_plan_by_samples_alone_equals_the_general_cut(count: int, per_shard: int) -> None:
+    """The count-only shortcut cuts where the general loop does with a byte limit that never binds."""
+    listing = items([100 + i % 7 for i in range(count)])
+    assert plan_shards(listing, per_shard, None) == plan_shards(listing, per_shard, 1 << 60)
+
+
 def test_estimate_is_exact_for_kept_jpegs(image_folder: ImageFolder, tmp_path: Path) -> None:
     for ref, image in list(image_folder.inputs.items()):
         if not image.is_jpeg:
