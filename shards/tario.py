@@ -244,12 +244,13 @@ class _SampleRun:
     Per sample, the first component (the image) may be any size; every later one fits one data block,
     so after the image's padding the sample always continues with ``2 × (m − 1)`` blocks. All headers are
     made at once (names, sizes and checksums as array operations), and the small members, the image's
-    padding and the next sample's image header are laid out in one array, so the whole run is one
-    ``writev`` of two buffers per sample: the image's bytes (never copied) and the glue after them.
+    padding and the next sample's image header are laid out in one array, so the whole run goes to the
+    sink as two buffers per sample: the image's bytes and the glue after them.
     """
 
     MAX_SAMPLES = 500
-    """Two buffers per sample plus one must stay within the kernel's 1,024 buffers per writev."""
+    """Two buffers per sample plus one must stay within the kernel's 1,024 buffers per writev (the
+    buffered sink hands a run to one writev)."""
 
     def __init__(
         self, samples: Sequence[tuple[str, Sequence[tuple[str, bytes]]]], exts: tuple[str, ...], base: int
@@ -293,12 +294,13 @@ class _SampleRun:
         headers = np.empty((n, m, BLOCK), dtype=np.uint8)
         headers[:] = np.frombuffer(_BLANK_HEADER, dtype=np.uint8)
         names = np.array([f"{key}.{ext}" for key in self.keys for ext in self.exts], dtype="S100")
-        headers[:, :, :100] = names.view(np.uint8).reshape(n, m, 100)
-        size_digits = (self.sizes[:, :, None] >> _OCTAL_SHIFTS_11) & 7
-        headers[:, :, 124:135] = size_digits + ord("0")
-        headers[:, :, 135] = 0
-        # the checksum is the byte sum with its own field as spaces (as the blank header has it)
-        checksum = headers.sum(axis=2, dtype=np.int64)
+        name_bytes = names.view(np.uint8).reshape(n, m, 100)
+        headers[:, :, :100] = name_bytes
+        size_field = ((self.sizes[:, :, None] >> _OCTAL_SHIFTS_11) & 7) + ord("0")
+        headers[:, :, 124:135] = size_field
+        # the checksum is the byte sum with its own field as spaces: the blank header's sum (spaces
+        # there, zeros where name and size go) plus the name and size bytes
+        checksum = _BLANK_HEADER_SUM + name_bytes.sum(axis=2, dtype=np.int64) + size_field.sum(axis=2)
         headers[:, :, 148:154] = ((checksum[:, :, None] >> _OCTAL_SHIFTS_6) & 7) + ord("0")
         headers[:, :, 154] = 0
         headers[:, :, 155] = ord(" ")
