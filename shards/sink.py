@@ -213,9 +213,10 @@ class DirectSink:
         self._direct = False
 
     def _raise_error(self) -> None:
+        """Raise the thread's write error; it stays set, so every later write or close fails too and
+        the thread writes nothing more (a file with a hole must not look complete)."""
         if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+            raise self._error.with_traceback(None)
 
     def _stop_thread(self) -> None:
         self._full.put(None)

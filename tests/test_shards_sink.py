@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shards import sink as sink_module
-from shards.sink import CHUNK, BufferedSink, DirectSink, open_sink
+from shards.sink import CHUNK, CHUNKS, BufferedSink, DirectSink, open_sink
 from shards.tario import ShardTarWriter
 
 
@@ -54,11 +54,13 @@ def test_a_write_error_in_the_writer_thread_reaches_the_caller() -> None:
     sink = DirectSink(os.open("/dev/full", os.O_WRONLY))
     try:
         with pytest.raises(OSError) as raised:
-            sink.write([bytes(CHUNK)] * 3)  # the second hand-over sees the first chunk's failure
-            sink.close(fsync=False)
+            for _ in range(2 * CHUNKS):  # a later hand-over sees the first chunk's failure
+                sink.write([bytes(CHUNK)])
+        assert raised.value.errno == errno.ENOSPC
+        with pytest.raises(OSError, match="No space"):
+            sink.write([bytes(CHUNK)])  # the failure stays: nothing more is written
     finally:
-        sink.abort()  # a no-op once closed; ends the writer thread when the write raised
-    assert raised.value.errno == errno.ENOSPC
+        sink.abort()  # ends the writer thread
 
 
 def test_a_filesystem_without_direct_io_gets_a_buffered_sink(
