@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 from shards.errors import ShardsError
 from shards.format import FORMAT_VERSION, MANIFEST_NAME, dali_index_path, shard_file_name
@@ -189,18 +189,35 @@ def _exclusive(out: Path) -> Iterator[None]:
     except OSError as error:
         raise ShardsError(f"output directory is not writable: {out} ({error.strerror or error})") from None
     try:
-        try:
-            import fcntl
-
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # no advisory locks on this platform: nothing to guard with
-            pass
-        except OSError:
-            raise ShardsError(f"another conversion is writing into {out}") from None
+        if not _lock(handle, LOCK_GRACE_SECONDS):
+            raise ShardsError(f"another conversion is writing into {out}")
         yield
         path.unlink(missing_ok=True)
     finally:
         handle.close()
+
+
+LOCK_GRACE_SECONDS = 3.0
+"""How long to wait for the lock: a conversion killed just before this one started releases it only
+when its workers' last direct writes have finished (milliseconds), not at once."""
+
+
+def _lock(handle: TextIO, grace: float) -> bool:
+    """Take an exclusive advisory lock on ``handle``, waiting up to ``grace`` seconds; True without locks
+    on this platform (nothing to guard with)."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
 
 def _shard_files(directory: Path) -> list[Path]:
@@ -406,6 +423,7 @@ class _SetJob:
             class_counts=[labels.get(i, 0) for i in range(len(self.classes))],
             root=self.directory.resolve(),
         )
+        fsync_directory(self.directory)  # every shard's rename is durable before the manifest exists
         manifest.save(self.directory)
         fsync_directory(self.directory)
         assert self.journal is not None

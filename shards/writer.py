@@ -129,10 +129,13 @@ def _write_shard(task: ShardTask) -> ShardResult:
                 writer.add_samples(batch)
                 batch = []
         writer.add_samples(batch)
-    writer.write_dali_index(temporary_path(idx_path), fsync=True)
+        # written and synced while the writer thread still writes the tar's last chunks
+        writer.write_dali_index(temporary_path(idx_path), fsync=True)
     os.replace(temporary_path(idx_path), idx_path)
     os.replace(temporary_path(tar_path), tar_path)
-    fsync_directory(directory)
+    # No fsync of the directory per shard: a rename lost to a power cut leaves a shard the journal lists
+    # but whose file is missing, which a resumed run checks for and writes again; the directory is
+    # synced once, before the manifest is written (the set is done only when its manifest exists).
     planned = (task.inputs[0][2], task.inputs[-1][2] + 1) if task.inputs else (0, 0)
     return ShardResult(
         set_name=task.set_name,

@@ -310,3 +310,26 @@ def test_rerun_is_a_noop_other_parameters_refused_unless_overwrite(
         name for s in manifest.shards for name in (s.file, s.index_file)
     )
     assert verify(out).ok
+
+
+def test_a_held_lock_is_waited_for_briefly_then_refused(
+    image_folder: ImageFolder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    fcntl = pytest.importorskip("fcntl")  # advisory locks are POSIX
+
+    import shards.convert as convert_module
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = open(out / convert_module.LOCK_NAME, "a")  # noqa: SIM115 - closed below
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+    monkeypatch.setattr(convert_module, "LOCK_GRACE_SECONDS", 0.2)
+    with pytest.raises(ShardsError, match="another conversion is writing into"):
+        convert(ImageFolderSource(image_folder.root), out, ConvertOptions())
+    # a lock released within the grace period (a killed conversion whose workers are finishing) is taken
+    monkeypatch.setattr(convert_module, "LOCK_GRACE_SECONDS", 10.0)
+    threading.Timer(0.3, holder.close).start()
+    outcome = convert(ImageFolderSource(image_folder.root), out, ConvertOptions())
+    assert outcome.sets[0].manifest.count == len(image_folder.inputs)

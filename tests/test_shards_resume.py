@@ -38,11 +38,16 @@ def children_of(pid: int) -> set[int]:
 
 
 def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    """Whether any thread of the process still runs: a killed worker's leader turns zombie at once, while
+    its writer thread may still finish a direct write, holding the worker's files (and the lock)."""
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in ("Z", "X"):
+            return True
+    return False
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
