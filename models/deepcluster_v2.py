@@ -25,7 +25,7 @@ from models.buffers import RuntimeShapedBuffers
 from models.clustering import epoch_clustering_metrics, kmeans
 from models.deepcluster import IGNORE_LABEL, pseudo_labels_for_batch
 from models.errors import ModelError
-from models.heads import NormalizedEmbedding, ProjectionHead
+from models.heads import NormalizedEmbedding, projection_head
 from models.method import Method, TrainContext
 from models.metrics import to_floats
 from models.types import PADDING_INDEX, Batch, LossOutput
@@ -118,10 +118,7 @@ class DeepClusterV2(RuntimeShapedBuffers, Method):
         super().__init__(backbone)
         self.cfg = cfg = cfg or DeepClusterV2Config()
         in_dim = int(backbone.num_features)
-        if cfg.hidden_dim:
-            self.projection = ProjectionHead(in_dim, cfg.hidden_dim, cfg.feat_dim, num_layers=2)
-        else:
-            self.projection = ProjectionHead(in_dim, in_dim, cfg.feat_dim, num_layers=1)
+        self.projection = projection_head(in_dim, cfg.hidden_dim, cfg.feat_dim)
         assign = len(cfg.crops_for_assign)
         self.register_buffer("memory", torch.zeros(assign, 0, cfg.feat_dim))
         self.register_buffer("memory_filled", torch.zeros((), dtype=torch.bool))

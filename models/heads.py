@@ -39,6 +39,14 @@ class ProjectionHead(nn.Module):
         return self.mlp(x)
 
 
+def projection_head(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool = True) -> ProjectionHead:
+    """The methods' projection head: ``in_dim → hidden_dim → out_dim`` (2 layers), or one linear layer
+    ``in_dim → out_dim`` when ``hidden_dim`` is 0 (the configs' way to ask for a linear head)."""
+    if hidden_dim:
+        return ProjectionHead(in_dim, hidden_dim, out_dim, num_layers=2, batch_norm=batch_norm)
+    return ProjectionHead(in_dim, in_dim, out_dim, num_layers=1)
+
+
 class Prototypes(nn.Module):
     """K learnable prototype vectors of size ``dim``: (batch, dim) → (batch, K) scores ``x · cᵀ``.
 

@@ -31,7 +31,7 @@ from models.buffers import RuntimeShapedBuffers
 from models.clustering import KMeansResult, distances_to_centroids, epoch_clustering_metrics, multi_kmeans
 from models.ema import ema_update_
 from models.errors import ModelError
-from models.heads import NormalizedEmbedding, ProjectionHead
+from models.heads import NormalizedEmbedding, projection_head
 from models.method import Method, TrainContext
 from models.metrics import to_floats
 from models.types import PADDING_INDEX, Batch, LossOutput
@@ -408,12 +408,9 @@ class PCL(RuntimeShapedBuffers, Method):
         super().__init__(backbone)
         self.cfg = cfg = cfg or PCLConfig()
         in_dim = int(backbone.num_features)
-        if cfg.hidden_dim:
-            self.projection = ProjectionHead(
-                in_dim, cfg.hidden_dim, cfg.feat_dim, num_layers=2, batch_norm=cfg.head_batch_norm
-            )
-        else:
-            self.projection = ProjectionHead(in_dim, in_dim, cfg.feat_dim, num_layers=1)
+        self.projection = projection_head(
+            in_dim, cfg.hidden_dim, cfg.feat_dim, batch_norm=cfg.head_batch_norm
+        )
         self.key_encoder = NormalizedEmbedding(copy.deepcopy(backbone), copy.deepcopy(self.projection))
         self.key_encoder.requires_grad_(False)
         self.register_buffer("queue", torch.zeros(0, cfg.feat_dim))

@@ -22,7 +22,7 @@ from models import distributed
 from models.backbones import embed_views
 from models.buffers import RuntimeShapedBuffers
 from models.errors import ModelError
-from models.heads import ProjectionHead, Prototypes
+from models.heads import Prototypes, projection_head
 from models.losses import cross_entropy_to_other_views
 from models.method import Method, TrainContext
 from models.metrics import to_floats
@@ -129,10 +129,7 @@ class SwAV(RuntimeShapedBuffers, Method):
         super().__init__(backbone)
         self.cfg = cfg = cfg or SwAVConfig()
         in_dim = int(backbone.num_features)
-        if cfg.hidden_dim:
-            self.projection = ProjectionHead(in_dim, cfg.hidden_dim, cfg.feat_dim, num_layers=2)
-        else:
-            self.projection = ProjectionHead(in_dim, in_dim, cfg.feat_dim, num_layers=1)
+        self.projection = projection_head(in_dim, cfg.hidden_dim, cfg.feat_dim)
         self.prototypes = Prototypes(cfg.feat_dim, cfg.num_prototypes)
         self.register_buffer("queue", torch.zeros(len(cfg.crops_for_assign), 0, cfg.feat_dim))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
