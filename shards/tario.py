@@ -121,9 +121,6 @@ class ShardTarWriter:
         """Whether the bytes bypass the page cache (see ``shards.sink``)."""
         return isinstance(self._sink, DirectSink)
 
-    def _write(self, buffers: Sequence[bytes | memoryview]) -> None:
-        self._sink.write(buffers)
-
     def add_sample(self, key: str, components: Sequence[tuple[str, bytes]]) -> list[IndexComponent]:
         """Write one sample's members in the given order; returns their index entries."""
         _check_key(key)
@@ -148,7 +145,7 @@ class ShardTarWriter:
             offset += BLOCK + size + padding
         if small:
             buffers.append(b"".join(small))
-        self._write(buffers)
+        self._sink.write(buffers)
         self._index_lines.append(dali_index_line(entries))
         self.count += 1
         return entries
@@ -170,7 +167,7 @@ class ShardTarWriter:
             while stop < len(samples) and stop - start < _SampleRun.MAX_SAMPLES and layouts[stop] == exts:
                 stop += 1
             run = _SampleRun(samples[start:stop], exts, self.bytes_written)
-            self._write(run.buffers)
+            self._sink.write(run.buffers)
             self._index_lines.extend(run.index_lines())
             self.count += stop - start
             start = stop

@@ -130,8 +130,7 @@ def warm_page_cache(root: Path) -> None:
 class ProcessTreeMemory:
     """Samples the memory of this process plus all its descendants (Linux /proc) every ``interval``
     seconds and keeps the peak of their sum, by PSS (shared pages split between the processes that map
-    them, so forked workers are not charged for the parent's pages) and the largest single RSS.
-    The sampler's own CPU time is kept in ``cpu_seconds`` so that it can be left out of the figures."""
+    them, so forked workers are not charged for the parent's pages) and the largest single RSS."""
 
     def __init__(self, interval: float = 0.02) -> None:
         self.interval = interval
@@ -140,7 +139,6 @@ class ProcessTreeMemory:
         self.peak_total = 0
         self.peak_rss_total = 0
         self.peak_process = 0
-        self.cpu_seconds = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._page = os.sysconf("SC_PAGE_SIZE")
@@ -178,10 +176,8 @@ class ProcessTreeMemory:
         self.peak_process = max(self.peak_process, max((rss for _, rss in sizes), default=0))
 
     def _run(self) -> None:
-        started = time.thread_time()
         while not self._stop.wait(self.interval):
             self.sample()
-        self.cpu_seconds = time.thread_time() - started
 
     def __enter__(self) -> ProcessTreeMemory:
         self.sample()
