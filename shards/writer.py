@@ -103,7 +103,14 @@ def write_shard(task: ShardTask) -> ShardResult:
     and rename the index and the tar to their final names: a final name always means a complete shard."""
     keep_freed_heap()
     with collector_paused():
-        return _write_shard(task)
+        try:
+            return _write_shard(task)
+        except OSError as error:  # unreadable inputs are skipped inside: this is writing the shard
+            target = Path(task.directory) / task.file
+            raise ShardsError(
+                f"cannot write {target}: {error.strerror or error}; "
+                "fix that (free space, permissions) and run the same command again to resume"
+            ) from None
 
 
 def _write_shard(task: ShardTask) -> ShardResult:

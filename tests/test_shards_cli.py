@@ -59,6 +59,25 @@ def test_unwritable_output_is_one_line_exit_2(image_folder: ImageFolder, tmp_pat
     assert_one_line_error(result, "output path exists and is not a directory")
 
 
+def test_a_full_disk_while_writing_is_one_line_exit_2(
+    image_folder: ImageFolder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from shards import sink
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sink.DirectSink, "write", disk_full)
+    monkeypatch.setattr(sink.BufferedSink, "write", disk_full)
+    out = tmp_path / "out"
+    result = invoke("shards", "convert", "imagefolder", str(image_folder.root), str(out), "--workers", "1")
+    assert_one_line_error(result, "No space left on device")
+    assert "run the same command again" in result.stderr
+    assert not list(out.glob("shard-*.tar")), "no shard under its final name"
+
+
 def test_output_inside_the_source_is_refused(image_folder: ImageFolder) -> None:
     result = invoke(
         "shards", "convert", "imagefolder", str(image_folder.root), str(image_folder.root / "out")
