@@ -21,6 +21,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv tar ca-certificates \
+        gcc libc6-dev python3-dev \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
     && pip install --upgrade pip
@@ -41,7 +42,9 @@ COPY configs ./configs
 # beside torch's CUDA 13 libraries and needs only a driver that supports CUDA 12.x, which every CUDA 13
 # driver does. (faiss-gpu rather than faiss-gpu-cu12: the latter has no recent wheel for this image's Python
 # 3.12 and would fall back to 1.9.0, which pins numpy < 2.)
+# `pip install .` also compiles the converter's C loop (shards/_packer.c; gcc and python3-dev above).
 RUN pip install . \
+    && python -c "import shards._packer" \
     && pip uninstall -y faiss-cpu \
     && pip install "faiss-gpu>=1.15.1" \
     && python -c "import faiss, nvidia.dali, mlflow, torch, torchvision, tools.cli"

@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 
 .PHONY: venv demo test test-slow lint bench clean
 
-$(BIN)/clusterssl: pyproject.toml
+# shards/_packer.c: the converter's C loop, compiled by the project's install (rebuilt when it changes)
+$(BIN)/clusterssl: pyproject.toml shards/_packer.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch and torchvision first, pinned: on the CPU machines this project targets they install from the

@@ -47,6 +47,14 @@ class Sink(Protocol):
 
     def write(self, buffers: Sequence[Buffer]) -> None: ...
 
+    def space(self) -> memoryview | None:
+        """Memory the caller may lay the next bytes out in directly (then ``commit`` them), or None."""
+        ...
+
+    def commit(self, size: int) -> None:
+        """Take the first ``size`` bytes of the last ``space()`` as written."""
+        ...
+
     def close(self, fsync: bool = True) -> None: ...
 
     def abort(self) -> None: ...
@@ -88,6 +96,13 @@ class BufferedSink:
         if self._write_behind and self.bytes_written - self._flushed >= self._write_behind:
             _start_writeback(self._fd, self._flushed, self.bytes_written - self._flushed)
             self._flushed = self.bytes_written
+
+    def space(self) -> memoryview | None:
+        return None  # nothing to lay out into: writev takes the caller's buffers as they are
+
+    def commit(self, size: int) -> None:
+        if size:
+            raise ValueError("a buffered sink offers no space to commit")
 
     def close(self, fsync: bool = True) -> None:
         if fsync:
@@ -157,6 +172,18 @@ class DirectSink:
             else:
                 self._write_across(memoryview(buffer).cast("B"))
             self.bytes_written += size
+
+    def space(self) -> memoryview:
+        """The free rest of the chunk being filled: bytes laid out here skip the copy ``write`` makes."""
+        return self._view[self._filled :]
+
+    def commit(self, size: int) -> None:
+        if not 0 <= size <= CHUNK - self._filled:
+            raise ValueError(f"cannot commit {size} bytes: {CHUNK - self._filled} are free")
+        self._filled += size
+        self.bytes_written += size
+        if self._filled == CHUNK:
+            self._hand_over()
 
     def _write_across(self, data: memoryview) -> None:
         """Copy ``data`` in pieces, handing each chunk over as it fills."""

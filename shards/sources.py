@@ -62,6 +62,12 @@ class Source(ABC):
         """The directory tree the listing walks, if any: output written inside it would become input."""
         return None
 
+    def file_root(self) -> str | None:
+        """The folder relative references name files in, when ``read(ref)`` is exactly reading that file
+        whole (an absolute reference is the file itself); None for generated inputs. Lets the converter
+        read the files in C (``shards.native``)."""
+        return None
+
 
 _EXTENSIONS_TEXT = ", ".join(sorted(IMAGE_EXTENSIONS))
 
@@ -104,6 +110,10 @@ class ImageFolderSource(Source):
 
     def read(self, ref: str) -> bytes:
         return read_file(os.path.join(self.root, ref))
+
+    def file_root(self) -> str | None:
+        # a subclass that reads differently (slowed down in tests, decrypting...) keeps its own read
+        return str(self.root) if type(self).read is ImageFolderSource.read else None
 
     def walked_directory(self) -> Path | None:
         return self.root
@@ -196,6 +206,9 @@ class ListSource(Source):
 
     def read(self, ref: str) -> bytes:
         return read_file(self._resolve(ref))
+
+    def file_root(self) -> str | None:
+        return str(self.path.parent) if type(self).read is ListSource.read else None
 
     def _resolve(self, ref: str) -> Path:
         path = Path(ref)

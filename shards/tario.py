@@ -59,8 +59,8 @@ def _blank_header() -> bytes:
     return bytes(header)
 
 
-_BLANK_HEADER = _blank_header()
-_BLANK_HEADER_SUM = sum(_BLANK_HEADER)
+BLANK_HEADER = _blank_header()
+_BLANK_HEADER_SUM = sum(BLANK_HEADER)
 
 
 def ustar_header(name: str, size: int) -> bytes:
@@ -73,7 +73,7 @@ def ustar_header(name: str, size: int) -> bytes:
     if len(encoded) > 100:
         raise ValueError(f"member name longer than 100 bytes: {name!r}")
     size_field, size_sum = _size_field(size)
-    header = bytearray(_BLANK_HEADER)
+    header = bytearray(BLANK_HEADER)
     header[0 : len(encoded)] = encoded
     header[124:136] = size_field
     header[148:156] = b"%06o\0 " % (_BLANK_HEADER_SUM + sum(encoded) + size_sum)
@@ -171,6 +171,20 @@ class ShardTarWriter:
             self._index_lines.extend(run.index_lines())
             self.count += stop - start
             start = stop
+
+    def packing_space(self) -> memoryview | None:
+        """Where the next samples may be laid out in place (the sink's staging memory), or None."""
+        return self._sink.space()
+
+    def add_packed(self, used: int, blob: bytes, index_lines: list[str]) -> None:
+        """Append ``len(index_lines)`` samples laid out elsewhere (the C loop of ``shards.native``): the
+        first ``used`` bytes of the last ``packing_space()``, then ``blob``, laid out to start at
+        ``bytes_written``; and their DALI index lines."""
+        self._sink.commit(used)
+        if blob:
+            self._sink.write([blob])
+        self._index_lines.extend(index_lines)
+        self.count += len(index_lines)
 
     @property
     def sha256(self) -> str:
@@ -289,7 +303,7 @@ class _SampleRun:
     def _headers(self, n: int, m: int) -> np.ndarray:
         """The ``(n, m, 512)`` ustar headers of every member."""
         headers = np.empty((n, m, BLOCK), dtype=np.uint8)
-        headers[:] = np.frombuffer(_BLANK_HEADER, dtype=np.uint8)
+        headers[:] = np.frombuffer(BLANK_HEADER, dtype=np.uint8)
         names = np.array([f"{key}.{ext}" for key in self.keys for ext in self.exts], dtype="S100")
         name_bytes = names.view(np.uint8).reshape(n, m, 100)
         headers[:, :, :100] = name_bytes

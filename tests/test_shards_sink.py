@@ -48,6 +48,38 @@ def test_sinks_write_every_byte_in_order_and_hash_them(tmp_path: Path, direct: b
     assert sink.bytes_written == len(expected)
 
 
+def test_bytes_laid_out_in_the_staging_space_mix_with_writes(tmp_path: Path) -> None:
+    """``space``/``commit`` (the C loop's way in) and ``write`` interleave into one ordered, hashed file,
+    a commit that fills the chunk hands it over, and a commit beyond the free space is refused."""
+    if not _direct_io_works(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    rng = random.Random(9)
+    sink = open_sink(tmp_path / "out", direct=True)
+    expected = bytearray()
+    for piece_size in [100, CHUNK // 2, 0, 3000, CHUNK, 77, 5]:
+        space = sink.space()
+        assert space is not None and len(space) == CHUNK - sink.bytes_written % CHUNK
+        laid_out = rng.randbytes(min(piece_size, len(space)))
+        space[: len(laid_out)] = laid_out
+        del space
+        sink.commit(len(laid_out))
+        written = rng.randbytes(piece_size // 3)
+        sink.write([written])
+        expected += laid_out + written
+    with pytest.raises(ValueError, match="cannot commit"):
+        sink.commit(CHUNK)
+    sink.close(fsync=False)
+    assert (tmp_path / "out").read_bytes() == expected
+    assert sink.sha256 == hashlib.sha256(expected).hexdigest() and sink.bytes_written == len(expected)
+
+    buffered = open_sink(tmp_path / "buffered", direct=False)
+    assert buffered.space() is None
+    buffered.commit(0)
+    with pytest.raises(ValueError):
+        buffered.commit(1)
+    buffered.close(fsync=False)
+
+
 def test_a_write_error_in_the_writer_thread_reaches_the_caller() -> None:
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full")

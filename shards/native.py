@@ -1,0 +1,107 @@
+"""The converter's per-sample loop in C (``shards._packer``), used where it was built and applies.
+
+Per ~50 KB image the Python loop (read the file, check the JPEG, build five tar members and an index
+line) cost a worker ~22 µs of its ~95 µs; the rest is sha256 and the kernel's reads and writes. The C
+loop does the same for the common input, a plain JPEG file stored as it is, and hands every other input
+(unreadable, empty, not a JPEG kept as is, one that changed size while read) back to the Python path,
+which skips it with its reason or re-encodes it. Both paths write the same bytes
+(``tests/test_shards_native.py``).
+
+It applies when the source's inputs are plain files (``Source.file_root``), the check is ``cheap`` (the
+``decode`` check needs PIL for every input), and file names are encoded as UTF-8 (how the C loop turns
+references into paths). Without a compiler at install time the extension is missing and everything runs
+in Python; ``CLUSTERSSL_NATIVE=0`` turns it off (to compare the two, or to rule it out).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+from shards.format import COMPONENT_ORDER
+from shards.images import PrepareOptions
+from shards.tario import BLANK_HEADER
+
+try:
+    from shards import _packer
+except ImportError:  # installed without a C compiler: the Python path does the same work
+    _packer = None
+
+PACK_BUDGET = 8 << 20
+"""Most bytes one call packs (it stops after the sample that reaches this): bounds a worker's memory
+however large the images are."""
+ENVIRONMENT_SWITCH = "CLUSTERSSL_NATIVE"
+
+
+def native_available() -> bool:
+    """Whether the C loop is built and not switched off with ``CLUSTERSSL_NATIVE=0``."""
+    return _packer is not None and os.environ.get(ENVIRONMENT_SWITCH, "1") != "0"
+
+
+def describe_loop() -> str:
+    """Which per-sample loop converts files, and why, for reports (the benchmark prints it)."""
+    if _packer is None:
+        return "Python (shards._packer is not built)"
+    if not native_available():
+        return f"Python ({ENVIRONMENT_SWITCH}=0)"
+    return "C (shards._packer)"
+
+
+@dataclass(frozen=True)
+class Packed:
+    """What one call packed: ``len(lines)`` samples, whose tar bytes are the first ``used`` bytes of the
+    target buffer followed by ``blob``, and their DALI index lines.
+
+    ``refused`` means the input right after them is one the Python path must handle."""
+
+    used: int
+    blob: bytes
+    lines: list[str]
+    refused: bool
+
+
+class FilePacker:
+    """Packs runs of a shard's inputs, ``(ref, label, index)`` tuples naming files under ``root``."""
+
+    def __init__(self, root: str, max_side: int | None) -> None:
+        self._root = os.fsencode(root)
+        self._max_side = max_side or 0
+
+    @classmethod
+    def for_task(cls, root: str | None, options: PrepareOptions) -> FilePacker | None:
+        """A packer when the C loop can do this conversion's work, else None (the Python path runs)."""
+        utf8_names = (
+            sys.getfilesystemencoding() == "utf-8" and sys.getfilesystemencodeerrors() == "surrogateescape"
+        )
+        if root is None or options.check != "cheap" or not utf8_names or not native_available():
+            return None
+        return cls(root, options.max_side)
+
+    def pack(
+        self,
+        inputs: list[tuple[str, int, int]],
+        start: int,
+        stop: int,
+        shard: int,
+        position: int,
+        offset: int,
+        target: memoryview | None,
+    ) -> Packed:
+        """Pack ``inputs[start:stop]`` from the first one on; keys count from ``position`` in shard
+        ``shard``, and the bytes will start at byte ``offset`` of the tar. Samples are laid out straight
+        into ``target`` (the sink's staging memory: no copy) while they fit; the first one that does
+        not comes back in ``blob`` and ends the call. Without a target, up to ``PACK_BUDGET`` bytes of
+        samples come back in ``blob``."""
+        assert _packer is not None
+        used, blob, lines, refused = _packer.pack(
+            self._root, inputs, start, stop, shard, position, offset, self._max_side, PACK_BUDGET, target,
+            COMPONENT_ORDER, BLANK_HEADER,
+        )  # fmt: skip
+        return Packed(used, blob, lines, refused)
+
+
+def jpeg_kept_as_is(data: bytes, max_side: int | None) -> bool:
+    """The C loop's own JPEG decision (for tests that hold it against ``prepare_jpeg``)."""
+    assert _packer is not None
+    return bool(_packer.jpeg_kept_as_is(data, max_side or 0))
