@@ -29,6 +29,7 @@ def test_bench_convert_reports_tar_convert_and_memory_for_each_size(tmp_path: Pa
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert [r["images"] for r in summary["results"]] == [20, 40]
+    assert summary["per_sample_loop"].startswith(("C ", "Python ("))
     for row in summary["results"]:
         assert row["dataset"]["images"] == row["images"]
         for contender in ("tar", "tar_fsync", "convert"):

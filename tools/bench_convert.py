@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from shards.convert import ConvertOptions, convert
+from shards.native import describe_loop
 from shards.parallel import TaskRunner
 from shards.sources import ImageFolderSource
 
@@ -344,6 +345,7 @@ def run_benchmark(
             "repeats": repeats,
             "cpus": os.cpu_count(),
             "page_cache": "warm: every input file read once before timing; the best of the repeats counts",
+            "per_sample_loop": describe_loop(),
             "results": results,
         }
     finally:
@@ -376,6 +378,6 @@ def render(summary: dict[str, Any]) -> str:
         f"manifest included); MB/s of input; µs cpu = CPU time per image of all processes; memory = this "
         f"process and its workers (PSS before the conversion in brackets); load = 1-min load average before "
         f"the tar run; images {first['dataset']['mean_size'][0]}×{first['dataset']['mean_size'][1]} on average, "
-        f"{first['dataset']['min_kb']}–{first['dataset']['max_kb']} KB"
+        f"{first['dataset']['min_kb']}–{first['dataset']['max_kb']} KB; per-sample loop: {summary['per_sample_loop']}"
     )
     return "\n".join(lines)
