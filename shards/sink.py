@@ -28,12 +28,14 @@ from typing import Protocol
 
 Buffer = bytes | bytearray | memoryview
 
-CHUNK = 4 << 20
-"""Bytes per direct write: large enough that the per-write cost vanishes, small enough that the
-staging chunks of a worker keep its memory flat."""
-CHUNKS = 3
-"""Staging chunks per sink: one being filled, one being written, one spare so a slow write does not
-stop the caller at once."""
+CHUNK = 2 << 20
+"""Bytes per direct write (one huge page): large enough that the per-write cost vanishes, small enough
+that little is left to write when the shard ends. Converting 2,000 / 8,000 ~49 KB JPEGs with 2 workers
+took 94 / 324 ms (best of 12 / 5) with 4 chunks of 2 MiB against 102 / 344 ms with 3 of 4 MiB, the
+close of each shard waiting for up to 12 MiB of queued writes."""
+CHUNKS = 4
+"""Staging chunks per sink: one being filled, one being written, spares so a slow write does not stop
+the caller at once."""
 ALIGN = 4096
 """Alignment of staging memory and of every direct write but the last (page size: what every
 filesystem that supports ``O_DIRECT`` accepts)."""
