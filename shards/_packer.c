@@ -249,10 +249,16 @@ static Py_ssize_t read_inputs(PyObject *inputs, Py_ssize_t start, Py_ssize_t cou
             *refused = 1;
             return k;
         }
-        sample->label = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 1));
-        sample->index = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 2));
+        /* exact ints only: converting anything else could run Python code (__index__) that changes
+         * the list under this loop; such inputs are left to the Python path */
+        PyObject *label = PyTuple_GET_ITEM(item, 1), *index = PyTuple_GET_ITEM(item, 2);
+        int exact = PyLong_CheckExact(label) && PyLong_CheckExact(index);
+        sample->label = exact ? PyLong_AsLongLong(label) : 0;
+        int overflow = exact && sample->label == -1 && PyErr_Occurred() != NULL;
+        sample->index = exact && !overflow ? PyLong_AsLongLong(index) : 0;
+        overflow = overflow || (exact && sample->index == -1 && PyErr_Occurred() != NULL);
         Py_ssize_t length = PyBytes_GET_SIZE(sample->source);
-        int unusable = PyErr_Occurred() != NULL || length == 0 || length > BLOCK ||
+        int unusable = !exact || overflow || length == 0 || length > BLOCK ||
                        memchr(PyBytes_AS_STRING(sample->source), 0, (size_t)length) != NULL;
         if (unusable) {
             PyErr_Clear();

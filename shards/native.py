@@ -32,6 +32,7 @@ PACK_BUDGET = 8 << 20
 """Most bytes one call packs (it stops after the sample that reaches this): bounds a worker's memory
 however large the images are."""
 ENVIRONMENT_SWITCH = "CLUSTERSSL_NATIVE"
+JPEG_MAX_SIDE = 65535
 
 
 def native_available() -> bool:
@@ -66,7 +67,8 @@ class FilePacker:
 
     def __init__(self, root: str, max_side: int | None) -> None:
         self._root = os.fsencode(root)
-        self._max_side = max_side or 0
+        # no JPEG side exceeds 65,535 pixels: any larger limit is no limit (and fits a C long)
+        self._max_side = 0 if max_side is None else min(max_side, JPEG_MAX_SIDE)
 
     @classmethod
     def for_task(cls, root: str | None, options: PrepareOptions) -> FilePacker | None:
@@ -76,6 +78,8 @@ class FilePacker:
         )
         if root is None or options.check != "cheap" or not utf8_names or not native_available():
             return None
+        if options.max_side is not None and options.max_side < 1:
+            return None  # not a size the C loop can compare with; the Python path says what it does
         return cls(root, options.max_side)
 
     def pack(
@@ -104,4 +108,4 @@ class FilePacker:
 def jpeg_kept_as_is(data: bytes, max_side: int | None) -> bool:
     """The C loop's own JPEG decision (for tests that hold it against ``prepare_jpeg``)."""
     assert _packer is not None
-    return bool(_packer.jpeg_kept_as_is(data, max_side or 0))
+    return bool(_packer.jpeg_kept_as_is(data, 0 if max_side is None else min(max_side, JPEG_MAX_SIDE)))

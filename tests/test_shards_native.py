@@ -176,6 +176,7 @@ def test_the_switch_and_the_checks_that_need_python(monkeypatch: pytest.MonkeyPa
     assert native.FilePacker.for_task("/data", PrepareOptions()) is not None
     assert native.FilePacker.for_task(None, PrepareOptions()) is None  # generated inputs (digits)
     assert native.FilePacker.for_task("/data", PrepareOptions(check="decode")) is None
+    assert native.FilePacker.for_task("/data", PrepareOptions(max_side=0)) is None
     monkeypatch.setenv(native.ENVIRONMENT_SWITCH, "0")
     assert native.FilePacker.for_task("/data", PrepareOptions()) is None
 
@@ -195,6 +196,30 @@ def test_pack_refuses_at_the_first_input_it_cannot_take(image_folder: ImageFolde
     assert then.blob[:14] == b"s000003_000005"
     missing = packer.pack([("cat/none.jpg", 0, 0)], 0, 1, shard=0, position=0, offset=0, target=None)
     assert (missing.used, missing.blob, missing.lines, missing.refused) == (0, b"", [], True)
+
+
+def test_pack_leaves_labels_that_are_not_plain_ints_to_python(image_folder: ImageFolder) -> None:
+    """Converting an int subclass or a huge int could run Python code or overflow: refused instead."""
+
+    class Label(int):
+        pass
+
+    packer = native.FilePacker(str(image_folder.root), None)
+    for label, index in [(Label(1), 0), (1, Label(0)), (2**63, 0), (1, -(2**63) - 1)]:
+        packed = packer.pack([("cat/00.jpg", label, index)], 0, 1, 0, 0, 0, target=None)
+        assert (packed.lines, packed.refused) == ([], True), (label, index)
+
+
+def test_a_max_side_beyond_any_jpeg_is_no_limit(
+    image_folder: ImageFolder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A limit larger than a C long is accepted (as by the Python path), and means no limit."""
+    options = ConvertOptions(samples_per_shard=6, prepare=PrepareOptions(max_side=2**70))
+    python_out, native_out, _ = convert_both(
+        ImageFolderSource(image_folder.root), tmp_path, monkeypatch, options
+    )
+    assert_same_files(python_out, native_out)
+    assert native.jpeg_kept_as_is(image_folder.inputs["cat/00.jpg"].data, 2**70)
 
 
 def test_pack_rejects_malformed_calls(tmp_path: Path) -> None:
