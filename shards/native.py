@@ -1,8 +1,10 @@
 """The converter's per-sample loop in C (``shards._packer``), used where it was built and applies.
 
-Per ~50 KB image the Python loop (read the file, check the JPEG, build five tar members and an index
-line) cost a worker ~22 µs of its ~95 µs; the rest is sha256 and the kernel's reads and writes. The C
-loop does the same for the common input, a plain JPEG file stored as it is, and hands every other input
+The C loop reads the file, checks the JPEG and builds the five tar members and the index line, as the
+Python loop does, but reads each image straight into the sink's staging memory. Measured with one worker
+writing the same 1,000 ~49 KB JPEGs 12 times: 82 µs of CPU per image in Python, 61 with the C loop (the
+rest is sha256 and the kernel's reads and writes). It takes the common input, a plain JPEG file stored
+as it is, and hands every other input
 (unreadable, empty, not a JPEG kept as is, one that changed size while read) back to the Python path,
 which skips it with its reason or re-encodes it. Both paths write the same bytes
 (``tests/test_shards_native.py``).
@@ -29,10 +31,11 @@ except ImportError:  # installed without a C compiler: the Python path does the 
     _packer = None
 
 PACK_BUDGET = 8 << 20
-"""Most bytes one call packs (it stops after the sample that reaches this): bounds a worker's memory
-however large the images are."""
+"""Without staging memory to pack into (the buffered sink), the most bytes one call returns (it stops
+after the sample that reaches this): bounds a worker's memory however large the images are."""
 ENVIRONMENT_SWITCH = "CLUSTERSSL_NATIVE"
 JPEG_MAX_SIDE = 65535
+"""A JPEG's width and height are 16-bit: a larger ``max_side`` is no limit."""
 
 
 def native_available() -> bool:
@@ -67,8 +70,7 @@ class FilePacker:
 
     def __init__(self, root: str, max_side: int | None) -> None:
         self._root = os.fsencode(root)
-        # no JPEG side exceeds 65,535 pixels: any larger limit is no limit (and fits a C long)
-        self._max_side = 0 if max_side is None else min(max_side, JPEG_MAX_SIDE)
+        self._max_side = _c_max_side(max_side)
 
     @classmethod
     def for_task(cls, root: str | None, options: PrepareOptions) -> FilePacker | None:
@@ -108,4 +110,10 @@ class FilePacker:
 def jpeg_kept_as_is(data: bytes, max_side: int | None) -> bool:
     """The C loop's own JPEG decision (for tests that hold it against ``prepare_jpeg``)."""
     assert _packer is not None
-    return bool(_packer.jpeg_kept_as_is(data, 0 if max_side is None else min(max_side, JPEG_MAX_SIDE)))
+    return bool(_packer.jpeg_kept_as_is(data, _c_max_side(max_side)))
+
+
+def _c_max_side(max_side: int | None) -> int:
+    """``max_side`` as the C loop takes it: 0 for no limit, and no more than a JPEG side can be (so it
+    fits a C long)."""
+    return 0 if max_side is None else min(max_side, JPEG_MAX_SIDE)
