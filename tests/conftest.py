@@ -1,4 +1,4 @@
-"""Shared fixtures.
+"""Shared fixtures (and, for every test, temporary files kept under pytest's own temporary root).
 
 ``digits16``: the built-in digits at 16 px (``train/`` and ``val/`` shard sets), converted once per session.
 
@@ -22,6 +22,8 @@ few milliseconds; tests may add or corrupt files in ``root`` freely (each test g
 from __future__ import annotations
 
 import io
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,6 +86,18 @@ def encode(image: Image.Image, fmt: str, **save_args: object) -> bytes:
 
 def jpeg_bytes(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE) -> bytes:
     return encode(noise_image(rng, size), "JPEG", quality=90)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _temporary_files_under_pytest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The temporary files of the code under test and of the processes it starts (torchrun's agent
+    folders, MLflow's lock files) go under pytest's own temporary root, which pytest prunes, instead of
+    piling up in the system's temporary directory run after run."""
+    directory = str(tmp_path_factory.mktemp("tmpdir"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", directory)
+        patch.setattr(tempfile, "tempdir", directory)
+        yield
 
 
 @pytest.fixture
