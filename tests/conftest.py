@@ -91,12 +91,15 @@ def jpeg_bytes(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE) -> 
 @pytest.fixture(autouse=True, scope="session")
 def _temporary_files_under_pytest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """The temporary files of the code under test and of the processes it starts (torchrun's agent
-    folders, MLflow's lock files) go under pytest's own temporary root, which pytest prunes, instead of
-    piling up in the system's temporary directory run after run."""
-    directory = str(tmp_path_factory.mktemp("tmpdir"))
+    folders, MLflow's lock files, torch.compile's kernels) go under pytest's own temporary root, which
+    pytest prunes, instead of piling up in the system's temporary directory run after run."""
+    directory = tmp_path_factory.mktemp("tmpdir")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TMPDIR", directory)
-        patch.setattr(tempfile, "tempdir", directory)
+        patch.setenv("TMPDIR", str(directory))
+        patch.setattr(tempfile, "tempdir", str(directory))
+        # importing torch's compiler (at collection, with the trainer) already fixed this one in the
+        # environment, under the system's temporary directory
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(directory / "torchinductor"))
         yield
 
 
