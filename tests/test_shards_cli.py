@@ -69,8 +69,10 @@ def test_a_full_disk_while_writing_is_one_line_exit_2(
     def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(sink.DirectSink, "write", disk_full)
-    monkeypatch.setattr(sink.BufferedSink, "write", disk_full)
+    # where the sinks hand bytes to the kernel: the direct sink's writer thread, the buffered writev (the
+    # sinks' own write/space/commit stay real, so both per-sample loops reach the failure their own way)
+    monkeypatch.setattr(sink.DirectSink, "_write_chunk", disk_full)
+    monkeypatch.setattr(sink, "_write_all", disk_full)
     out = tmp_path / "out"
     result = invoke("shards", "convert", "imagefolder", str(image_folder.root), str(out), "--workers", "1")
     assert_one_line_error(result, "No space left on device")
