@@ -129,9 +129,8 @@ def render_demo_summary(summary: Mapping[str, Any]) -> str:
             "   (same backbone, untrained)"
         )
         lines.append(
-            f"The demo's default schedule is {max(DEMO_EPOCHS.values())} epochs; the full configs (clusterssl "
-            "train <method>_digits,"
-            " 25-40 epochs) beat the random-init row: see the README's results."
+            f"The demo's default schedule is {max(DEMO_EPOCHS.values())} epochs; the full configs "
+            "(clusterssl train <method>_digits, 25-40 epochs) beat the random-init row: see the README's results."
         )
     uri = summary["tracking_uri"]
     if uri:
