@@ -107,9 +107,11 @@ class BufferedSink:
             raise ValueError("a buffered sink offers no space to commit")
 
     def close(self, fsync: bool = True) -> None:
-        if fsync:
-            os.fsync(self._fd)
-        os.close(self._fd)
+        try:
+            if fsync:
+                os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
 
     def abort(self) -> None:
         os.close(self._fd)

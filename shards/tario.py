@@ -191,11 +191,21 @@ class ShardTarWriter:
         return self._sink.sha256
 
     def close(self, fsync: bool = True) -> None:
+        """Finish the archive; if that fails (a full disk, reported late by the direct sink), no partial
+        file is left behind."""
         if self._closed:
             return
+        try:
+            self._sink.write([_END_OF_ARCHIVE])
+        except BaseException:
+            self.abort()
+            raise
         self._closed = True
-        self._sink.write([_END_OF_ARCHIVE])
-        self._sink.close(fsync)
+        try:
+            self._sink.close(fsync)  # releases the sink's file and memory even when it raises
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
 
     def abort(self) -> None:
         """Close without finishing the archive and delete the partial file."""

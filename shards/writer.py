@@ -120,14 +120,18 @@ def _write_shard(task: ShardTask) -> ShardResult:
     idx_path = dali_index_path(tar_path)
     skipped: list[tuple[str, str]] = []
     labels: Counter[int] = Counter()
-    with ShardTarWriter(temporary_path(tar_path), write_behind=WRITE_BEHIND, direct=True) as writer:
-        packer = FilePacker.for_task(task.source.file_root(), task.options)
-        if packer is None:
-            _write_in_python(task, task.inputs, writer, skipped, labels)
-        else:
-            _write_natively(task, packer, writer, skipped, labels)
-        # written and synced while the writer thread still writes the tar's last chunks
-        writer.write_dali_index(temporary_path(idx_path), fsync=True)
+    try:
+        with ShardTarWriter(temporary_path(tar_path), write_behind=WRITE_BEHIND, direct=True) as writer:
+            packer = FilePacker.for_task(task.source.file_root(), task.options)
+            if packer is None:
+                _write_in_python(task, task.inputs, writer, skipped, labels)
+            else:
+                _write_natively(task, packer, writer, skipped, labels)
+            # written and synced while the writer thread still writes the tar's last chunks
+            writer.write_dali_index(temporary_path(idx_path), fsync=True)
+    except BaseException:  # the writer removed its partial tar; the index goes with it
+        temporary_path(idx_path).unlink(missing_ok=True)
+        raise
     os.replace(temporary_path(idx_path), idx_path)
     os.replace(temporary_path(tar_path), tar_path)
     # No fsync of the directory per shard: a rename lost to a power cut leaves a shard the journal lists

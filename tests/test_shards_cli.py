@@ -77,7 +77,7 @@ def test_a_full_disk_while_writing_is_one_line_exit_2(
     result = invoke("shards", "convert", "imagefolder", str(image_folder.root), str(out), "--workers", "1")
     assert_one_line_error(result, "No space left on device")
     assert "run the same command again" in result.stderr
-    assert not list(out.glob("shard-*.tar")), "no shard under its final name"
+    assert not list(out.glob("shard-*")), "no shard under its final name, no partial file left behind"
 
 
 def test_output_inside_the_source_is_refused(image_folder: ImageFolder) -> None:

@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,38 @@ def test_an_aborted_direct_writer_leaves_no_file(tmp_path: Path) -> None:
         writer.add_sample("k", [("jpg", bytes(3 * CHUNK))])
         raise RuntimeError("interrupted")
     assert not (tmp_path / "a.tar").exists()
+
+
+def _disk_full(*args: object, **kwargs: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_failure_finishing_the_archive_leaves_no_file_and_no_writer_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    writer = ShardTarWriter(tmp_path / "a.tar", direct=direct)
+    writer.add_sample("k", [("jpg", b"abc")])
+    monkeypatch.setattr(DirectSink, "write", _disk_full)  # the end-of-archive blocks cannot be written
+    monkeypatch.setattr(BufferedSink, "write", _disk_full)
+    with pytest.raises(OSError, match="No space"):
+        writer.close()
+    assert not (tmp_path / "a.tar").exists()
+    assert "shard-writer" not in [thread.name for thread in threading.enumerate()]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_failed_sync_at_close_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    def sync_fails(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    writer = ShardTarWriter(tmp_path / "a.tar", direct=direct)
+    writer.add_sample("k", [("jpg", b"abc")])
+    monkeypatch.setattr(sink_module.os, "fsync", sync_fails)
+    with pytest.raises(OSError, match="Input/output"):
+        writer.close()
+    monkeypatch.undo()
+    assert not (tmp_path / "a.tar").exists()
+    writer.abort()  # after a failed close: nothing left to release, no error
