@@ -122,14 +122,14 @@ class ImageFolderSource(Source):
 def read_file(path: str | Path) -> bytes:
     """A whole file, read with plain system calls: one ``read`` of the size ``fstat`` gives, plus one.
 
-    A regular file that returns fewer bytes than asked is at its end, so one read is enough (no second
-    read to see the end, no join); only a file that grew since ``fstat`` needs more.
+    Getting exactly that size means the end was reached (one read, no join); a file that grew since
+    ``fstat``, or a file system that returns short reads (FUSE, network mounts), is read on to its end.
     """
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         data = os.read(fd, size + 1)
-        if len(data) <= size:
+        if len(data) == size:
             return data
         chunks = [data]
         while chunk := os.read(fd, 1 << 20):

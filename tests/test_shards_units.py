@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -11,12 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shards import sources
 from shards.convert import ConvertOptions, convert
 from shards.errors import ShardsError
 from shards.images import BadInput, PrepareOptions, jpeg_ends_properly, prepare_jpeg
 from shards.manifest import load_manifest
 from shards.plan import ShardPlan, estimated_sample_bytes, plan_shards, shuffled, stratified_holdout
-from shards.sources import DigitsSource, ImageFolderSource, InputItem, ListSource
+from shards.sources import DigitsSource, ImageFolderSource, InputItem, ListSource, read_file
 from tests.conftest import ImageFolder, encode, jpeg_bytes, noise_image, smooth_image
 
 
@@ -229,3 +231,21 @@ def test_jpeg_frame_agrees_with_pil() -> None:
         "random": rng.integers(0, 256, 500, dtype=np.uint8).tobytes(),
     }.items():
         assert jpeg_frame(data) is None, name
+
+
+@pytest.mark.parametrize("piece", [1, 1000, 4096])
+@pytest.mark.parametrize("size", [0, 1, 5000, 70_000])
+def test_read_file_reads_to_the_end_through_short_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece: int, size: int
+) -> None:
+    """A file system that returns at most ``piece`` bytes per read (FUSE, network mounts) still gives the
+    whole file, as does one whose size grew after ``fstat`` (here: fstat says 0)."""
+    data = np.random.default_rng(size).bytes(size)
+    (tmp_path / "f").write_bytes(data)
+    assert read_file(tmp_path / "f") == data
+    real_read = sources.os.read
+    monkeypatch.setattr(sources.os, "read", lambda fd, n: real_read(fd, min(n, piece)))
+    assert read_file(tmp_path / "f") == data
+    monkeypatch.undo()
+    monkeypatch.setattr(sources.os, "fstat", lambda fd: os.stat_result((0,) * 10))
+    assert read_file(tmp_path / "f") == data
