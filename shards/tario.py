@@ -13,11 +13,12 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
-
-import numpy as np
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 from shards.sink import DirectSink, open_sink
+
+if TYPE_CHECKING:
+    import numpy as np  # imported where runs are laid out: reading and verifying shards do without it
 
 BLOCK = 512
 _END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
@@ -253,8 +254,6 @@ def _longest_extension(exts: tuple[str, ...]) -> int:
     return max(len(ext) for ext in exts) if all(ext.isascii() for ext in exts) else 100
 
 
-_OCTAL_SHIFTS_11 = np.arange(30, -1, -3, dtype=np.int64)
-_OCTAL_SHIFTS_6 = np.arange(15, -1, -3, dtype=np.int64)
 _MAX_SIZE = 8**11 - 1
 """The largest size an 11-digit ustar size field holds (8 GiB - 1)."""
 
@@ -276,6 +275,8 @@ class _SampleRun:
     def __init__(
         self, samples: Sequence[tuple[str, Sequence[tuple[str, bytes]]]], exts: tuple[str, ...], base: int
     ) -> None:
+        import numpy as np
+
         n, m = len(samples), len(exts)
         self.keys = [key for key, _ in samples]
         self.exts = exts
@@ -312,17 +313,21 @@ class _SampleRun:
 
     def _headers(self, n: int, m: int) -> np.ndarray:
         """The ``(n, m, 512)`` ustar headers of every member."""
+        import numpy as np
+
+        octal_shifts_11 = np.arange(30, -1, -3, dtype=np.int64)
+        octal_shifts_6 = np.arange(15, -1, -3, dtype=np.int64)
         headers = np.empty((n, m, BLOCK), dtype=np.uint8)
         headers[:] = np.frombuffer(BLANK_HEADER, dtype=np.uint8)
         names = np.array([f"{key}.{ext}" for key in self.keys for ext in self.exts], dtype="S100")
         name_bytes = names.view(np.uint8).reshape(n, m, 100)
         headers[:, :, :100] = name_bytes
-        size_field = ((self.sizes[:, :, None] >> _OCTAL_SHIFTS_11) & 7) + ord("0")
+        size_field = ((self.sizes[:, :, None] >> octal_shifts_11) & 7) + ord("0")
         headers[:, :, 124:135] = size_field
         # the checksum is the byte sum with its own field as spaces: the blank header's sum (spaces
         # there, zeros where name and size go) plus the name and size bytes
         checksum = _BLANK_HEADER_SUM + name_bytes.sum(axis=2, dtype=np.int64) + size_field.sum(axis=2)
-        headers[:, :, 148:154] = ((checksum[:, :, None] >> _OCTAL_SHIFTS_6) & 7) + ord("0")
+        headers[:, :, 148:154] = ((checksum[:, :, None] >> octal_shifts_6) & 7) + ord("0")
         headers[:, :, 154] = 0
         headers[:, :, 155] = ord(" ")
         return headers
@@ -332,6 +337,8 @@ class _SampleRun:
         template = " ".join(
             f"{ext} {{{1 + 2 * j}}} {{{2 + 2 * j}}} {{0}}.{ext}" for j, ext in enumerate(self.exts)
         )
+        import numpy as np
+
         fields = np.stack([self.offsets, self.sizes], axis=2).reshape(len(self.keys), -1).tolist()
         return [template.format(key, *row) for key, row in zip(self.keys, fields, strict=True)]
 
