@@ -19,7 +19,7 @@ from PIL import Image
 from shards import native, sink
 from shards.convert import ConvertOptions, convert
 from shards.format import COMPONENT_ORDER
-from shards.images import PrepareOptions, jpeg_ends_properly, jpeg_frame
+from shards.images import PrepareOptions, jpeg_ends_properly, jpeg_frame, prepare_jpeg
 from shards.manifest import load_manifest
 from shards.sources import ImageFolderSource, ListSource, Source
 from shards.tario import BLANK_HEADER
@@ -245,7 +245,9 @@ def python_keeps(data: bytes, max_side: int | None) -> bool:
 
 def test_the_c_jpeg_check_decides_as_the_python_one() -> None:
     """Held against the Python decision on valid JPEGs of every kind and on thousands of damaged ones
-    (cut short anywhere in the header, any header byte replaced by a marker-like value, junk after)."""
+    (cut short anywhere in the header, any header byte replaced by a marker-like value, junk after):
+    the same answer as ``prepare_jpeg``'s fast path, and nothing kept that ``prepare_jpeg`` would not
+    keep as it is (should its rules ever grow stricter than the fast path's)."""
     rng = np.random.default_rng(11)
     rgb = smooth_image(rng, (61, 37))
     exif = Image.Exif()
@@ -291,5 +293,7 @@ def test_the_c_jpeg_check_decides_as_the_python_one() -> None:
         for max_side in (None, 36, 37, 61, 60):
             expected = python_keeps(data, max_side)
             assert native.jpeg_kept_as_is(data, max_side) == expected, (data[:40], max_side)
+            if expected:  # and what C keeps, the converter's own Python decision keeps as it is
+                assert prepare_jpeg(data, PrepareOptions(max_side=max_side)) is data, (data[:40], max_side)
             kept += expected
     assert kept > 1000, "the corpus must hold many kept JPEGs too, not only rejects"
