@@ -79,8 +79,8 @@ def convert_both(
     source: Source, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: ConvertOptions
 ) -> tuple[Path, Path, list[bool]]:
     """Convert with the Python path, then with the C loop; returns both outputs and, per call of the
-    C loop, whether it was given staging memory to lay samples out in. Checks that the C loop packed
-    most samples itself."""
+    C loop, whether it was given staging memory to lay samples out in. Checks that the first run did
+    not use the C loop and that the second packed most samples with it."""
     targets: list[bool] = []
     packed: list[int] = []
     original = native.FilePacker.pack
@@ -98,6 +98,8 @@ def convert_both(
         out = tmp_path / f"out-native-{switch}"
         convert(source, out, options)
         outputs.append(out)
+        if switch == "0":  # else both outputs could come from the C loop and agree trivially
+            assert not packed, "the switch did not turn the C loop off"
     assert sum(packed) > load_manifest(outputs[1]).count / 2, "the C loop packed too few samples"
     return outputs[0], outputs[1], targets
 
