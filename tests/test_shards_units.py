@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -17,7 +18,15 @@ from shards.convert import ConvertOptions, convert
 from shards.errors import ShardsError
 from shards.images import BadInput, PrepareOptions, jpeg_ends_properly, prepare_jpeg
 from shards.manifest import load_manifest
-from shards.plan import ShardPlan, estimated_sample_bytes, plan_shards, shuffled, stratified_holdout
+from shards.plan import (
+    LISTING_HASH_BLOCK,
+    ShardPlan,
+    estimated_sample_bytes,
+    listing_hash,
+    plan_shards,
+    shuffled,
+    stratified_holdout,
+)
 from shards.sources import DigitsSource, ImageFolderSource, InputItem, ListSource, read_file
 from tests.conftest import ImageFolder, encode, jpeg_bytes, noise_image, smooth_image
 
@@ -249,3 +258,15 @@ def test_read_file_reads_to_the_end_through_short_reads(
     monkeypatch.undo()
     monkeypatch.setattr(sources.os, "fstat", lambda fd: os.stat_result((0,) * 10))
     assert read_file(tmp_path / "f") == data
+
+
+@pytest.mark.parametrize(
+    "count", [0, 1, LISTING_HASH_BLOCK, LISTING_HASH_BLOCK + 1, 2 * LISTING_HASH_BLOCK + 7]
+)
+def test_listing_hash_is_the_sha256_of_the_listing_as_text(count: int) -> None:
+    """Hashed a block at a time, the same as the whole text: class lines, then ref, label, size per input."""
+    listing = [InputItem(f"c{i % 3}/ü {i}.jpg", i % 3, 1000 + i) for i in range(count)]
+    text = "class\ta\nclass\tb\nclass\tc\n" + "".join(
+        f"c{i % 3}/ü {i}.jpg\t{i % 3}\t{1000 + i}\n" for i in range(count)
+    )
+    assert listing_hash(listing, ["a", "b", "c"]) == hashlib.sha256(text.encode()).hexdigest()
