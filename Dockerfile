@@ -9,7 +9,7 @@
 # Mount the whole of /workspace: the runs (runs/), the MLflow store (mlflow.db) and its artifacts
 # (mlruns/) all live there and would vanish with the --rm container otherwise.
 #   docker run --gpus all --ipc=host ... clusterssl \
-#       torchrun --standalone --nproc_per_node=8 -m tools.cli train swav_imagenet --set data.train=/data/...
+#       torchrun --standalone --nproc_per_node=8 -m clusterssl train swav_imagenet --set data.train=/data/...
 FROM nvidia/cuda:13.0.0-base-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \

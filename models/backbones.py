@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from models.errors import ModelError
-from models.registry import Registry
+from clusterssl.errors import ModelError
+from clusterssl.models.registry import Registry
 
 # ---------------------------------------------------------------------------------------------- ResNets
 

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from models.errors import ModelError
+from clusterssl.errors import ModelError
 
 ROWS_PER_CHUNK = 65536
 """Rows processed at once when streaming over a bank (validation, distances, PCA apply): bounds the

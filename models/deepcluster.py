@@ -13,7 +13,7 @@ position: the loader may shuffle, split over workers and ranks, and repeat sampl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,15 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import distributed
-from models.backbones import embed_views
-from models.buffers import RuntimeShapedBuffers
-from models.clustering import KMeansResult, PCAWhitening, epoch_clustering_metrics, kmeans, pca_whiten
-from models.clustering import clustering_nmi as clustering_nmi  # re-exported: the paper's stability curve
-from models.errors import ModelError
-from models.method import Method, TrainContext
-from models.metrics import to_floats
-from models.types import PADDING_INDEX, Batch, LossOutput
+from clusterssl.errors import ModelError
+from clusterssl.models import collectives
+from clusterssl.models.backbones import embed_views
+from clusterssl.models.buffers import RuntimeShapedBuffers
+from clusterssl.models.clustering import (
+    KMeansResult,
+    PCAWhitening,
+    epoch_clustering_metrics,
+    kmeans,
+    pca_whiten,
+)
+from clusterssl.models.clustering import (
+    clustering_nmi as clustering_nmi,  # re-exported: the paper's stability curve
+)
+from clusterssl.models.method import Method, MethodConfig, TrainContext
+from clusterssl.models.metrics import to_floats
+from clusterssl.models.types import PADDING_INDEX, Batch, LossOutput
 
 IGNORE_LABEL = -1
 """Pseudo-label of a padded or never-assigned sample: pass ``ignore_index=IGNORE_LABEL`` to
@@ -120,8 +128,10 @@ def pseudo_labels_for_batch(labels_by_index: Tensor, index: Tensor) -> Tensor:
 
 
 @dataclass
-class DeepClusterConfig:
+class DeepClusterConfig(MethodConfig):
     """DeepCluster's settings; defaults are the paper's ImageNet recipe (k = 10,000, PCA to 256)."""
+
+    name: str = field(default="deepcluster", init=False)
 
     num_clusters: int = 10000
     """k. The paper found ~10× the number of classes best on ImageNet (10,000 for 1,000 classes); scale
@@ -158,7 +168,7 @@ class DeepCluster(RuntimeShapedBuffers, Method):
     """
 
     name: ClassVar[str] = "deepcluster"
-    config_class: ClassVar[type[Any]] = DeepClusterConfig
+    config_class: ClassVar[type[MethodConfig]] = DeepClusterConfig
     runtime_buffers: ClassVar[tuple[str, ...]] = ("pseudo_labels",)
 
     pseudo_labels: Tensor
@@ -202,7 +212,7 @@ class DeepCluster(RuntimeShapedBuffers, Method):
                     previous=previous,
                 )
             )
-        distributed.broadcast_(assignments)
+        collectives.broadcast_(assignments)
         self.pseudo_labels = pseudo_labels_by_index(assignments.cpu().numpy()).to(
             self.classifier.weight.device
         )

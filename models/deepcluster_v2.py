@@ -11,29 +11,31 @@ ignored. Unlike v1 there is no classifier to re-create: the prototypes *are* the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import distributed
-from models.backbones import embed_views
-from models.buffers import RuntimeShapedBuffers
-from models.clustering import epoch_clustering_metrics, kmeans
-from models.deepcluster import IGNORE_LABEL, pseudo_labels_for_batch
-from models.errors import ModelError
-from models.heads import NormalizedEmbedding, projection_head
-from models.method import Method, TrainContext
-from models.metrics import to_floats
-from models.types import PADDING_INDEX, Batch, LossOutput
+from clusterssl.errors import ModelError
+from clusterssl.models import collectives
+from clusterssl.models.backbones import embed_views
+from clusterssl.models.buffers import RuntimeShapedBuffers
+from clusterssl.models.clustering import epoch_clustering_metrics, kmeans
+from clusterssl.models.deepcluster import IGNORE_LABEL, pseudo_labels_for_batch
+from clusterssl.models.heads import NormalizedEmbedding, projection_head
+from clusterssl.models.method import Method, MethodConfig, TrainContext
+from clusterssl.models.metrics import to_floats
+from clusterssl.models.types import PADDING_INDEX, Batch, LossOutput
 
 
 @dataclass
-class DeepClusterV2Config:
+class DeepClusterV2Config(MethodConfig):
     """DeepCluster-v2's settings; defaults are the SwAV repository's ImageNet recipe (800 epochs)."""
+
+    name: str = field(default="deepcluster_v2", init=False)
 
     hidden_dim: int = 2048
     """Width of the projection MLP's hidden layer; 0 makes the projection a single linear layer."""
@@ -106,7 +108,7 @@ class DeepClusterV2(RuntimeShapedBuffers, Method):
     """
 
     name: ClassVar[str] = "deepcluster_v2"
-    config_class: ClassVar[type[Any]] = DeepClusterV2Config
+    config_class: ClassVar[type[MethodConfig]] = DeepClusterV2Config
     runtime_buffers: ClassVar[tuple[str, ...]] = ("memory", "assignments", "sample_labels")
 
     memory: Tensor
@@ -186,8 +188,8 @@ class DeepClusterV2(RuntimeShapedBuffers, Method):
                         prefix=f"clustering/head{head}/",
                     )
                 )
-            distributed.broadcast_(centroids)
-        distributed.broadcast_(assignments)
+            collectives.broadcast_(centroids)
+        collectives.broadcast_(assignments)
         self.assignments = assignments
         if ctx.rank == 0:
             ctx.log_metrics(metrics)
@@ -225,7 +227,7 @@ class DeepClusterV2(RuntimeShapedBuffers, Method):
     @torch.no_grad()
     def _update_memory(self, index: Tensor, embeddings: Tensor) -> None:
         """Write this step's (assign views, batch, D) embeddings at their samples' rows, over all ranks."""
-        gathered_index = distributed.all_gather_cat(index.to(self.memory.device))
-        gathered = distributed.all_gather_cat(embeddings.transpose(0, 1).float().contiguous())  # (B·W, A, D)
+        gathered_index = collectives.all_gather_cat(index.to(self.memory.device))
+        gathered = collectives.all_gather_cat(embeddings.transpose(0, 1).float().contiguous())  # (B·W, A, D)
         real = gathered_index != PADDING_INDEX
         self.memory[:, gathered_index[real]] = gathered[real].transpose(0, 1).to(self.memory.dtype)

@@ -11,28 +11,30 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import distributed
-from models.backbones import embed_views, without_stochastic_depth
-from models.ema import ema_update_
-from models.errors import ModelError
-from models.heads import DINOHead
-from models.losses import cross_entropy_to_other_views
-from models.method import Method, TrainContext
-from models.metrics import to_floats
-from models.schedules import cosine_schedule, linear_warmup
-from models.types import Batch, LossOutput
+from clusterssl.errors import ModelError
+from clusterssl.models import collectives
+from clusterssl.models.backbones import embed_views, without_stochastic_depth
+from clusterssl.models.ema import ema_update_
+from clusterssl.models.heads import DINOHead
+from clusterssl.models.losses import cross_entropy_to_other_views
+from clusterssl.models.method import Method, MethodConfig, TrainContext
+from clusterssl.models.metrics import to_floats
+from clusterssl.models.schedules import cosine_schedule, linear_warmup
+from clusterssl.models.types import Batch, LossOutput
 
 
 @dataclass
-class DINOConfig:
+class DINOConfig(MethodConfig):
     """DINO's settings; defaults are the recommended ViT-S/16 ImageNet recipe."""
+
+    name: str = field(default="dino", init=False)
 
     out_dim: int = 65536
     """K, the size of the head's output. Large K helps on ImageNet; a few thousand suffice for small data."""
@@ -130,8 +132,8 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher: Tensor) -> None:
         """(T, B, K) or (n, K) raw teacher outputs → EMA of their mean over crops and the global batch."""
         flat = teacher.detach().float().reshape(-1, teacher.shape[-1])
-        total = distributed.all_reduce_sum(flat.sum(dim=0, keepdim=True))
-        count = flat.shape[0] * distributed.world_size()
+        total = collectives.all_reduce_sum(flat.sum(dim=0, keepdim=True))
+        count = flat.shape[0] * collectives.world_size()
         self.center.mul_(self.center_momentum).add_(total / count, alpha=1.0 - self.center_momentum)
 
 
@@ -186,7 +188,7 @@ class DINO(Method):
     """
 
     name: ClassVar[str] = "dino"
-    config_class: ClassVar[type[Any]] = DINOConfig
+    config_class: ClassVar[type[MethodConfig]] = DINOConfig
 
     def __init__(self, backbone: nn.Module, cfg: DINOConfig | None = None) -> None:
         super().__init__(backbone)

@@ -1,7 +1,9 @@
-"""Methods by name, built from plain dicts (the ``method`` and ``model`` sections of a config).
+"""Methods by name: ``build_method`` gives a ready method on a fresh backbone.
 
-``build_method("swav", "resnet18_small", {"num_prototypes": 30}, {})`` gives a ready ``SwAV``; a misspelt
-method, backbone or key fails with one ModelError line that lists what is known.
+``build_method("swav", "resnet18_small", {"num_prototypes": 30})`` or
+``build_method("swav", "resnet18_small", SwAVConfig(num_prototypes=30))``. A misspelt method or backbone
+fails with one ModelError line that lists what is known. Type checking of settings read from files is
+``clusterssl.config``'s job; here a mapping goes straight to the config dataclass.
 """
 
 from __future__ import annotations
@@ -9,15 +11,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from models.backbones import create_backbone
-from models.config import from_dict
-from models.deepcluster import DeepCluster
-from models.deepcluster_v2 import DeepClusterV2
-from models.dino import DINO
-from models.method import Method
-from models.pcl import PCL
-from models.registry import Registry
-from models.swav import SwAV
+from clusterssl.config import from_dict
+from clusterssl.errors import ModelError
+from clusterssl.models.backbones import create_backbone
+from clusterssl.models.deepcluster import DeepCluster
+from clusterssl.models.deepcluster_v2 import DeepClusterV2
+from clusterssl.models.dino import DINO
+from clusterssl.models.method import Method, MethodConfig
+from clusterssl.models.pcl import PCL
+from clusterssl.models.registry import Registry
+from clusterssl.models.swav import SwAV
 
 METHODS: Registry[Method] = Registry(
     "method",
@@ -28,15 +31,21 @@ METHODS: Registry[Method] = Registry(
 def build_method(
     name: str,
     backbone_name: str,
-    method_kwargs: Mapping[str, Any] | None = None,
+    settings: MethodConfig | Mapping[str, Any] | None = None,
     backbone_kwargs: Mapping[str, Any] | None = None,
 ) -> Method:
-    """The method ``name`` on a fresh backbone ``backbone_name``; kwargs override the config defaults."""
-    cfg = method_config_from_dict(name, method_kwargs or {})
+    """The method ``name`` on a fresh backbone ``backbone_name``.
+
+    settings: the method's config dataclass, or a mapping of its fields (defaults fill the rest).
+    """
+    method_class = METHODS[name]
+    config = settings if isinstance(settings, MethodConfig) else _config_from_mapping(method_class, settings)
+    if not isinstance(config, method_class.config_class):
+        raise ModelError(f"method {name!r} takes a {method_class.config_class.__name__}, got {config!r}")
     backbone = create_backbone(backbone_name, **dict(backbone_kwargs or {}))
-    return METHODS[name](backbone, cfg)
+    return method_class(backbone, config)
 
 
-def method_config_from_dict(name: str, values: Mapping[str, Any]) -> Any:
-    """The config dataclass of method ``name`` with ``values`` applied (validates without building a model)."""
-    return from_dict(METHODS[name].config_class, values, prefix="method")
+def _config_from_mapping(method_class: type[Method], settings: Mapping[str, Any] | None) -> MethodConfig:
+    values = {key: value for key, value in (settings or {}).items() if key != "name"}
+    return from_dict(method_class.config_class, values, prefix="method")

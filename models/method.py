@@ -9,13 +9,25 @@ reaches it through the ``TrainContext`` handed to those hooks.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, Protocol
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from models.types import Batch, FeatureBank, LossOutput
+from clusterssl.models.types import Batch, FeatureBank, LossOutput
+
+
+@dataclass
+class MethodConfig:
+    """Base of the methods' config dataclasses (``SwAVConfig``, …): a config section names its method.
+
+    ``name`` is not a constructor argument: each subclass fixes it, so that a written config
+    (``method: {name: swav, …}``) says which class reads it back.
+    """
+
+    name: str = field(default="", init=False)
 
 
 class TrainContext(Protocol):
@@ -59,7 +71,7 @@ class Method(nn.Module):
     ``forward``; the hooks default to doing nothing."""
 
     name: ClassVar[str] = ""
-    config_class: ClassVar[type[Any]]
+    config_class: ClassVar[type[MethodConfig]]
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()

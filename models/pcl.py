@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -25,16 +25,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import distributed
-from models.backbones import embed_views
-from models.buffers import RuntimeShapedBuffers
-from models.clustering import KMeansResult, distances_to_centroids, epoch_clustering_metrics, multi_kmeans
-from models.ema import ema_update_
-from models.errors import ModelError
-from models.heads import NormalizedEmbedding, projection_head
-from models.method import Method, TrainContext
-from models.metrics import to_floats
-from models.types import PADDING_INDEX, Batch, LossOutput
+from clusterssl.errors import ModelError
+from clusterssl.models import collectives
+from clusterssl.models.backbones import embed_views
+from clusterssl.models.buffers import RuntimeShapedBuffers
+from clusterssl.models.clustering import (
+    KMeansResult,
+    distances_to_centroids,
+    epoch_clustering_metrics,
+    multi_kmeans,
+)
+from clusterssl.models.ema import ema_update_
+from clusterssl.models.heads import NormalizedEmbedding, projection_head
+from clusterssl.models.method import Method, MethodConfig, TrainContext
+from clusterssl.models.metrics import to_floats
+from clusterssl.models.types import PADDING_INDEX, Batch, LossOutput
 
 # ------------------------------------------------------------------------------------------ concentration
 
@@ -275,8 +280,10 @@ def pcl_loss(
 
 
 @dataclass
-class PCLConfig:
+class PCLConfig(MethodConfig):
     """PCL's settings; defaults are the paper's ImageNet recipe (MoCo v2 encoder, 200 epochs)."""
+
+    name: str = field(default="pcl", init=False)
 
     hidden_dim: int = 2048
     """Width of the MoCo v2 projection MLP's hidden layer (no BatchNorm); 0 makes it one linear layer."""
@@ -356,15 +363,15 @@ def shuffled_key_forward(
     embeds its slice of the permuted batch (so its BatchNorm statistics mix samples of every rank), and the
     keys are gathered back and un-permuted. ``generator`` (CPU) draws the permutation.
     """
-    if not distributed.is_distributed():
+    if not collectives.is_distributed():
         return encoder(images)
-    world, rank = distributed.world_size(), distributed.rank()
-    gathered = distributed.all_gather_cat(images)
-    permutation = distributed.broadcast_(
+    world, rank = collectives.world_size(), collectives.rank()
+    gathered = collectives.all_gather_cat(images)
+    permutation = collectives.broadcast_(
         torch.randperm(gathered.shape[0], generator=generator).to(images.device)
     )
     keys = encoder(gathered[permutation.view(world, -1)[rank]])
-    all_keys = distributed.all_gather_cat(keys)
+    all_keys = collectives.all_gather_cat(keys)
     # all_keys[p] belongs to sample permutation[p]: sample i's key sits at argsort(permutation)[i].
     return all_keys[torch.argsort(permutation).view(world, -1)[rank]]
 
@@ -398,7 +405,7 @@ class PCL(RuntimeShapedBuffers, Method):
     """
 
     name: ClassVar[str] = "pcl"
-    config_class: ClassVar[type[Any]] = PCLConfig
+    config_class: ClassVar[type[MethodConfig]] = PCLConfig
 
     queue: Tensor
     clustering_ready: Tensor
@@ -481,7 +488,7 @@ class PCL(RuntimeShapedBuffers, Method):
             ctx.log_metrics(metrics)
         for j in range(len(cfg.num_clusters)):
             for tensor in (ids[j], centroids[j], phis[j]):
-                distributed.broadcast_(tensor)
+                collectives.broadcast_(tensor)
             setattr(self, f"cluster_ids_{j}", ids[j].to(centroids[j].device))
         self.clustering_ready.fill_(True)
 
@@ -509,7 +516,7 @@ class PCL(RuntimeShapedBuffers, Method):
         queries = queries.view(len(views), batch.size, -1)
         generator = torch.Generator().manual_seed(cfg.kmeans_seed * 1_000_003 + int(self.steps_done))
         with torch.no_grad():
-            if cfg.shuffle_bn and distributed.is_distributed():
+            if cfg.shuffle_bn and collectives.is_distributed():
                 keys = shuffled_key_forward(self.key_encoder, batch.views[1], generator)
             else:
                 keys = split_shuffled_forward(self.key_encoder, batch.views[1], cfg.key_bn_splits, generator)
@@ -541,7 +548,7 @@ class PCL(RuntimeShapedBuffers, Method):
 
     def queue_rows(self, local_batch: int) -> int:
         """``queue_length`` rounded down to a multiple of the global batch; ModelError if that is 0."""
-        global_batch = local_batch * distributed.world_size()
+        global_batch = local_batch * collectives.world_size()
         rows = self.cfg.queue_length - self.cfg.queue_length % global_batch
         if rows == 0:
             raise ModelError(
@@ -573,7 +580,7 @@ class PCL(RuntimeShapedBuffers, Method):
         padded = keys.new_zeros(valid.shape[0], keys.shape[1])
         padded[: keys.shape[0]] = keys
         count = torch.arange(valid.shape[0], device=valid.device) < keys.shape[0]
-        gathered = distributed.all_gather_cat(padded)[distributed.all_gather_cat(count.to(keys.device))]
+        gathered = collectives.all_gather_cat(padded)[collectives.all_gather_cat(count.to(keys.device))]
         rows = self.queue.shape[0]
         # A new tensor, not an in-place copy: this step's logits saved the old queue for backward.
         self.queue = torch.cat([gathered.to(self.queue.dtype), self.queue])[:rows]

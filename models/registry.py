@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
-from models.errors import ModelError
+from clusterssl.errors import ModelError
 
 T = TypeVar("T")
 

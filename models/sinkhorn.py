@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from models import distributed
+from clusterssl.models import collectives
 
 
 @torch.no_grad()
@@ -33,8 +33,8 @@ def sinkhorn(
     """
     if scores.ndim != 2:
         raise ValueError(f"sinkhorn expects (batch, prototypes) scores, got shape {tuple(scores.shape)}")
-    reduce_sum = distributed.all_reduce_sum if distribute else _identity
-    reduce_max = distributed.all_reduce_max if distribute else _identity
+    reduce_sum = collectives.all_reduce_sum if distribute else _identity
+    reduce_max = collectives.all_reduce_max if distribute else _identity
 
     # Autocast off and float32: exp(s/ε) spans e^(±1/ε) ≈ e^(±20) at ε = 0.05, beyond what bf16/fp16 keep.
     with torch.autocast(device_type=scores.device.type, enabled=False):

@@ -11,28 +11,30 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import distributed
-from models.backbones import embed_views
-from models.buffers import RuntimeShapedBuffers
-from models.errors import ModelError
-from models.heads import Prototypes, projection_head
-from models.losses import cross_entropy_to_other_views
-from models.method import Method, TrainContext
-from models.metrics import to_floats
-from models.sinkhorn import sinkhorn
-from models.types import Batch, LossOutput
+from clusterssl.errors import ModelError
+from clusterssl.models import collectives
+from clusterssl.models.backbones import embed_views
+from clusterssl.models.buffers import RuntimeShapedBuffers
+from clusterssl.models.heads import Prototypes, projection_head
+from clusterssl.models.losses import cross_entropy_to_other_views
+from clusterssl.models.method import Method, MethodConfig, TrainContext
+from clusterssl.models.metrics import to_floats
+from clusterssl.models.sinkhorn import sinkhorn
+from clusterssl.models.types import Batch, LossOutput
 
 
 @dataclass
-class SwAVConfig:
+class SwAVConfig(MethodConfig):
     """SwAV's settings; defaults are the paper's ImageNet recipe (bs 4096, 800 epochs)."""
+
+    name: str = field(default="swav", init=False)
 
     hidden_dim: int = 2048
     """Width of the projection MLP's hidden layer; 0 makes the projection a single linear layer."""
@@ -121,7 +123,7 @@ class SwAV(RuntimeShapedBuffers, Method):
     """
 
     name: ClassVar[str] = "swav"
-    config_class: ClassVar[type[Any]] = SwAVConfig
+    config_class: ClassVar[type[MethodConfig]] = SwAVConfig
     # the queue's shape is set by the batch at run time: a checkpoint's shape is taken before loading
     runtime_buffers: ClassVar[tuple[str, ...]] = ("queue",)
 
@@ -215,7 +217,7 @@ class SwAV(RuntimeShapedBuffers, Method):
     def local_queue_length(self, local_batch: int) -> int:
         """Rows of this rank's queue: ``queue_length`` rounded down to a multiple of the global batch,
         divided among the ranks (as the original). Raises ModelError when that leaves nothing."""
-        ranks = distributed.world_size()
+        ranks = collectives.world_size()
         global_batch = local_batch * ranks
         rounded = self.cfg.queue_length - self.cfg.queue_length % global_batch
         if rounded == 0:

@@ -23,13 +23,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.config import from_dict, to_dict
-from pipeline.config import apply_overrides, flatten, read_yaml
-from pipeline.errors import PipelineError
-from pipeline.tracking import Tracker, TrackingConfig, open_tracker, tracking_run
+from clusterssl.config import apply_overrides, flatten, from_dict, read_yaml, to_dict
+from clusterssl.errors import PipelineError
+from clusterssl.pipeline.tracking.runs import Tracker, TrackingConfig, open_tracker, tracking_run
 
 if TYPE_CHECKING:
-    from pipeline.extraction import ExtractionSettings
+    from clusterssl.pipeline.features.extraction import ExtractionSettings
 
 log = logging.getLogger(__name__)
 
@@ -287,8 +286,8 @@ class PipelineRunner:
     def _convert(self) -> StageResult:
         """Always asks the converter, which is a no-op (status `unchanged`) when the shards are current
         and resumes an interrupted conversion through its journal."""
-        from shards.convert import ConvertOptions, convert
-        from shards.sources import open_source
+        from clusterssl.shards.convert import ConvertOptions, convert
+        from clusterssl.shards.sources import open_source
 
         section = self.config.convert
         started = time.perf_counter()
@@ -337,7 +336,8 @@ class PipelineRunner:
         return StageResult(record, skipped=False)
 
     def _train_config(self, convert: StageResult) -> Any:
-        from pipeline.train_config import build_train_config, resolve_config_path
+        from clusterssl.config import resolve_config_path
+        from clusterssl.pipeline.train.train_config import build_train_config
 
         outputs = convert.record.outputs
         data = read_yaml(resolve_config_path(self.config.pretrain.config))
@@ -352,7 +352,7 @@ class PipelineRunner:
         return config
 
     def _pretrain(self, convert: StageResult) -> StageResult:
-        from pipeline.trainer import train
+        from clusterssl.pipeline.train.trainer import train
 
         config = self._train_config(convert)
         stage_fingerprint = fingerprint(convert.record.fingerprint, config)
@@ -380,7 +380,7 @@ class PipelineRunner:
         )
 
     def _extract(self, pretrain: StageResult) -> StageResult:
-        from pipeline.extraction import extract_checkpoint
+        from clusterssl.pipeline.features.extraction import extract_checkpoint
 
         section = self.config.extract
         stage_fingerprint = fingerprint(pretrain.record.fingerprint, section)
@@ -421,7 +421,7 @@ class PipelineRunner:
         )
 
     def _cluster(self, extract: StageResult) -> StageResult:
-        from pipeline.clustering import cluster_bank
+        from clusterssl.pipeline.features.reports import cluster_bank
 
         section = self.config.cluster
         stage_fingerprint = fingerprint(extract.record.fingerprint, section)
@@ -457,7 +457,7 @@ class PipelineRunner:
         )
 
     def _evaluate(self, convert: StageResult, pretrain: StageResult) -> StageResult:
-        from pipeline.evaluation import evaluate_checkpoint
+        from clusterssl.pipeline.features.evaluation import evaluate_checkpoint
 
         section = self.config.evaluate
         stage_fingerprint = fingerprint(pretrain.record.fingerprint, convert.record.fingerprint, section)
@@ -490,7 +490,7 @@ class PipelineRunner:
 
     def _extraction_settings(self, **overrides: Any) -> ExtractionSettings:
         """The loader settings every extraction pass of the pipeline shares (``overrides`` per stage)."""
-        from pipeline.extraction import ExtractionSettings
+        from clusterssl.pipeline.features.extraction import ExtractionSettings
 
         return ExtractionSettings(
             backend=self.config.backend, num_workers=self.config.num_workers, **overrides
@@ -511,7 +511,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True) -> PipelineSu
 
 def check_single_process() -> None:
     """Under torchrun every rank would convert, write the stage records and open MLflow runs of its own."""
-    from pipeline.distributed import DistributedEnv
+    from clusterssl.pipeline.train.world import DistributedEnv
 
     world_size = DistributedEnv.from_environment().world_size
     if world_size > 1:

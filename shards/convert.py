@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from shards.errors import ShardsError
-from shards.format import FORMAT_VERSION, MANIFEST_NAME, dali_index_path, shard_file_name
-from shards.images import PrepareOptions
-from shards.journal import Journal, journal_path, read_journal
-from shards.manifest import Manifest, ShardEntry, Skipped, load_manifest
-from shards.parallel import TaskRunner
-from shards.plan import ShardPlan, listing_hash, plan_shards, shuffled, stratified_holdout
-from shards.sources import InputItem, Listing, Source
-from shards.writer import (
+from clusterssl.errors import ShardsError
+from clusterssl.shards.format import FORMAT_VERSION, MANIFEST_NAME, dali_index_path, shard_file_name
+from clusterssl.shards.images import PrepareOptions
+from clusterssl.shards.journal import Journal, journal_path, read_journal
+from clusterssl.shards.manifest import Manifest, ShardEntry, Skipped, load_manifest
+from clusterssl.shards.parallel import TaskRunner
+from clusterssl.shards.plan import ShardPlan, listing_hash, plan_shards, shuffled, stratified_holdout
+from clusterssl.shards.sources import InputItem, Listing, Source
+from clusterssl.shards.writer import (
     TMP_SUFFIX,
     RenumberTask,
     ShardResult,

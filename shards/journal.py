@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, TextIO
 
-from shards.writer import ShardResult, fsync_directory
+from clusterssl.shards.writer import ShardResult, fsync_directory
 
 JOURNAL_NAME = ".convert-journal.jsonl"
 

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shards.errors import ShardsError
-from shards.format import FORMAT_VERSION, MANIFEST_NAME
+from clusterssl.errors import ShardsError
+from clusterssl.shards.format import FORMAT_VERSION, MANIFEST_NAME
 
 
 @dataclass(frozen=True)

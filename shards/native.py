@@ -21,12 +21,12 @@ import os
 import sys
 from dataclasses import dataclass
 
-from shards.format import COMPONENT_ORDER
-from shards.images import PrepareOptions
-from shards.tario import BLANK_HEADER
+from clusterssl.shards.format import COMPONENT_ORDER
+from clusterssl.shards.images import PrepareOptions
+from clusterssl.shards.tario import BLANK_HEADER
 
 try:
-    from shards import _packer
+    from clusterssl.shards import _packer
 except ImportError:  # installed without a C compiler: the Python path does the same work
     _packer = None
 

@@ -16,7 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
-from shards.errors import ShardsError
+from clusterssl.errors import ShardsError
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shards.format import INT_SIZE
-from shards.sources import InputItem
-from shards.tario import BLOCK
+from clusterssl.shards.format import INT_SIZE
+from clusterssl.shards.sources import InputItem
+from clusterssl.shards.tario import BLOCK
 
 # Independent random streams derived from the one user seed, so that changing the hold-out fraction
 # does not change how a subset is shuffled, and the two subsets are not shuffled alike.

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from shards.errors import ShardsError
-from shards.format import (
+from clusterssl.errors import ShardsError
+from clusterssl.shards.format import (
     CLASS_EXT,
     COMPONENT_ORDER,
     IMAGE_EXT,
@@ -27,9 +27,9 @@ from shards.format import (
     dali_index_path,
     decode_int,
 )
-from shards.images import BadInput, decode_rgb
-from shards.manifest import Manifest, load_manifest
-from shards.tario import (
+from clusterssl.shards.images import BadInput, decode_rgb
+from clusterssl.shards.manifest import Manifest, load_manifest
+from clusterssl.shards.tario import (
     REGULAR_FILE_TYPES,
     IndexComponent,
     TruncatedSample,

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from shards.errors import ShardsError
-from shards.format import UNLABELLED
-from shards.images import IMAGE_EXTENSIONS, is_image_file, render_digit
+from clusterssl.errors import ShardsError
+from clusterssl.shards.format import UNLABELLED
+from clusterssl.shards.images import IMAGE_EXTENSIONS, is_image_file, render_digit
 
 if TYPE_CHECKING:
     import numpy as np

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
-from shards.sink import DirectSink, open_sink
+from clusterssl.shards.sink import DirectSink, open_sink
 
 if TYPE_CHECKING:
     import numpy as np  # imported where runs are laid out: reading and verifying shards do without it

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shards.format import (
+from clusterssl.shards.format import (
     CLASS_EXT,
     COMPONENT_ORDER,
     IMAGE_EXT,
@@ -25,10 +25,16 @@ from shards.format import (
     decode_int,
     sample_key,
 )
-from shards.images import BadInput, decode_rgb
-from shards.manifest import Manifest, ShardEntry, load_manifest
-from shards.parallel import TaskRunner
-from shards.tario import REGULAR_FILE_TYPES, IndexComponent, TarMember, read_dali_index, read_tar_members
+from clusterssl.shards.images import BadInput, decode_rgb
+from clusterssl.shards.manifest import Manifest, ShardEntry, load_manifest
+from clusterssl.shards.parallel import TaskRunner
+from clusterssl.shards.tario import (
+    REGULAR_FILE_TYPES,
+    IndexComponent,
+    TarMember,
+    read_dali_index,
+    read_tar_members,
+)
 
 
 @dataclass(frozen=True)

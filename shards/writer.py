@@ -17,14 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shards.errors import ShardsError
-from shards.format import INDEX_EXT, INT_SIZE, dali_index_path, encode_int, encode_sample, sample_key
-from shards.images import BadInput, PrepareOptions, prepare_jpeg
-from shards.native import FilePacker
-from shards.tario import ShardTarWriter, file_sha256, read_dali_index, sample_components
+from clusterssl.errors import ShardsError
+from clusterssl.shards.format import (
+    INDEX_EXT,
+    INT_SIZE,
+    dali_index_path,
+    encode_int,
+    encode_sample,
+    sample_key,
+)
+from clusterssl.shards.images import BadInput, PrepareOptions, prepare_jpeg
+from clusterssl.shards.native import FilePacker
+from clusterssl.shards.tario import ShardTarWriter, file_sha256, read_dali_index, sample_components
 
 if TYPE_CHECKING:
-    from shards.sources import Source
+    from clusterssl.shards.sources import Source
 
 TMP_SUFFIX = ".tmp"
 WRITE_BEHIND = 8 << 20

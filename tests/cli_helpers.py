@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from click.testing import CliRunner, Result
 
-from tools.cli import cli
+from clusterssl.tools.cli import cli
 
 
 def invoke(*args: str) -> Result:

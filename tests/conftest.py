@@ -2,7 +2,7 @@
 
 ``digits16``: the built-in digits at 16 px (``train/`` and ``val/`` shard sets), converted once per session.
 
-``sequential_bank``: the reference memory bank of the 16-px digits (``tests.extraction_helpers``'s tiny
+``sequential_bank``: the reference feature store of the 16-px digits (``extraction_helpers``'s tiny
 module, one process, no worker, shards and samples in stored order).
 
 ``image_folder``: a tiny ImageFolder tree, for any test that needs real image files to convert or load.
@@ -33,7 +33,7 @@ import pytest
 from PIL import Image
 
 if TYPE_CHECKING:
-    from pipeline.memory_bank import MemoryBank
+    from clusterssl.pipeline.features.store import FeatureStore
 
 CLASSES = ("bird", "cat", "dog")
 JPEG_NAMES = ("00.jpg", "01.jpg", "02.JPG", "a.b c.jpg")
@@ -122,13 +122,13 @@ def image_folder(tmp_path: Path) -> ImageFolder:
 
 @pytest.fixture(scope="session")
 def digits16(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.trainer_helpers import digits_dir
+    from trainer_helpers import digits_dir
 
     return digits_dir(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")
-def sequential_bank(digits16: Path) -> MemoryBank:
-    from tests.extraction_helpers import run_extraction, tiny_module
+def sequential_bank(digits16: Path) -> FeatureStore:
+    from extraction_helpers import run_extraction, tiny_module
 
     return run_extraction(digits16 / "train", tiny_module(), num_workers=0, shuffle=False)

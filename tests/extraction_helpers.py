@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from fakes import TinyBackbone
 from torch import Tensor, nn
 
-from pipeline.extraction import ExtractionSettings, extract_features
-from pipeline.memory_bank import MemoryBank
-from pipeline.spec import MultiCropSpec
-from tests.fakes import TinyBackbone
+from clusterssl.pipeline.data.spec import MultiCropSpec
+from clusterssl.pipeline.features.extraction import ExtractionSettings, extract_features
+from clusterssl.pipeline.features.store import FeatureStore
 
 EVAL_SPEC = MultiCropSpec.preset("eval", global_size=16)
 """The eval view of the 16-px digits."""
@@ -37,7 +37,7 @@ class CountingModule(nn.Module):
 
 def run_extraction(
     data: Path | str, module: nn.Module, *, batch_size: int = 100, num_workers: int = 2, **options: object
-) -> MemoryBank:
+) -> FeatureStore:
     """``extract_features`` with the 16-px eval view, batches of 100, the torch backend, no progress bar;
     ``options`` are further arguments of ``extract_features``."""
     settings = ExtractionSettings(batch_size=batch_size, backend="torch", num_workers=num_workers)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.method import Method, TrainContext
-from models.types import Batch, FeatureBank, LossOutput
+from clusterssl.models.method import Method, TrainContext
+from clusterssl.models.types import Batch, FeatureBank, LossOutput
 
 
 @dataclass

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shards.convert import ConvertOptions, convert
-from shards.format import IMAGE_EXT
-from shards.manifest import load_manifest
-from shards.reader import iter_shard
-from shards.sources import ImageFolderSource
-from shards.tario import read_dali_index, sample_components
+from clusterssl.shards.convert import ConvertOptions, convert
+from clusterssl.shards.format import IMAGE_EXT
+from clusterssl.shards.manifest import load_manifest
+from clusterssl.shards.reader import iter_shard
+from clusterssl.shards.sources import ImageFolderSource
+from clusterssl.shards.tario import read_dali_index, sample_components
 
 
 def synthetic_jpeg(rng: np.random.Generator, height: int, width: int, quality: int = 90) -> bytes:

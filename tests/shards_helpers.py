@@ -6,8 +6,8 @@ import sys
 import time
 from pathlib import Path
 
-from shards.convert import ConvertOptions, convert
-from shards.sources import ImageFolderSource
+from clusterssl.shards.convert import ConvertOptions, convert
+from clusterssl.shards.sources import ImageFolderSource
 
 
 class SlowImageFolderSource(ImageFolderSource):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from models.backbones import BACKBONES, VisionTransformer, create_backbone, embed_views
-from models.errors import ModelError
+from clusterssl.errors import ModelError
+from clusterssl.models.backbones import BACKBONES, VisionTransformer, create_backbone, embed_views
 
 EXPECTED_FEATURES = {
     "resnet18": 512,
@@ -220,7 +220,7 @@ def test_embed_views_with_a_vit_equals_one_call_per_view() -> None:
 
 
 def test_attention_maps_are_the_cls_rows_on_the_patch_grid_and_plot(tmp_path: Path) -> None:
-    from pipeline.plots import attention_maps, plot_attention_maps
+    from clusterssl.pipeline.tracking.plots import attention_maps, plot_attention_maps
 
     vit = tiny_vit()
     images = torch.randn(2, 3, 8, 12)  # a 2 × 3 grid of 4-px patches

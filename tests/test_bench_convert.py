@@ -8,8 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from tests.cli_helpers import invoke
+from cli_helpers import invoke
 
 
 def test_bench_convert_reports_tar_convert_and_memory_for_each_size(tmp_path: Path) -> None:

@@ -10,19 +10,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from models.backbones import create_backbone
-from models.dino import DINO, DINOConfig
-from models.errors import ModelError
-from pipeline.errors import PipelineError
-from pipeline.spec import MultiCropSpec
-from tools.bench_train import (
+from clusterssl.errors import ModelError, PipelineError
+from clusterssl.models.backbones import create_backbone
+from clusterssl.models.dino import DINO, DINOConfig
+from clusterssl.pipeline.data.spec import MultiCropSpec
+from clusterssl.tools.bench_train import (
     BareBackbone,
     method_settings_from_overrides,
     run_benchmark,
     synthetic_batch,
     time_training,
 )
-from tools.cli import cli
+from clusterssl.tools.cli import cli
 
 TINY_VIT = {"depth": 1, "dim": 16, "num_heads": 2}
 SPEC = MultiCropSpec.preset("dino", global_size=16, local_size=8, num_local=2)

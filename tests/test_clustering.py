@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
-from models.clustering import (
+from clusterssl.errors import ModelError
+from clusterssl.models.clustering import (
     KMeansResult,
     as_feature_matrix,
     cluster_statistics,
@@ -19,7 +20,6 @@ from models.clustering import (
     repair_empty_clusters,
     squared_distances_to_centroids,
 )
-from models.errors import ModelError
 
 
 def blobs(num_blobs: int, per_blob: int, dim: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

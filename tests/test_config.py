@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import (
+from clusterssl.config import (
     ConfigError,
     apply_overrides,
     flatten,
@@ -16,7 +16,7 @@ from pipeline.config import (
     read_yaml,
     to_dict,
 )
-from pipeline.errors import PipelineError
+from clusterssl.errors import PipelineError
 
 
 @dataclass

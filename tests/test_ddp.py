@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from distributed_helpers import gloo_process_group, run_ranks
+from fakes import FakeContext, random_batch
 from torch import nn
+from trainer_helpers import digits_dir, step_losses, tiny_config, write_config
 
-from models.factory import build_method
-from models.types import Batch
-from pipeline.optim import OptimizerStep
-from tests.distributed_helpers import gloo_process_group, run_ranks
-from tests.fakes import FakeContext, random_batch
-from tests.trainer_helpers import digits_dir, step_losses, tiny_config, write_config
+from clusterssl.models.factory import build_method
+from clusterssl.models.types import Batch
+from clusterssl.pipeline.train.optim import OptimizerStep
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
@@ -103,7 +103,16 @@ def test_torchrun_trains_on_uneven_shards_and_resumes(
     )
     path = write_config(tmp_path / "cfg.yaml", config)
     torchrun = Path(sys.executable).parent / "torchrun"
-    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "tools.cli", "train", str(path)]
+    command = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "clusterssl.tools.cli",
+        "train",
+        str(path),
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     first = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S * 2
@@ -122,10 +131,10 @@ def test_torchrun_trains_on_uneven_shards_and_resumes(
 
 def resume_worker(rank: int, port: int, configs: list[dict[str, Any]], out_dir: str) -> None:
     """A rank of a 2-process torchrun-like world (env:// rendezvous) that builds a Trainer with --resume."""
-    from pipeline.distributed import DistributedEnv, same_on_all_ranks
-    from pipeline.errors import PipelineError
-    from pipeline.train_config import build_train_config
-    from pipeline.trainer import Trainer
+    from clusterssl.errors import PipelineError
+    from clusterssl.pipeline.train.train_config import build_train_config
+    from clusterssl.pipeline.train.trainer import Trainer
+    from clusterssl.pipeline.train.world import DistributedEnv, same_on_all_ranks
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
@@ -154,8 +163,8 @@ def free_port() -> int:
 def test_ranks_that_see_different_checkpoints_refuse_to_resume(digits16: Path, tmp_path: Path) -> None:
     """Rank 0 finds a checkpoint in its output_dir, rank 1 (another node's local disk) finds none: both
     stop with the same one-line reason instead of rank 1 training from scratch beside resumed ranks."""
-    from pipeline.train_config import build_train_config
-    from pipeline.trainer import train
+    from clusterssl.pipeline.train.train_config import build_train_config
+    from clusterssl.pipeline.train.trainer import train
 
     no_eval = {"train": str(digits16 / "train"), "val": None}
     configs = [

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import FakeContext, TinyBackbone, optimizer_step, random_batch
 from sklearn.metrics import normalized_mutual_info_score
 from torch import Tensor, nn
 
-from models.clustering import kmeans, pca_whiten
-from models.deepcluster import (
+from clusterssl.errors import ModelError
+from clusterssl.models.clustering import kmeans, pca_whiten
+from clusterssl.models.deepcluster import (
     IGNORE_LABEL,
     DeepCluster,
     DeepClusterConfig,
@@ -23,10 +25,8 @@ from models.deepcluster import (
     reset_linear_,
     uniform_cluster_repeats,
 )
-from models.errors import ModelError
-from models.types import Batch
-from pipeline.trainer import RunContext
-from tests.fakes import FakeContext, TinyBackbone, optimizer_step, random_batch
+from clusterssl.models.types import Batch
+from clusterssl.pipeline.train.trainer import RunContext
 
 
 def shuffled_assignments(sizes: list[int], seed: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""DeepCluster-v2 (models/deepcluster_v2.py): memory bank by index, prototypes = normalised centroids
+"""DeepCluster-v2 (models/deepcluster_v2.py): feature store by index, prototypes = normalised centroids
 without gradient, the multi-crop loss against hand computations."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import FakeContext, TinyBackbone, optimizer_step
 from sklearn.metrics import normalized_mutual_info_score
 
-from models.clustering import kmeans
-from models.deepcluster import IGNORE_LABEL
-from models.deepcluster_v2 import DeepClusterV2, DeepClusterV2Config, deepcluster_v2_loss
-from models.errors import ModelError
-from models.types import Batch
-from tests.fakes import FakeContext, TinyBackbone, optimizer_step
+from clusterssl.errors import ModelError
+from clusterssl.models.clustering import kmeans
+from clusterssl.models.deepcluster import IGNORE_LABEL
+from clusterssl.models.deepcluster_v2 import DeepClusterV2, DeepClusterV2Config, deepcluster_v2_loss
+from clusterssl.models.types import Batch
 
 NUM_SAMPLES = 40
 

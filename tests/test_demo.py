@@ -7,7 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from tools.cli import cli
+from clusterssl.tools.cli import cli
 
 
 def test_demo_runs_the_pipeline_and_prints_a_table(tmp_path: Path) -> None:

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import FakeContext, TinyBackbone, optimizer_step, random_batch
 from torch import Tensor
 
-from models.backbones import DropPath, create_backbone
-from models.dino import DINO, DINOConfig, DINOLoss, collapse_metrics
-from models.errors import ModelError
-from models.factory import build_method
-from models.heads import DINOHead
-from models.schedules import cosine_schedule, warmup_cosine_schedule
-from tests.fakes import FakeContext, TinyBackbone, optimizer_step, random_batch
+from clusterssl.errors import ModelError
+from clusterssl.models.backbones import DropPath, create_backbone
+from clusterssl.models.dino import DINO, DINOConfig, DINOLoss, collapse_metrics
+from clusterssl.models.factory import build_method
+from clusterssl.models.heads import DINOHead
+from clusterssl.models.schedules import cosine_schedule, warmup_cosine_schedule
 
 SMALL = DINOConfig(out_dim=12, hidden_dim=16, bottleneck_dim=5)
 

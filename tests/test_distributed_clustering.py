@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from distributed_helpers import gloo_process_group, load_rank_results, run_ranks
+from extraction_helpers import EVAL_SPEC, tiny_module
+from fakes import TinyBackbone
 
-from models.deepcluster_v2 import DeepClusterV2, DeepClusterV2Config
-from models.pcl import PCL, PCLConfig, shuffled_key_forward
-from pipeline.distributed import DistributedEnv
-from pipeline.extraction import ExtractionSettings, extract_features
-from pipeline.memory_bank import MemoryBank
-from tests.distributed_helpers import gloo_process_group, load_rank_results, run_ranks
-from tests.extraction_helpers import EVAL_SPEC, tiny_module
-from tests.fakes import TinyBackbone
+from clusterssl.models.deepcluster_v2 import DeepClusterV2, DeepClusterV2Config
+from clusterssl.models.pcl import PCL, PCLConfig, shuffled_key_forward
+from clusterssl.pipeline.features.extraction import ExtractionSettings, extract_features
+from clusterssl.pipeline.features.store import FeatureStore
+from clusterssl.pipeline.train.world import DistributedEnv
 
 WORLD_SIZE = 2
 TIMEOUT_S = 180
@@ -37,13 +37,13 @@ def worker(rank: int, init_file: str, out_dir: str, data: str) -> None:
 
         # Every index each rank writes into its bank (the gathered rows of both ranks).
         written: list[np.ndarray] = []
-        original_write = MemoryBank.write
+        original_write = FeatureStore.write
 
-        def recording_write(self: MemoryBank, indices: Any, *args: Any, **kwargs: Any) -> None:
+        def recording_write(self: FeatureStore, indices: Any, *args: Any, **kwargs: Any) -> None:
             written.append(np.asarray(indices).copy())
             original_write(self, indices, *args, **kwargs)
 
-        MemoryBank.write = recording_write  # type: ignore[method-assign]
+        FeatureStore.write = recording_write  # type: ignore[method-assign]
         common: dict[str, Any] = {
             "spec": EVAL_SPEC,
             "settings": ExtractionSettings(batch_size=100, backend="torch", num_workers=0),
@@ -61,7 +61,7 @@ def worker(rank: int, init_file: str, out_dir: str, data: str) -> None:
         results["resumed"] = torch.from_numpy(np.asarray(resumed.features, dtype=np.float32))
         results["resumed_labels"] = torch.from_numpy(resumed.labels)
         results["resumed_written"] = torch.from_numpy(np.concatenate(written))
-        MemoryBank.write = original_write  # type: ignore[method-assign]
+        FeatureStore.write = original_write  # type: ignore[method-assign]
 
         results.update(pcl_pieces(rank))
         results.update(deepcluster_v2_pieces(rank))
@@ -123,7 +123,7 @@ def rank_results(digits16: Path, tmp_path_factory: pytest.TempPathFactory) -> li
 
 
 def test_two_rank_bank_equals_the_one_rank_bank_and_writes_each_row_once(
-    rank_results: list[dict[str, Any]], sequential_bank: MemoryBank
+    rank_results: list[dict[str, Any]], sequential_bank: FeatureStore
 ) -> None:
     reference = torch.from_numpy(np.asarray(sequential_bank.features))
     for result in rank_results:  # complete on every rank
@@ -138,7 +138,7 @@ def test_two_rank_bank_equals_the_one_rank_bank_and_writes_each_row_once(
 
 
 def test_two_ranks_continue_the_bank_rank_zero_left_unfinished(
-    rank_results: list[dict[str, Any]], sequential_bank: MemoryBank
+    rank_results: list[dict[str, Any]], sequential_bank: FeatureStore
 ) -> None:
     reference = torch.from_numpy(np.asarray(sequential_bank.features))
     partial_rows = PARTIAL_BATCHES * 100
@@ -148,11 +148,11 @@ def test_two_ranks_continue_the_bank_rank_zero_left_unfinished(
         indices = result["resumed_written"].numpy()
         real = indices[indices >= 0]
         # Rank 0 already holds the first rows on disk; rank 1 receives them (written once into its
-        # in-memory bank); then both read only the missing rows, each exactly once.
+        # in-feature store); then both read only the missing rows, each exactly once.
         handed_over = 0 if rank == 0 else partial_rows
         assert real.size == 1618 - partial_rows + handed_over
         assert np.unique(real).size == real.size
-    bank = MemoryBank.open(rank_results[0]["dir"] / "partial")
+    bank = FeatureStore.open(rank_results[0]["dir"] / "partial")
     assert bank.meta.complete
     np.testing.assert_allclose(bank.features, reference.numpy(), rtol=1e-6, atol=1e-6)
 

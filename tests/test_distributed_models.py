@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed_helpers import gloo_process_group, load_rank_results, run_ranks
+from fakes import TinyBackbone
 
-from models import distributed
-from models.dino import DINOLoss
-from models.sinkhorn import sinkhorn
-from models.swav import SwAV, SwAVConfig
-from tests.distributed_helpers import gloo_process_group, load_rank_results, run_ranks
-from tests.fakes import TinyBackbone
+from clusterssl.models import collectives
+from clusterssl.models.dino import DINOLoss
+from clusterssl.models.sinkhorn import sinkhorn
+from clusterssl.models.swav import SwAV, SwAVConfig
 
 WORLD_SIZE = 2
 LOCAL_BATCH = 6
@@ -49,11 +49,11 @@ def rank_rows(tensor: torch.Tensor, rank: int, dim: int = 0) -> torch.Tensor:
 def worker(rank: int, init_file: str, out_dir: str) -> None:
     with gloo_process_group(rank, init_file, WORLD_SIZE, TIMEOUT_S):
         inputs = global_inputs()
-        results: dict[str, Any] = {"world_size": distributed.world_size(), "rank": distributed.rank()}
+        results: dict[str, Any] = {"world_size": collectives.world_size(), "rank": collectives.rank()}
         local_scores = rank_rows(inputs["scores"], rank)
         results["codes"] = sinkhorn(local_scores, epsilon=0.05, iterations=3)
         results["codes_local_only"] = sinkhorn(local_scores, epsilon=0.05, iterations=3, distribute=False)
-        results["gathered"] = distributed.all_gather_cat(local_scores)
+        results["gathered"] = collectives.all_gather_cat(local_scores)
         # Unequal shares: rank 0 takes the first UNEQUAL_SPLIT rows, rank 1 the rest.
         unequal = inputs["scores"][:UNEQUAL_SPLIT] if rank == 0 else inputs["scores"][UNEQUAL_SPLIT:]
         results["codes_unequal"] = sinkhorn(unequal, epsilon=0.05, iterations=3)
@@ -86,10 +86,10 @@ def test_helpers_see_the_process_group(rank_results: list[dict[str, Any]]) -> No
 
 
 def test_helpers_are_identities_in_one_process() -> None:
-    assert distributed.world_size() == 1 and distributed.rank() == 0
+    assert collectives.world_size() == 1 and collectives.rank() == 0
     tensor = torch.arange(4.0)
-    assert distributed.all_reduce_sum(tensor) is tensor and torch.equal(tensor, torch.arange(4.0))
-    assert distributed.all_gather_cat(tensor) is tensor
+    assert collectives.all_reduce_sum(tensor) is tensor and torch.equal(tensor, torch.arange(4.0))
+    assert collectives.all_gather_cat(tensor) is tensor
 
 
 def test_distributed_sinkhorn_equals_one_process_on_the_concatenated_batch(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluation import knn_accuracy, knn_predict
+from clusterssl.pipeline.features.evaluation import knn_accuracy, knn_predict
 
 
 def test_knn_votes_by_exp_similarity_over_temperature() -> None:

@@ -8,17 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import invoke, one_error_line
+from trainer_helpers import tiny_config
 
-from models.backbones import create_backbone
-from models.clustering import kmeans
-from pipeline.checkpoint import save_backbone
-from pipeline.config import dump_yaml
-from pipeline.memory_bank import MemoryBank
-from pipeline.train_config import build_train_config
-from shards.manifest import load_manifest
-from tests.cli_helpers import invoke, one_error_line
-from tests.trainer_helpers import tiny_config
-from tools.cli import cli
+from clusterssl.config import dump_yaml
+from clusterssl.models.backbones import create_backbone
+from clusterssl.models.clustering import kmeans
+from clusterssl.pipeline.features.store import FeatureStore
+from clusterssl.pipeline.train.checkpoint import save_backbone
+from clusterssl.pipeline.train.train_config import build_train_config
+from clusterssl.shards.manifest import load_manifest
+from clusterssl.tools.cli import cli
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,9 @@ def bank_dir(digits16: Path, backbone_file: Path, tmp_path_factory: pytest.TempP
 def test_extract_writes_a_memmappable_bank_with_its_provenance(
     bank_dir: Path, backbone_file: Path, digits16: Path
 ) -> None:
-    from pipeline.checkpoint import load_feature_extractor
-    from pipeline.evaluation import extract_eval_features
-    from pipeline.extraction import ExtractionSettings
+    from clusterssl.pipeline.features.evaluation import extract_eval_features
+    from clusterssl.pipeline.features.extraction import ExtractionSettings
+    from clusterssl.pipeline.train.checkpoint import load_feature_extractor
 
     features = np.load(bank_dir / "features.npy", mmap_mode="r")
     assert isinstance(features, np.memmap) and features.shape == (1618, 32) and features.dtype == np.float32
@@ -59,7 +59,7 @@ def test_extract_writes_a_memmappable_bank_with_its_provenance(
         settings=ExtractionSettings(backend="torch", num_workers=0),
     )
     np.testing.assert_allclose(features, expected.features, rtol=1e-5, atol=1e-5)
-    meta = MemoryBank.open(bank_dir).meta
+    meta = FeatureStore.open(bank_dir).meta
     assert meta.complete
     assert meta.source["checkpoint"] == str(backbone_file.resolve())
     assert len(meta.source["checkpoint_sha256"]) == 64
@@ -76,7 +76,7 @@ def test_extract_run_again_after_an_interruption_continues_the_bank(
     copy.mkdir()
     for name in ("features.npy", "labels.npy", "written.npy", "bank.json"):
         (copy / name).write_bytes((bank_dir / name).read_bytes())
-    bank = MemoryBank.open(copy, writable=True)
+    bank = FeatureStore.open(copy, writable=True)
     lost = np.arange(300, 1618)
     bank.features[lost] = 0.0
     bank.written[lost] = False
@@ -90,7 +90,7 @@ def test_extract_run_again_after_an_interruption_continues_the_bank(
     np.testing.assert_array_equal(
         np.load(copy / "features.npy", mmap_mode="r"), np.load(bank_dir / "features.npy", mmap_mode="r")
     )
-    assert MemoryBank.open(copy).meta.complete
+    assert FeatureStore.open(copy).meta.complete
 
 
 def test_cluster_writes_the_files_it_promises(bank_dir: Path, tmp_path: Path) -> None:
@@ -125,7 +125,7 @@ def test_cluster_writes_the_files_it_promises(bank_dir: Path, tmp_path: Path) ->
 
 
 def test_cluster_spherical_and_pca_options(bank_dir: Path, tmp_path: Path) -> None:
-    from models.clustering import pca_whiten
+    from clusterssl.models.clustering import pca_whiten
 
     features = np.load(bank_dir / "features.npy")
     result = invoke(
@@ -168,7 +168,7 @@ def test_cluster_and_extract_errors_are_one_line_with_exit_code_2(
     message = one_error_line(
         invoke("cluster", str(tmp_path / "nothing"), "--k", "5", "--out", str(tmp_path / "o"))
     )
-    assert "no memory bank at" in message
+    assert "no feature store at" in message
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -177,7 +177,7 @@ def test_cluster_and_extract_errors_are_one_line_with_exit_code_2(
     message = one_error_line(invoke("cluster", str(empty), "--k", "5", "--out", str(tmp_path / "o")))
     assert "is empty" in message
 
-    unfinished = MemoryBank.create(20, 4, directory=tmp_path / "unfinished")
+    unfinished = FeatureStore.create(20, 4, directory=tmp_path / "unfinished")
     unfinished.write(np.arange(5), np.ones((5, 4)))
     unfinished.flush()
     message = one_error_line(
@@ -199,7 +199,7 @@ def test_cluster_and_extract_errors_are_one_line_with_exit_code_2(
 def test_extraction_options_default_to_the_extraction_settings(path: tuple[str, ...]) -> None:
     from dataclasses import fields
 
-    from pipeline.extraction import ExtractionSettings
+    from clusterssl.pipeline.features.extraction import ExtractionSettings
 
     command = cli
     for name in path:

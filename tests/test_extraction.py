@@ -7,16 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from extraction_helpers import EVAL_SPEC, CountingModule, run_extraction, tiny_module
 
-from pipeline.memory_bank import MemoryBank
-from tests.extraction_helpers import EVAL_SPEC, CountingModule, run_extraction, tiny_module
+from clusterssl.pipeline.features.store import FeatureStore
 
 
 def test_sequential_bank_rows_are_the_samples_of_their_index(
-    digits16: Path, sequential_bank: MemoryBank
+    digits16: Path, sequential_bank: FeatureStore
 ) -> None:
     """Row i holds the features of the image whose global index is i, read straight from the shards."""
-    from pipeline.loader import build_loader
+    from clusterssl.pipeline.data.loader import build_loader
 
     module = tiny_module()
     module.eval()
@@ -30,7 +30,7 @@ def test_sequential_bank_rows_are_the_samples_of_their_index(
 
 
 def test_shuffled_two_worker_pass_equals_the_sequential_pass(
-    digits16: Path, sequential_bank: MemoryBank
+    digits16: Path, sequential_bank: FeatureStore
 ) -> None:
     shuffled = run_extraction(digits16 / "train", tiny_module(), num_workers=2, shuffle=True, batch_size=64)
     np.testing.assert_allclose(shuffled.features, sequential_bank.features, rtol=1e-6, atol=1e-6)
@@ -40,7 +40,7 @@ def test_shuffled_two_worker_pass_equals_the_sequential_pass(
 
 
 def test_interrupted_then_resumed_pass_equals_an_uninterrupted_one(
-    digits16: Path, sequential_bank: MemoryBank, tmp_path: Path
+    digits16: Path, sequential_bank: FeatureStore, tmp_path: Path
 ) -> None:
     out = tmp_path / "bank"
     source = {"module": "tiny", "manifest": "test"}
@@ -48,7 +48,7 @@ def test_interrupted_then_resumed_pass_equals_an_uninterrupted_one(
         digits16 / "train", tiny_module(), num_workers=2, out_dir=out, source=source, max_batches=5
     )
     assert not partial.meta.complete and partial.num_written == 500  # five batches of 100
-    on_disk = MemoryBank.open(out)
+    on_disk = FeatureStore.open(out)
     assert on_disk.num_written == 500 and not on_disk.meta.complete
 
     counting = CountingModule(tiny_module())
@@ -58,17 +58,17 @@ def test_interrupted_then_resumed_pass_equals_an_uninterrupted_one(
     assert resumed.meta.complete
     features = np.load(out / "features.npy", mmap_mode="r")
     np.testing.assert_allclose(features, sequential_bank.features, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(MemoryBank.open(out).labels, sequential_bank.labels)
+    np.testing.assert_array_equal(FeatureStore.open(out).labels, sequential_bank.labels)
 
     # Another producer (other module or data) never continues someone else's rows: it starts afresh.
     counting = CountingModule(tiny_module())
     run_extraction(
         digits16 / "train", counting, num_workers=0, out_dir=out, source={"module": "other"}, max_batches=1
     )
-    assert counting.images == 100 and MemoryBank.open(out).num_written == 100
+    assert counting.images == 100 and FeatureStore.open(out).num_written == 100
 
 
-def test_float16_bank_matches_float32(digits16: Path, sequential_bank: MemoryBank, tmp_path: Path) -> None:
+def test_float16_bank_matches_float32(digits16: Path, sequential_bank: FeatureStore, tmp_path: Path) -> None:
     half = run_extraction(
         digits16 / "train", tiny_module(), num_workers=0, out_dir=tmp_path / "half", dtype="float16"
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.heads import projection_head
+from clusterssl.models.heads import projection_head
 
 
 def _layers(head: nn.Module) -> list[type[nn.Module]]:

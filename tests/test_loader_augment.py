@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import (
+from clusterssl.pipeline.data.augment import (
     LUMA,
     RGB_TO_YIQ,
     YIQ_TO_RGB,
@@ -24,7 +24,7 @@ from pipeline.augment import (
     sample_uniforms,
     solarize_,
 )
-from pipeline.spec import MultiCropSpec, ViewSpec
+from clusterssl.pipeline.data.spec import MultiCropSpec, ViewSpec
 
 
 def test_uniforms_depend_only_on_the_sample_key() -> None:

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from loader_fixtures import labels_by_index, make_shard_set
 
-from pipeline.augment import LUMA
-from pipeline.spec import MultiCropSpec
-from tests.loader_fixtures import labels_by_index, make_shard_set
+from clusterssl.pipeline.data.augment import LUMA
+from clusterssl.pipeline.data.spec import MultiCropSpec
 
 BACKENDS = ("torch", "dali")
 
@@ -22,7 +22,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def load(data: Path, spec: MultiCropSpec, backend: str, **kwargs: object) -> list:  # type: ignore[type-arg]
-    from pipeline.loader import build_loader
+    from clusterssl.pipeline.data.loader import build_loader
 
     workers = 2 if backend == "torch" else 1
     return list(build_loader(data, spec, 32, backend=backend, num_workers=workers, device="cpu", **kwargs))

@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipeline.epoch import PADDING_REPEAT, epoch_sequence, plan_rank
-from pipeline.errors import PipelineError
+from clusterssl.errors import PipelineError
+from clusterssl.pipeline.data.epoch import PADDING_REPEAT, epoch_sequence, plan_rank
 
 COUNTS = [7, 5, 9, 3, 11]  # uneven shards, 35 samples
 FIRST = [0, 7, 12, 21, 24]

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from loader_fixtures import make_shard_set, spoil_jpeg, truncate_shard
 from PIL import Image
 
-from pipeline.errors import PipelineError
-from pipeline.integrity import (
+from clusterssl.errors import PipelineError
+from clusterssl.pipeline.data.integrity import (
     BAD_JPEG,
     OK,
     SIDECAR_NAME,
@@ -21,9 +22,13 @@ from pipeline.integrity import (
     inspect_jpeg,
     inspect_jpeg_bytes,
 )
-from pipeline.shardset import IndexedShardReader, SampleUnavailable, StreamShardReader, resolve_shards
-from shards.format import decode_int
-from tests.loader_fixtures import make_shard_set, spoil_jpeg, truncate_shard
+from clusterssl.pipeline.data.shardset import (
+    IndexedShardReader,
+    SampleUnavailable,
+    StreamShardReader,
+    resolve_shards,
+)
+from clusterssl.shards.format import decode_int
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +67,7 @@ def test_unresolvable_data_fails_with_one_clear_line(shards: Path, tmp_path: Pat
 
 
 def test_backend_choice_fails_early_and_clearly(shards: Path) -> None:
-    from pipeline.loader import build_loader
+    from clusterssl.pipeline.data.loader import build_loader
 
     piped = [f"pipe:cat {shards}/shard-000000.tar"]
     assert build_loader(piped, "eval", 2, manifest=shards, device="cpu").backend == "torch"  # auto
@@ -142,7 +147,7 @@ def test_shard_check_is_cached_and_invalidated(tmp_path: Path) -> None:
 
 
 def test_both_decoders_give_the_same_pixels() -> None:
-    from pipeline.torch_backend import _decode_with_pil, decode_jpeg
+    from clusterssl.pipeline.data.torch_backend import _decode_with_pil, decode_jpeg
 
     for data in (_jpeg(), _jpeg(progressive=True)):
         assert torch.equal(decode_jpeg(data), _decode_with_pil(data))  # the PIL fallback, same libjpeg

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from loader_fixtures import make_shard_set, spoil_jpeg, truncate_shard
 
-from models.types import Batch
-from pipeline.loader import CorruptSampleWarning, build_loader
-from pipeline.spec import MultiCropSpec
-from tests.loader_fixtures import make_shard_set, spoil_jpeg, truncate_shard
+from clusterssl.models.types import Batch
+from clusterssl.pipeline.data.loader import CorruptSampleWarning, build_loader
+from clusterssl.pipeline.data.spec import MultiCropSpec
 
 SPEC = MultiCropSpec.preset("swav", global_size=24, local_size=12, num_local=2)
 

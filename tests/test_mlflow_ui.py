@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from trainer_helpers import pipeline_dict
 
-from models.config import from_dict
-from pipeline.runner import PipelineConfig, run_pipeline
-from tests.trainer_helpers import pipeline_dict
+from clusterssl.config import from_dict
+from clusterssl.pipeline.runner import PipelineConfig, run_pipeline
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 STAGES = {"convert", "pretrain", "extract", "cluster", "evaluate"}

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.method import Method
-from models.types import Batch, LossOutput
-from pipeline.optim import (
+from clusterssl.models.method import Method
+from clusterssl.models.types import Batch, LossOutput
+from clusterssl.pipeline.train.optim import (
     LARS,
     OptimConfig,
     OptimizerStep,

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import FakeContext, TinyBackbone, optimizer_step
 
-from models.clustering import KMeansResult, distances_to_centroids, multi_kmeans
-from models.errors import ModelError
-from models.pcl import (
+from clusterssl.errors import ModelError
+from clusterssl.models.clustering import KMeansResult, distances_to_centroids, multi_kmeans
+from clusterssl.models.pcl import (
     PCL,
     ClusterPrototypes,
     PCLConfig,
@@ -23,8 +24,7 @@ from models.pcl import (
     select_prototype_columns,
     split_shuffled_forward,
 )
-from models.types import Batch
-from tests.fakes import FakeContext, TinyBackbone, optimizer_step
+from clusterssl.models.types import Batch
 
 # ------------------------------------------------------------------------------------- concentration
 

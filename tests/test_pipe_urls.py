@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from cli_helpers import invoke, one_error_line
+from trainer_helpers import tiny_config, write_config
 
-from models.backbones import create_backbone
-from pipeline.checkpoint import save_backbone
-from pipeline.config import dump_yaml
-from pipeline.train_config import build_train_config
-from pipeline.trainer import train
-from tests.cli_helpers import invoke, one_error_line
-from tests.trainer_helpers import tiny_config, write_config
+from clusterssl.config import dump_yaml
+from clusterssl.models.backbones import create_backbone
+from clusterssl.pipeline.train.checkpoint import save_backbone
+from clusterssl.pipeline.train.train_config import build_train_config
+from clusterssl.pipeline.train.trainer import train
 
 
 def pipe_urls(shard_dir: Path, last: int) -> str:

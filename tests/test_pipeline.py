@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 import yaml
+from trainer_helpers import pipeline_dict, step_losses
 
-from models.config import from_dict
-from pipeline.runner import PipelineConfig, run_pipeline
-from tests.trainer_helpers import pipeline_dict, step_losses
+from clusterssl.config import from_dict
+from clusterssl.pipeline.runner import PipelineConfig, run_pipeline
 
 STAGES = ["convert", "pretrain", "extract", "cluster", "evaluate"]
 
@@ -76,7 +76,7 @@ def test_killed_during_pretraining_then_resumed(tmp_path: Path) -> None:
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(data))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    command = [sys.executable, "-m", "tools.cli", "run", str(path), "--json"]
+    command = [sys.executable, "-m", "clusterssl.tools.cli", "run", str(path), "--json"]
     process = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -104,7 +104,7 @@ def test_killed_during_pretraining_then_resumed(tmp_path: Path) -> None:
 def test_bad_pipeline_settings_are_one_line(tmp_path: Path, key: str) -> None:
     from click.testing import CliRunner
 
-    from tools.cli import cli
+    from clusterssl.tools.cli import cli
 
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(pipeline_dict(tmp_path)))
@@ -116,7 +116,7 @@ def test_bad_pipeline_settings_are_one_line(tmp_path: Path, key: str) -> None:
 def test_run_under_torchrun_stops_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    from tools.cli import cli
+    from clusterssl.tools.cli import cli
 
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(pipeline_dict(tmp_path)))

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import ImageFolder
 
-from tests.conftest import ImageFolder
-from tools.cli import cli
-from tools.shards_cmd import ByteSize
+from clusterssl.tools.cli import cli
+from clusterssl.tools.shards_cmd import ByteSize
 
 
 def invoke(*args: str):  # type: ignore[no-untyped-def]
@@ -64,7 +64,7 @@ def test_a_full_disk_while_writing_is_one_line_exit_2(
 ) -> None:
     import errno
 
-    from shards import sink
+    from clusterssl.shards import sink
 
     def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

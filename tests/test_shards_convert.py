@@ -9,17 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ImageFolder, encode, jpeg_bytes, noise_image
 from PIL import Image
 
-from shards.convert import ConvertOptions, convert
-from shards.errors import ShardsError
-from shards.images import PrepareOptions
-from shards.manifest import load_manifest
-from shards.plan import shuffled
-from shards.reader import iter_samples, iter_tar_members
-from shards.sources import DigitsSource, ImageFolderSource, ListSource
-from shards.verify import verify
-from tests.conftest import ImageFolder, encode, jpeg_bytes, noise_image
+from clusterssl.errors import ShardsError
+from clusterssl.shards.convert import ConvertOptions, convert
+from clusterssl.shards.images import PrepareOptions
+from clusterssl.shards.manifest import load_manifest
+from clusterssl.shards.plan import shuffled
+from clusterssl.shards.reader import iter_samples, iter_tar_members
+from clusterssl.shards.sources import DigitsSource, ImageFolderSource, ListSource
+from clusterssl.shards.verify import verify
 
 
 def read_back(directory: Path) -> dict[str, object]:
@@ -319,7 +319,7 @@ def test_a_held_lock_is_waited_for_briefly_then_refused(
 
     fcntl = pytest.importorskip("fcntl")  # advisory locks are POSIX
 
-    import shards.convert as convert_module
+    import clusterssl.shards.convert as convert_module
 
     out = tmp_path / "out"
     out.mkdir()

@@ -14,23 +14,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ImageFolder, encode, jpeg_bytes, noise_image, smooth_image
 from PIL import Image
 
-from shards import native, sink
-from shards.convert import ConvertOptions, convert
-from shards.format import COMPONENT_ORDER
-from shards.images import PrepareOptions, jpeg_ends_properly, jpeg_frame, prepare_jpeg
-from shards.manifest import load_manifest
-from shards.sources import ImageFolderSource, ListSource, Source
-from shards.tario import BLANK_HEADER
-from tests.conftest import ImageFolder, encode, jpeg_bytes, noise_image, smooth_image
+from clusterssl.shards import native, sink
+from clusterssl.shards.convert import ConvertOptions, convert
+from clusterssl.shards.format import COMPONENT_ORDER
+from clusterssl.shards.images import PrepareOptions, jpeg_ends_properly, jpeg_frame, prepare_jpeg
+from clusterssl.shards.manifest import load_manifest
+from clusterssl.shards.sources import ImageFolderSource, ListSource, Source
+from clusterssl.shards.tario import BLANK_HEADER
 
 
 @pytest.fixture(autouse=True)
 def native_built() -> None:
     if native._packer is not None:
         return
-    reason = "shards._packer is not built (no C compiler when the project was installed)"
+    reason = "clusterssl.shards._packer is not built (no C compiler when the project was installed)"
     if os.environ.get("CLUSTERSSL_REQUIRE_NATIVE") == "1":
         pytest.fail(reason)
     pytest.skip(reason)
@@ -147,7 +147,8 @@ def test_native_loop_through_the_buffered_sink(
     monkeypatch.setattr(native, "PACK_BUDGET", budget)
     real_open_sink = sink.open_sink
     monkeypatch.setattr(
-        "shards.tario.open_sink", lambda path, direct, write_behind: real_open_sink(path, False, write_behind)
+        "clusterssl.shards.tario.open_sink",
+        lambda path, direct, write_behind: real_open_sink(path, False, write_behind),
     )
     python_out, native_out, targets = convert_both(
         ImageFolderSource(awkward_folder), tmp_path, monkeypatch, ConvertOptions(samples_per_shard=8)

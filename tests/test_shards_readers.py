@@ -8,16 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ImageFolder, jpeg_bytes
 from PIL import Image
+from test_shards_convert import corrupt_inputs
 
-from shards.convert import ConvertOptions, convert
-from shards.errors import ShardsError
-from shards.format import decode_int
-from shards.manifest import load_manifest
-from shards.reader import IndexedReader, iter_samples
-from shards.sources import ImageFolderSource
-from tests.conftest import ImageFolder, jpeg_bytes
-from tests.test_shards_convert import corrupt_inputs
+from clusterssl.errors import ShardsError
+from clusterssl.shards.convert import ConvertOptions, convert
+from clusterssl.shards.format import decode_int
+from clusterssl.shards.manifest import load_manifest
+from clusterssl.shards.reader import IndexedReader, iter_samples
+from clusterssl.shards.sources import ImageFolderSource
 
 
 @pytest.fixture

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import ImageFolder
+from test_shards_convert import corrupt_inputs
 
-from shards.convert import ConvertOptions, convert
-from shards.errors import ShardsError
-from shards.journal import JOURNAL_NAME
-from shards.manifest import Manifest, load_manifest
-from shards.reader import iter_samples
-from shards.sources import ImageFolderSource
-from shards.verify import verify
-from tests.conftest import ImageFolder
-from tests.test_shards_convert import corrupt_inputs
-from tools.cli import cli
+from clusterssl.errors import ShardsError
+from clusterssl.shards.convert import ConvertOptions, convert
+from clusterssl.shards.journal import JOURNAL_NAME
+from clusterssl.shards.manifest import Manifest, load_manifest
+from clusterssl.shards.reader import iter_samples
+from clusterssl.shards.sources import ImageFolderSource
+from clusterssl.shards.verify import verify
+from clusterssl.tools.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,8 +87,7 @@ def test_kill_9_then_rerun_finishes_with_every_input_exactly_once(
     out = tmp_path / "out"
     command = [
         sys.executable,
-        "-m",
-        "tests.shards_helpers",
+        str(Path(__file__).with_name("shards_helpers.py")),
         str(image_folder.root),
         str(out),
         "2",

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from shards import sink as sink_module
-from shards.sink import CHUNK, CHUNKS, BufferedSink, DirectSink, open_sink
-from shards.tario import ShardTarWriter
+from clusterssl.shards import sink as sink_module
+from clusterssl.shards.sink import CHUNK, CHUNKS, BufferedSink, DirectSink, open_sink
+from clusterssl.shards.tario import ShardTarWriter
 
 
 def _pieces() -> list[bytes]:

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ImageFolder, encode, jpeg_bytes, noise_image, smooth_image
 from PIL import Image
 
-from shards import sources
-from shards.convert import ConvertOptions, convert
-from shards.errors import ShardsError
-from shards.images import BadInput, PrepareOptions, jpeg_ends_properly, prepare_jpeg
-from shards.manifest import load_manifest
-from shards.plan import (
+from clusterssl.errors import ShardsError
+from clusterssl.shards import sources
+from clusterssl.shards.convert import ConvertOptions, convert
+from clusterssl.shards.images import BadInput, PrepareOptions, jpeg_ends_properly, prepare_jpeg
+from clusterssl.shards.manifest import load_manifest
+from clusterssl.shards.plan import (
     LISTING_HASH_BLOCK,
     ShardPlan,
     estimated_sample_bytes,
@@ -27,8 +28,7 @@ from shards.plan import (
     shuffled,
     stratified_holdout,
 )
-from shards.sources import DigitsSource, ImageFolderSource, InputItem, ListSource, read_file
-from tests.conftest import ImageFolder, encode, jpeg_bytes, noise_image, smooth_image
+from clusterssl.shards.sources import DigitsSource, ImageFolderSource, InputItem, ListSource, read_file
 
 
 def items(sizes: list[int], labels: list[int] | None = None) -> list[InputItem]:
@@ -211,7 +211,7 @@ def test_manifest_json_has_the_documented_fields(image_folder: ImageFolder, tmp_
 
 def test_jpeg_frame_agrees_with_pil() -> None:
     """The fast header walk decides "keep as is" exactly where PIL would find a 1- or 3-band JPEG."""
-    from shards.images import jpeg_frame
+    from clusterssl.shards.images import jpeg_frame
 
     rng = np.random.default_rng(3)
     rgb = smooth_image(rng, (61, 37))

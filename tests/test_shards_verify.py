@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import ImageFolder
 
-from shards.convert import ConvertOptions, convert
-from shards.format import CLASS_EXT, IMAGE_EXT, INDEX_EXT, encode_int
-from shards.manifest import load_manifest
-from shards.sources import ImageFolderSource
-from shards.tario import file_sha256, read_dali_index, sample_components
-from shards.verify import verify
-from tests.conftest import ImageFolder
-from tools.cli import cli
+from clusterssl.shards.convert import ConvertOptions, convert
+from clusterssl.shards.format import CLASS_EXT, IMAGE_EXT, INDEX_EXT, encode_int
+from clusterssl.shards.manifest import load_manifest
+from clusterssl.shards.sources import ImageFolderSource
+from clusterssl.shards.tario import file_sha256, read_dali_index, sample_components
+from clusterssl.shards.verify import verify
+from clusterssl.tools.cli import cli
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.sinkhorn import sinkhorn
+from clusterssl.models.sinkhorn import sinkhorn
 
 
 def reference_sinkhorn(scores: np.ndarray, epsilon: float, iterations: int) -> np.ndarray:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import PipelineError
-from pipeline.spec import IMAGENET_MEAN, AugmentConfig, MultiCropSpec, ViewSpec, resolve_spec
+from clusterssl.errors import PipelineError
+from clusterssl.pipeline.data.spec import IMAGENET_MEAN, AugmentConfig, MultiCropSpec, ViewSpec, resolve_spec
 
 
 def test_swav_preset_is_the_papers_recipe() -> None:

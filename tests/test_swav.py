@@ -8,14 +8,15 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import FakeContext, TinyBackbone, optimizer_step, random_batch
 from torch import Tensor
 
-from models.errors import ModelError
-from models.factory import build_method, method_config_from_dict
-from models.sinkhorn import sinkhorn
-from models.swav import SwAV, SwAVConfig, code_metrics, swav_loss
-from models.types import PADDING_INDEX, Batch
-from tests.fakes import FakeContext, TinyBackbone, optimizer_step, random_batch
+from clusterssl.config import method_config
+from clusterssl.errors import ModelError
+from clusterssl.models.factory import build_method
+from clusterssl.models.sinkhorn import sinkhorn
+from clusterssl.models.swav import SwAV, SwAVConfig, code_metrics, swav_loss
+from clusterssl.models.types import PADDING_INDEX, Batch
 
 SMALL = SwAVConfig(hidden_dim=16, feat_dim=6, num_prototypes=5, freeze_prototypes_niters=0)
 
@@ -289,10 +290,10 @@ def test_config_errors_and_factory() -> None:
     with pytest.raises(ModelError, match="swav: epsilon must be positive"):
         SwAVConfig(epsilon=0.0)
     with pytest.raises(ModelError, match=r"unknown method 'swv'; known: .*swav"):
-        method_config_from_dict("swv", {})
+        method_config({"name": "swv"})
     with pytest.raises(ModelError, match=r"config key 'method.crops_for_assign' must be a list, got 0"):
-        method_config_from_dict("swav", {"crops_for_assign": 0})
-    assert method_config_from_dict("swav", {"queue_length": 3840}) == SwAVConfig(queue_length=3840)
+        method_config({"name": "swav", "crops_for_assign": 0})
+    assert method_config({"name": "swav", "queue_length": 3840}) == SwAVConfig(queue_length=3840)
     with pytest.raises(
         ModelError, match=r"unknown config key 'method\.epsilonn'; known in method: hidden_dim"
     ):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from shards.format import decode_int, encode_int, sample_key
-from shards.tario import ShardTarWriter, format_dali_index, parse_dali_index, read_dali_index
+from clusterssl.shards.format import decode_int, encode_int, sample_key
+from clusterssl.shards.tario import ShardTarWriter, format_dali_index, parse_dali_index, read_dali_index
 
 SAMPLES = [
     (
@@ -85,7 +85,7 @@ def test_keys_with_dots_are_refused(tmp_path: Path) -> None:
 def test_indexed_reads_return_the_payloads_and_detect_truncation(tmp_path: Path) -> None:
     import os
 
-    from shards.tario import TruncatedSample, read_indexed_sample
+    from clusterssl.shards.tario import TruncatedSample, read_indexed_sample
 
     write(tmp_path / "a.tar")
     samples = read_dali_index(tmp_path / "a.idx")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import PipelineError
-from pipeline.tracking import MlflowTracker, NullTracker, TrackingConfig, open_tracker
+from clusterssl.errors import PipelineError
+from clusterssl.pipeline.tracking.runs import MlflowTracker, NullTracker, TrackingConfig, open_tracker
 
 
 class FlakyClient:
@@ -29,7 +29,7 @@ class FlakyClient:
 def test_a_failing_store_is_reported_once_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     client = FlakyClient(fail_after=2)
     tracker = MlflowTracker(client, "run", "http://tracking:5000", system_metrics=False)
-    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+    with caplog.at_level(logging.WARNING, logger="clusterssl.pipeline.tracking.runs"):
         tracker.log_params({"a": 1})
         tracker.log_metrics({"loss": 1.0}, step=0)
         for step in range(1, 5):
@@ -81,7 +81,7 @@ class ClosingTracker(NullTracker):
 
 
 def test_tracking_run_closes_with_the_outcome_of_its_body() -> None:
-    from pipeline.tracking import tracking_run
+    from clusterssl.pipeline.tracking.runs import tracking_run
 
     finished, stopped, failed, interrupted = (ClosingTracker() for _ in range(4))
     with tracking_run(finished):

@@ -6,14 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from trainer_helpers import tiny_config
 
-from pipeline.tracking import TrackingConfig, open_tracker, ui_hint
-from pipeline.train_config import build_train_config
-from pipeline.trainer import train
-from tests.trainer_helpers import tiny_config
-from tools.demo_cmd import render_demo_summary
-from tools.run_cmd import render_pipeline
-from tools.train_cmd import render_train_summary
+from clusterssl.pipeline.tracking.runs import TrackingConfig, open_tracker, ui_hint
+from clusterssl.pipeline.train.train_config import build_train_config
+from clusterssl.pipeline.train.trainer import train
+from clusterssl.tools.demo_cmd import render_demo_summary
+from clusterssl.tools.run_cmd import render_pipeline
+from clusterssl.tools.train_cmd import render_train_summary
 
 
 def test_ui_hint_serves_a_local_store_and_opens_a_server() -> None:

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from trainer_helpers import step_losses, tiny_config, write_config
 
-from pipeline.train_config import build_train_config
-from pipeline.trainer import train
-from tests.trainer_helpers import step_losses, tiny_config, write_config
-from tools.cli import cli
+from clusterssl.pipeline.train.train_config import build_train_config
+from clusterssl.pipeline.train.trainer import train
+from clusterssl.tools.cli import cli
 
 
 def test_mlflow_run_holds_params_metrics_tags_and_artifacts(digits16: Path, tmp_path: Path) -> None:
@@ -69,7 +69,7 @@ def test_mlflow_run_holds_params_metrics_tags_and_artifacts(digits16: Path, tmp_
 
 
 def config_manifest_hash(root: Path) -> str:
-    from shards.manifest import load_manifest
+    from clusterssl.shards.manifest import load_manifest
 
     return load_manifest(root / "train").content_hash()
 
@@ -83,7 +83,7 @@ def _steps_logged(metrics: Path) -> int:
 
 def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tools.cli", *args],
+        [sys.executable, "-m", "clusterssl.tools.cli", *args],
         cwd=cwd,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
         stdout=subprocess.PIPE,

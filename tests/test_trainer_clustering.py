@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from trainer_helpers import tiny_config, write_config
 
-from models.deepcluster import deepcluster_v1_clustering
-from pipeline.train_config import build_train_config
-from pipeline.trainer import train
-from tests.trainer_helpers import tiny_config, write_config
+from clusterssl.models.deepcluster import deepcluster_v1_clustering
+from clusterssl.pipeline.train.train_config import build_train_config
+from clusterssl.pipeline.train.trainer import train
 
 NUM_TRAIN = 1618
 STEPS_PER_EPOCH = 7  # 1,618 samples in batches of 256
@@ -106,12 +106,11 @@ def test_pcl_adds_proto_nce_after_its_warmup_epoch(digits16: Path, tmp_path: Pat
     ],
 )
 def test_bundled_configs_load_and_name_their_method(name: str) -> None:
-    from models.factory import method_config_from_dict
-    from pipeline.train_config import load_train_config
+    from clusterssl.pipeline.train.train_config import load_train_config
 
-    config = load_train_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    config = load_train_config(name)
     assert config.method_name == name.rsplit("_", 1)[0]
-    settings = method_config_from_dict(config.method_name, config.method_settings())
+    settings = config.method
     if name.endswith("_digits"):
         assert config.data.train == "digits" and config.data.val == "digits"
         assert config.augment.global_size == 32
@@ -142,7 +141,7 @@ def test_torchrun_two_ranks_agree_on_the_clustering(digits16: Path, tmp_path: Pa
         config["method"]["warmup_epochs"] = 0  # cluster in both epochs
     path = write_config(tmp_path / "cfg.yaml", config)
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-               "-m", "tools.cli", "train", str(path)]  # fmt: skip
+               "-m", "clusterssl.tools.cli", "train", str(path)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.data import ensure_builtin_digits
+from clusterssl.pipeline.data.datasets import ensure_builtin_digits
 
 
 def digits_dir(cache: Path) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from tools.options import crop_size_options, emit, json_option
+from clusterssl.tools.options import crop_size_options, emit, json_option
 
 
 @click.group()
@@ -57,7 +57,7 @@ def convert_benchmark(
     WORKERS processes, their ratio, and the converter's peak resident memory (this process plus its
     workers, sampled every 10 ms) for each size.
     """
-    from tools.bench_convert import render, run_benchmark
+    from clusterssl.tools.bench_convert import render, run_benchmark
 
     summary = run_benchmark(
         sorted(set(sizes)), workers, repeats, directory, keep=keep, samples_per_shard=samples_per_shard
@@ -148,9 +148,9 @@ def loader_benchmark(
     """
     import torch
 
-    from pipeline.loader import default_device
-    from pipeline.spec import MultiCropSpec
-    from tools.bench_loader import generated_shards, render, run_benchmark
+    from clusterssl.pipeline.data.loader import default_device
+    from clusterssl.pipeline.data.spec import MultiCropSpec
+    from clusterssl.tools.bench_loader import generated_shards, render, run_benchmark
 
     if (data is None) == (generate is None):
         raise click.UsageError("give either DATA or --generate N")
@@ -174,14 +174,14 @@ def loader_benchmark(
 
 def _register_kmeans() -> None:
     """`bench kmeans` is defined beside its benchmark code (tools/bench_kmeans.py)."""
-    from tools.bench_kmeans import kmeans_command
+    from clusterssl.tools.bench_kmeans import kmeans_command
 
     bench.add_command(kmeans_command, "kmeans")
 
 
 def _register_extract() -> None:
     """`bench extract` is defined beside its benchmark code (tools/bench_extract.py)."""
-    from tools.bench_extract import extract_command
+    from clusterssl.tools.bench_extract import extract_command
 
     bench.add_command(extract_command, "extract")
 
@@ -244,7 +244,7 @@ _register_extract()
     type=click.IntRange(min=1),
     default=1024,
     show_default=True,
-    help="Synthetic images for methods that cluster a memory bank at epoch start (untimed).",
+    help="Synthetic images for methods that cluster a feature store at epoch start (untimed).",
 )
 @click.option("--threads", type=click.IntRange(min=1), help="torch intra-op threads (default: torch's).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -274,11 +274,11 @@ def train_benchmark(
     """
     import torch
 
-    from models.factory import METHODS
-    from pipeline.config import apply_overrides
-    from pipeline.distributed import DistributedEnv, resolve_device
-    from pipeline.spec import MultiCropSpec
-    from tools.bench_train import render, run_benchmark
+    from clusterssl.config import apply_overrides
+    from clusterssl.models.factory import METHODS
+    from clusterssl.pipeline.data.spec import MultiCropSpec
+    from clusterssl.pipeline.train.world import DistributedEnv, resolve_device
+    from clusterssl.tools.bench_train import render, run_benchmark
 
     if threads:
         torch.set_num_threads(threads)

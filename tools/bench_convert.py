@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from shards.convert import ConvertOptions, convert
-from shards.native import describe_loop
-from shards.parallel import TaskRunner
-from shards.sources import ImageFolderSource
+from clusterssl.shards.convert import ConvertOptions, convert
+from clusterssl.shards.native import describe_loop
+from clusterssl.shards.parallel import TaskRunner
+from clusterssl.shards.sources import ImageFolderSource
 
 CLASSES = 10
 JPEG_QUALITY = 90

@@ -25,7 +25,7 @@ from typing import Any
 
 import click
 
-from tools.options import (
+from clusterssl.tools.options import (
     backend_option,
     batch_size_option,
     device_option,
@@ -52,13 +52,13 @@ def run_benchmark(
     import numpy as np
     import torch
 
-    from models.backbones import create_backbone
-    from pipeline.checkpoint import load_feature_extractor
-    from pipeline.data import BUILTIN_DIGITS, resolve_data
-    from pipeline.distributed import DistributedEnv, resolve_device
-    from pipeline.extraction import ExtractionSettings, extract_features
-    from pipeline.loader import build_loader
-    from pipeline.spec import MultiCropSpec
+    from clusterssl.models.backbones import create_backbone
+    from clusterssl.pipeline.data.datasets import BUILTIN_DIGITS, resolve_data
+    from clusterssl.pipeline.data.loader import build_loader
+    from clusterssl.pipeline.data.spec import MultiCropSpec
+    from clusterssl.pipeline.features.extraction import ExtractionSettings, extract_features
+    from clusterssl.pipeline.train.checkpoint import load_feature_extractor
+    from clusterssl.pipeline.train.world import DistributedEnv, resolve_device
 
     if threads:
         torch.set_num_threads(threads)

@@ -26,7 +26,7 @@ from typing import Any
 
 import click
 
-from tools.options import emit, json_option
+from clusterssl.tools.options import emit, json_option
 
 
 def gaussian_mixture(samples: int, dim: int, centres: int, sigma: float, seed: int) -> Any:
@@ -58,7 +58,7 @@ def run_benchmark(
     skip_sklearn: bool,
     seed: int,
 ) -> dict[str, Any]:
-    from models.clustering import cluster_statistics, kmeans, squared_distances_to_centroids
+    from clusterssl.models.clustering import cluster_statistics, kmeans, squared_distances_to_centroids
 
     points, labels = gaussian_mixture(samples, dim, centres, sigma, seed)
     summary: dict[str, Any] = {

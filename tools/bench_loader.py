@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.loader import build_loader
-from pipeline.shardset import ShardSet, open_reader, resolve_shards
-from pipeline.spec import MultiCropSpec
+from clusterssl.pipeline.data.loader import build_loader
+from clusterssl.pipeline.data.shardset import ShardSet, open_reader, resolve_shards
+from clusterssl.pipeline.data.spec import MultiCropSpec
 
 
 def _chained_batches(make_loader: Any, epochs: int = 1000) -> Iterator[Any]:
@@ -102,7 +102,7 @@ class _DecodeOnly(torch.utils.data.Dataset):
         return len(self.slots) // self.batch_size
 
     def __getitem__(self, batch: int) -> int:
-        from pipeline.torch_backend import decode_jpeg
+        from clusterssl.pipeline.data.torch_backend import decode_jpeg
 
         for shard, position in self.slots[batch * self.batch_size : (batch + 1) * self.batch_size]:
             if shard not in self._readers:
@@ -180,9 +180,9 @@ def save_grid(batch: Any, spec: MultiCropSpec, path: Path, samples: int = 8) -> 
 @contextlib.contextmanager
 def generated_shards(count: int, directory: Path | None = None) -> Iterator[Path]:
     """ImageNet-sized JPEGs made by ``bench convert``'s generator, converted to shards; removed after."""
-    from shards.convert import ConvertOptions, convert
-    from shards.sources import ImageFolderSource
-    from tools.bench_convert import generate_imagefolder
+    from clusterssl.shards.convert import ConvertOptions, convert
+    from clusterssl.shards.sources import ImageFolderSource
+    from clusterssl.tools.bench_convert import generate_imagefolder
 
     workers = os.cpu_count() or 1
     base = Path(tempfile.mkdtemp(prefix="bench-loader-", dir=directory))

@@ -14,7 +14,7 @@ augmentation is involved.
    warm-ups and freezes, so the figure is that of most of a run.
 
 ``overhead`` = bare images/s ÷ method images/s − 1: the fraction of extra time the method adds to the
-backbone's forward+backward. Methods that cluster a memory bank at the start of every epoch (DeepCluster,
+backbone's forward+backward. Methods that cluster a feature store at the start of every epoch (DeepCluster,
 PCL) do it once, untimed, on ``--bank-samples`` synthetic images; that per-epoch cost is what
 ``bench kmeans`` and the extraction pass measure.
 
@@ -35,16 +35,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.backbones import create_backbone, embed_views
-from models.errors import ModelError
-from models.factory import METHODS, build_method, method_config_from_dict
-from models.method import Method
-from models.types import Batch, FeatureBank, LossOutput
-from pipeline.config import apply_overrides
-from pipeline.errors import PipelineError
-from pipeline.optim import OptimConfig, OptimizerStep, build_optimizer
-from pipeline.precision import autocast, resolve_precision
-from pipeline.spec import MultiCropSpec
+from clusterssl.config import apply_overrides, method_config
+from clusterssl.errors import ModelError, PipelineError
+from clusterssl.models.backbones import create_backbone, embed_views
+from clusterssl.models.factory import METHODS, build_method
+from clusterssl.models.method import Method
+from clusterssl.models.types import Batch, FeatureBank, LossOutput
+from clusterssl.pipeline.data.spec import MultiCropSpec
+from clusterssl.pipeline.train.optim import OptimConfig, OptimizerStep, build_optimizer
+from clusterssl.pipeline.train.precision import autocast, resolve_precision
 
 STEADY_EPOCH, STEADY_EPOCHS = 50, 100
 """The run position the methods are timed at: after every warm-up and freeze of the default recipes."""
@@ -224,7 +223,7 @@ def run_benchmark(
     precision = resolve_precision(precision, device)
     settings = method_settings_from_overrides(methods, method_overrides)
     for name in methods:  # a bad method, key or backbone option fails before anything is timed
-        method_config_from_dict(name, settings[name])
+        method_config({**settings[name], "name": name})
     create_backbone(backbone, **dict(backbone_kwargs))
     batch = synthetic_batch(spec, batch_size, device, seed)
     bank_generator = torch.Generator().manual_seed(seed + 1)

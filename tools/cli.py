@@ -15,9 +15,7 @@ from typing import Any
 
 import click
 
-from models.errors import ModelError
-from pipeline.errors import PipelineError
-from shards.errors import ShardsError
+from clusterssl.errors import ModelError, PipelineError, ShardsError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ShardsError, ModelError, PipelineError)
 USER_ERROR_EXIT_CODE = 2
@@ -50,7 +48,7 @@ def cli() -> None:
 
 def _register_commands() -> None:
     """Attach the stage commands (kept in their own modules to keep this file about plumbing)."""
-    from tools import (
+    from clusterssl.tools import (
         bench_cmd,
         cluster_cmd,
         demo_cmd,
@@ -89,11 +87,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # `python -m tools.cli`: this file runs as __main__ and the command modules import `tools.cli`, a
-    # second copy. Registering in this copy too would import them half-initialised, so run the
-    # importable module's CLI instead (worker processes re-import this file as __mp_main__: same rule).
-    from tools.cli import main as _importable_main
+    # `python -m clusterssl.tools.cli`: this file runs as __main__ and the command modules import
+    # `clusterssl.tools.cli`, a second copy. Registering in this copy too would import them half-initialised,
+    # so run the importable module's CLI instead (worker processes re-import this file as __mp_main__: same
+    # rule). `python -m clusterssl` goes through clusterssl/__main__.py and never gets here.
+    from clusterssl.tools.cli import main as _importable_main
 
     _importable_main()
-elif __name__ == "tools.cli":
+elif __name__ == "clusterssl.tools.cli":
     _register_commands()

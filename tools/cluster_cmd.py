@@ -1,4 +1,4 @@
-"""``clusterssl cluster BANK_DIR --k 1000 [--k 2000 …] --out DIR``: k-means of a memory bank, with plots."""
+"""``clusterssl cluster BANK_DIR --k 1000 [--k 2000 …] --out DIR``: k-means of a feature store, with plots."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from tools.options import emit, json_option
+from clusterssl.tools.options import emit, json_option
 
 
 @click.command()
@@ -74,11 +74,11 @@ def cluster(
     data: str | None,
     as_json: bool,
 ) -> None:
-    """Cluster the memory bank in BANK_DIR (from `clusterssl extract`) with faiss k-means on every row,
+    """Cluster the feature store in BANK_DIR (from `clusterssl extract`) with faiss k-means on every row,
     for each --k. Writes k{k}_assignments.npy (row i = sample i), k{k}_centroids.npy, k{k}_sizes.png,
     k{k}_samples.png (the largest clusters, a few images each) and statistics.json (including NMI/ARI
     when the bank has labels)."""
-    from pipeline.clustering import cluster_bank
+    from clusterssl.pipeline.features.reports import cluster_bank
 
     report = cluster_bank(
         bank_dir,

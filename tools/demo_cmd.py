@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from tools.options import emit, json_option
+from clusterssl.tools.options import emit, json_option
 
 DEMO_METHODS = ("swav", "dino", "deepcluster", "pcl")
 DEMO_EPOCHS = {"swav": 6, "dino": 6, "deepcluster": 6, "pcl": 6}
@@ -23,8 +23,8 @@ DEMO_EPOCHS = {"swav": 6, "dino": 6, "deepcluster": 6, "pcl": 6}
 
 
 def demo_pipeline(method: str, data_dir: Path, workdir: Path, epochs: int | None, track: bool) -> Any:
-    from models.config import from_dict
-    from pipeline.runner import PipelineConfig
+    from clusterssl.config import from_dict
+    from clusterssl.pipeline.runner import PipelineConfig
 
     return from_dict(
         PipelineConfig,
@@ -79,8 +79,8 @@ def demo(
     methods: str, epochs: int | None, data_dir: Path, workdir: Path, no_track: bool, as_json: bool
 ) -> None:
     """Run the built-in demo: digits → shards → pretrain → extract → cluster → evaluate, per method."""
-    from models.errors import ModelError
-    from pipeline.runner import check_single_process, run_pipeline
+    from clusterssl.errors import ModelError
+    from clusterssl.pipeline.runner import check_single_process, run_pipeline
 
     check_single_process()
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
@@ -134,7 +134,7 @@ def render_demo_summary(summary: Mapping[str, Any]) -> str:
         )
     uri = summary["tracking_uri"]
     if uri:
-        from pipeline.tracking import ui_hint
+        from clusterssl.pipeline.tracking.runs import ui_hint
 
         hint = ui_hint(uri)
         if hint.startswith("mlflow ui"):

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from tools.options import (
+from clusterssl.tools.options import (
     backend_option,
     batch_size_option,
     device_option,
@@ -75,8 +75,8 @@ def knn(
     """Weighted k-NN (DINO's protocol) of CHECKPOINT's features on --val against --train, and k-means
     (k = number of classes) NMI/ARI of the --val features. CHECKPOINT is a checkpoint.pt, a backbone.pt
     or a run directory."""
-    from pipeline.evaluation import evaluate_checkpoint
-    from pipeline.extraction import ExtractionSettings
+    from clusterssl.pipeline.features.evaluation import evaluate_checkpoint
+    from clusterssl.pipeline.features.extraction import ExtractionSettings
 
     summary = evaluate_checkpoint(
         checkpoint,

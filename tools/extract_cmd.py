@@ -1,4 +1,4 @@
-"""``clusterssl extract CHECKPOINT DATA --out BANK_DIR``: the index-stable extraction pass into a memory bank."""
+"""``clusterssl extract CHECKPOINT DATA --out BANK_DIR``: the index-stable extraction pass into a feature store."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from tools.options import (
+from clusterssl.tools.options import (
     backend_option,
     batch_size_option,
     device_option,
@@ -66,8 +66,8 @@ def extract(
     """
     import time
 
-    from pipeline.distributed import DistributedEnv
-    from pipeline.extraction import ExtractionSettings, extract_checkpoint
+    from clusterssl.pipeline.features.extraction import ExtractionSettings, extract_checkpoint
+    from clusterssl.pipeline.train.world import DistributedEnv
 
     start = time.perf_counter()
     bank = extract_checkpoint(

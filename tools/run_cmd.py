@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from tools.options import emit, json_option, tracking_options, tracking_overrides
+from clusterssl.tools.options import emit, json_option, tracking_options, tracking_overrides
 
 
 @click.command()
@@ -31,8 +31,8 @@ def run(
 ) -> None:
     """Run convert → pretrain → extract → cluster → evaluate (a path, or a bundled name such as
     pipeline_digits). Stages whose outputs exist and match are skipped; an interrupted stage resumes."""
-    from pipeline.runner import load_pipeline_config, run_pipeline
-    from pipeline.train_config import resolve_config_path
+    from clusterssl.config import resolve_config_path
+    from clusterssl.pipeline.runner import load_pipeline_config, run_pipeline
 
     config = load_pipeline_config(
         resolve_config_path(pipeline_config),
@@ -56,7 +56,7 @@ def render_pipeline(summary: Mapping[str, Any]) -> str:
     if "knn_top1" in evaluate:
         lines.append(f"  k-NN top-1 {evaluate['knn_top1']:.4f}   NMI {evaluate['nmi']:.4f}")
     if summary.get("run_id"):
-        from pipeline.tracking import ui_hint
+        from clusterssl.pipeline.tracking.runs import ui_hint
 
         lines.append(f"  MLflow parent run {summary['run_id']}  ({ui_hint(summary['tracking_uri'])})")
     return "\n".join(lines)

@@ -10,8 +10,8 @@ from typing import Any, ClassVar
 
 import click
 
-from shards.errors import ShardsError
-from tools.options import emit, json_option
+from clusterssl.errors import ShardsError
+from clusterssl.tools.options import emit, json_option
 
 KNOWN_SOURCES = ("digits", "imagefolder", "list")
 
@@ -141,7 +141,7 @@ def convert_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @convert_options
 def convert_imagefolder(directory: Path, out_dir: Path, **options: Any) -> None:
     """DIRECTORY/<class>/<image> → shards in OUT_DIR (class ids in sorted folder-name order)."""
-    from shards.sources import ImageFolderSource
+    from clusterssl.shards.sources import ImageFolderSource
 
     _convert(ImageFolderSource(directory), out_dir, **options)
 
@@ -156,7 +156,7 @@ def convert_list(list_file: Path, out_dir: Path, **options: Any) -> None:
     Relative paths are resolved against the list's folder; labels are optional (integers are kept as
     class ids, names get ids in sorted order).
     """
-    from shards.sources import ListSource
+    from clusterssl.shards.sources import ListSource
 
     _convert(ListSource(list_file), out_dir, **options)
 
@@ -169,14 +169,14 @@ def convert_list(list_file: Path, out_dir: Path, **options: Any) -> None:
 @convert_options
 def convert_digits(out_dir: Path, image_size: int, **options: Any) -> None:
     """scikit-learn's 1,797 bundled handwritten digits (8×8, upscaled, RGB JPEG; labels 0..9) → OUT_DIR."""
-    from shards.sources import DigitsSource
+    from clusterssl.shards.sources import DigitsSource
 
     _convert(DigitsSource(image_size), out_dir, **options)
 
 
 def _convert(source: Any, out_dir: Path, as_json: bool, **options: Any) -> None:
-    from shards.convert import ConvertOptions, convert
-    from shards.images import PrepareOptions
+    from clusterssl.shards.convert import ConvertOptions, convert
+    from clusterssl.shards.images import PrepareOptions
 
     outcome = convert(
         source,
@@ -273,8 +273,8 @@ def verify_command(directory: Path, workers: int, no_decode: bool, as_json: bool
 
 def verify_sets(directory: Path, workers: int, decode: bool = True) -> list[Any]:
     """``VerifyReport`` of every shard set at ``directory`` (itself, or its train/ and val/)."""
-    from shards.manifest import find_shard_sets
-    from shards.verify import verify
+    from clusterssl.shards.manifest import find_shard_sets
+    from clusterssl.shards.verify import verify
 
     return [
         verify(path, workers=workers, decode=decode, progress=True) for path in find_shard_sets(directory)
@@ -286,8 +286,8 @@ def verify_sets(directory: Path, workers: int, decode: bool = True) -> list[Any]
 @json_option
 def info_command(directory: Path, as_json: bool) -> None:
     """Counts, classes (with per-class counts), shard count and sizes of a shard set, from its manifest."""
-    from shards.manifest import find_shard_sets
-    from shards.verify import describe
+    from clusterssl.shards.manifest import find_shard_sets
+    from clusterssl.shards.verify import describe
 
     sets = [describe(path) for path in find_shard_sets(directory)]
     emit({"sets": sets}, as_json, lambda summary: "\n\n".join(render_info(s) for s in summary["sets"]))

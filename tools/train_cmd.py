@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from tools.options import emit, json_option, tracking_options, tracking_overrides
+from clusterssl.tools.options import emit, json_option, tracking_options, tracking_overrides
 
 
 @click.command()
@@ -34,8 +34,8 @@ def train(
     """Pretrain a backbone with the method and data CONFIG.yaml names (a path, or a bundled config name
     such as swav_digits). Ends with a summary; --json prints it as one object (run_id, checkpoint,
     knn_top1, nmi, …)."""
-    from pipeline.train_config import load_train_config
-    from pipeline.trainer import train as run_training
+    from clusterssl.pipeline.train.train_config import load_train_config
+    from clusterssl.pipeline.train.trainer import train as run_training
 
     cfg = load_train_config(config, [*overrides, *tracking_overrides(no_track, tracking_uri, experiment)])
     summary = run_training(cfg, resume=resume, progress=not as_json)
@@ -57,7 +57,7 @@ def render_train_summary(summary: Mapping[str, Any]) -> str:
             f"  k-NN top-1  {summary['knn_top1']:.4f}   NMI {summary['nmi']:.4f}   ARI {summary['ari']:.4f}"
         )
     if summary.get("run_id"):
-        from pipeline.tracking import ui_hint
+        from clusterssl.pipeline.tracking.runs import ui_hint
 
         lines.append(f"  MLflow run  {summary['run_id']}  ({ui_hint(summary['tracking_uri'])})")
     if summary["interrupted"]:

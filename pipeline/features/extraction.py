@@ -1,4 +1,4 @@
-"""The index-stable extraction pass: embed every sample once (eval view) into a memory bank, row i for
+"""The index-stable extraction pass: embed every sample once (eval view) into a feature store, row i for
 global index i, whatever the shuffle, worker count or rank that produced it.
 
 Rows are placed by the sample index carried in each Batch, never by loader position, so the bank is the
@@ -22,17 +22,17 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models.distributed import all_gather_cat
-from models.types import Batch
-from pipeline.data import DataSource, dataset_size
-from pipeline.distributed import DistributedEnv
-from pipeline.errors import PipelineError
-from pipeline.loader import build_loader
-from pipeline.memory_bank import MemoryBank
-from pipeline.precision import autocast
-from pipeline.shardset import resolve_shards
-from pipeline.spec import MultiCropSpec
-from shards.tario import file_sha256
+from clusterssl.errors import PipelineError
+from clusterssl.models.collectives import all_gather_cat
+from clusterssl.models.types import Batch
+from clusterssl.pipeline.data.datasets import DataSource, dataset_size
+from clusterssl.pipeline.data.loader import build_loader
+from clusterssl.pipeline.data.shardset import resolve_shards
+from clusterssl.pipeline.data.spec import MultiCropSpec
+from clusterssl.pipeline.features.store import FeatureStore
+from clusterssl.pipeline.train.precision import autocast
+from clusterssl.pipeline.train.world import DistributedEnv
+from clusterssl.shards.tario import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,12 @@ class ExtractionSettings:
     """Autocast of the forward: fp32, bf16 or fp16, already resolved (see ``pipeline.precision``)."""
 
 
-def resumable_bank(out_dir: Path | None, num_samples: int, source: dict[str, Any]) -> MemoryBank | None:
+def resumable_bank(out_dir: Path | None, num_samples: int, source: dict[str, Any]) -> FeatureStore | None:
     """An unfinished bank of the same data and producer in ``out_dir``, to continue; else None."""
     if out_dir is None or not (out_dir / "bank.json").exists():
         return None
     try:
-        bank = MemoryBank.open(out_dir, writable=True)
+        bank = FeatureStore.open(out_dir, writable=True)
     except PipelineError:
         return None
     if bank.meta.complete or bank.meta.num_samples != num_samples or bank.meta.source != source:
@@ -89,7 +89,7 @@ def extract_features(
     progress: bool = True,
     max_batches: int | None = None,
     shuffle: bool = True,
-) -> MemoryBank:
+) -> FeatureStore:
     """Run ``module`` ((batch, 3, H, W) → (batch, D)) over every sample of ``data`` once.
 
     Returns the complete (N, D) bank — on disk under ``out_dir`` (``features.npy`` etc.) when given,
@@ -138,7 +138,7 @@ def extract_features(
             )
             features, index, labels = all_gather_cat(features), all_gather_cat(index), all_gather_cat(labels)
             if bank is None:
-                bank = MemoryBank.create(
+                bank = FeatureStore.create(
                     num_samples, features.shape[1], directory=out_path, dtype=dtype, source=source
                 )
             bank.write(index.cpu().numpy(), features.cpu().numpy(), labels.cpu().numpy())
@@ -163,10 +163,10 @@ def embed_batch(module: nn.Module, batch: Batch, device: torch.device, precision
 
 
 def _share_resumed_rows(
-    bank: MemoryBank | None, num_samples: int, dtype: str, env: DistributedEnv, device: torch.device
-) -> tuple[MemoryBank | None, np.ndarray]:
+    bank: FeatureStore | None, num_samples: int, dtype: str, env: DistributedEnv, device: torch.device
+) -> tuple[FeatureStore | None, np.ndarray]:
     """Make every rank agree on a resumed bank: which rows are already written (rank 0's bank on disk
-    decides) and, on the other ranks, an in-memory bank holding those rows, so that every rank reads the
+    decides) and, on the other ranks, an in-feature store holding those rows, so that every rank reads the
     same remaining samples and ends with the complete bank. Returns (bank or None, written (N,) bool)."""
     written = bank.written.copy() if bank is not None else np.zeros(num_samples, dtype=bool)
     if not env.is_distributed:
@@ -180,7 +180,7 @@ def _share_resumed_rows(
     dist.broadcast(mask, src=0)
     written = mask.cpu().numpy().astype(bool)
     if not env.is_main:
-        bank = MemoryBank.create(num_samples, dim, directory=None, dtype=dtype)
+        bank = FeatureStore.create(num_samples, dim, directory=None, dtype=dtype)
     assert bank is not None
     rows = np.flatnonzero(written)
     for start in range(0, rows.size, ROWS_PER_BROADCAST):
@@ -208,7 +208,7 @@ def extract_checkpoint(
     device: str = "auto",
     progress: bool = True,
     manifest: str | Path | None = None,
-) -> MemoryBank:
+) -> FeatureStore:
     """The bank of a run's feature extractor over ``data`` (eval view of the run's augment section).
 
     checkpoint: a checkpoint.pt, a backbone.pt or a run directory holding either.
@@ -219,9 +219,9 @@ def extract_checkpoint(
     Re-running after an interruption continues the bank (``bank.rows_resumed`` says how many rows were
     already there). Under torchrun every rank embeds its share and rank 0 writes.
     """
-    from pipeline.checkpoint import BACKBONE_NAME, LAST_NAME, load_feature_extractor
-    from pipeline.data import resolve_data
-    from pipeline.distributed import init_distributed, resolve_device
+    from clusterssl.pipeline.data.datasets import resolve_data
+    from clusterssl.pipeline.train.checkpoint import BACKBONE_NAME, LAST_NAME, load_feature_extractor
+    from clusterssl.pipeline.train.world import init_distributed, resolve_device
 
     if split not in ("train", "val"):
         raise PipelineError(f"split must be train or val, got {split!r}")

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
-from shards.errors import ShardsError
-from shards.format import IMAGE_EXT, INDEX_EXT, LABEL_EXT, MANIFEST_NAME, decode_int
-from shards.manifest import Manifest, load_manifest
-from shards.tario import IndexComponent, TruncatedSample, read_dali_index, read_indexed_sample
+from clusterssl.errors import PipelineError
+from clusterssl.errors import ShardsError
+from clusterssl.shards.format import IMAGE_EXT, INDEX_EXT, LABEL_EXT, MANIFEST_NAME, decode_int
+from clusterssl.shards.manifest import Manifest, load_manifest
+from clusterssl.shards.tario import IndexComponent, TruncatedSample, read_dali_index, read_indexed_sample
 
 REQUIRED_EXTS = (IMAGE_EXT, LABEL_EXT, INDEX_EXT)
 """The components the loaders read: image, binary label, binary global index."""

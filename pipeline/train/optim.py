@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.method import Method, TrainContext
-from models.schedules import warmup_cosine_schedule
-from pipeline.errors import PipelineError
+from clusterssl.errors import PipelineError
+from clusterssl.models.method import Method, TrainContext
+from clusterssl.models.schedules import warmup_cosine_schedule
 
 OPTIMIZERS = ("sgd", "lars", "adamw")
 

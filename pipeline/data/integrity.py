@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError
-from pipeline.shardset import REQUIRED_EXTS, ShardInfo, ShardSet
-from shards.format import IMAGE_EXT
-from shards.images import jpeg_ends_properly
-from shards.tario import read_dali_index
+from clusterssl.errors import PipelineError
+from clusterssl.pipeline.data.shardset import REQUIRED_EXTS, ShardInfo, ShardSet
+from clusterssl.shards.format import IMAGE_EXT
+from clusterssl.shards.images import jpeg_ends_properly
+from clusterssl.shards.tario import read_dali_index
 
 log = logging.getLogger(__name__)
 

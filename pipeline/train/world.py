@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import PipelineError
+from clusterssl.errors import PipelineError
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from models.types import PADDING_INDEX, Batch
-from pipeline.epoch import DEFAULT_WINDOW, RankPlan, epoch_sequence, plan_rank
-from pipeline.errors import PipelineError
-from pipeline.shardset import ShardSet, resolve_shards
-from pipeline.spec import AugmentConfig, MultiCropSpec, resolve_spec
-from pipeline.torch_backend import WorkerBatch
+from clusterssl.models.types import PADDING_INDEX, Batch
+from clusterssl.pipeline.data.epoch import DEFAULT_WINDOW, RankPlan, epoch_sequence, plan_rank
+from clusterssl.errors import PipelineError
+from clusterssl.pipeline.data.shardset import ShardSet, resolve_shards
+from clusterssl.pipeline.data.spec import AugmentConfig, MultiCropSpec, resolve_spec
+from clusterssl.pipeline.data.torch_backend import WorkerBatch
 
 BACKENDS = ("auto", "dali", "torch")
 MAX_RECORDED_SKIPS = 1000
@@ -70,7 +70,7 @@ def choose_backend(backend: str, device: torch.device, shardset: ShardSet) -> st
     operators — see the README's performance section — so auto does not pick DALI there.)"""
     if backend not in BACKENDS:
         raise PipelineError(f"unknown loader backend {backend!r}; known: {', '.join(BACKENDS)}")
-    from pipeline.dali_backend import dali_available
+    from clusterssl.pipeline.data.dali_backend import dali_available
 
     if backend == "auto":
         return "dali" if dali_available() and device.type == "cuda" and shardset.indexed else "torch"
@@ -126,7 +126,7 @@ class EpochLoader:
 
     def _batches(self) -> Iterator[WorkerBatch]:
         if self.backend == "dali":
-            from pipeline.dali_backend import iterate_dali
+            from clusterssl.pipeline.data.dali_backend import iterate_dali
 
             return iterate_dali(
                 self.shardset,
@@ -139,7 +139,7 @@ class EpochLoader:
                 device=self.device,
                 cache_dir=self.cache_dir,
             )
-        from pipeline.torch_backend import BatchBuilder, iterate_torch
+        from clusterssl.pipeline.data.torch_backend import BatchBuilder, iterate_torch
 
         on_device = self.pixel_ops == "device" or (self.pixel_ops == "auto" and self.device.type == "cuda")
         builder = BatchBuilder(

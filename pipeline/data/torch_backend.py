@@ -31,16 +31,16 @@ try:  # torchvision's image IO is deprecated in favour of torchcodec (not a depe
 except ImportError:  # pragma: no cover - depends on the installed torchvision
     tv_decode_jpeg = None
 
-from pipeline.augment import (
+from clusterssl.pipeline.data.augment import (
     PixelParams,
     ViewParams,
     draw_params,
     finish_views,
 )
-from pipeline.epoch import PADDING_REPEAT, RankPlan
-from pipeline.errors import PipelineError
-from pipeline.integrity import inspect_jpeg_bytes
-from pipeline.shardset import (
+from clusterssl.pipeline.data.epoch import PADDING_REPEAT, RankPlan
+from clusterssl.errors import PipelineError
+from clusterssl.pipeline.data.integrity import inspect_jpeg_bytes
+from clusterssl.pipeline.data.shardset import (
     IndexedShardReader,
     SampleUnavailable,
     ShardSet,
@@ -48,8 +48,8 @@ from pipeline.shardset import (
     check_sample_index,
     open_reader,
 )
-from pipeline.spec import MultiCropSpec
-from shards.format import IMAGE_EXT, LABEL_EXT, decode_int
+from clusterssl.pipeline.data.spec import MultiCropSpec
+from clusterssl.shards.format import IMAGE_EXT, LABEL_EXT, decode_int
 
 
 @dataclass

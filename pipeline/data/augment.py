@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.spec import MultiCropSpec, ViewSpec
+from clusterssl.pipeline.data.spec import MultiCropSpec, ViewSpec
 
 # --- counter-based random numbers -----------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from clusterssl.errors import PipelineError
 
 DEFAULT_WINDOW = 1024
 """Entries shuffled together inside a shard: bounds what a streaming reader buffers."""

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.types import FeatureBank
-from pipeline.errors import PipelineError
+from clusterssl.errors import PipelineError
+from clusterssl.models.types import FeatureBank
 
 if TYPE_CHECKING:
-    from pipeline.extraction import ExtractionSettings
+    from clusterssl.pipeline.features.extraction import ExtractionSettings
 
 
 @torch.no_grad()
@@ -113,7 +113,7 @@ def kmeans_agreement(
     """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-    from models.clustering import kmeans
+    from clusterssl.models.clustering import kmeans
 
     keep = np.asarray(labels) >= 0
     feats = np.asarray(features, dtype=np.float32)[keep]
@@ -142,7 +142,7 @@ def evaluate_features(
 
 def extract_eval_features(module: torch.nn.Module, data: object, **extraction: object) -> FeatureBank:
     """Embed a whole labelled set in memory with the extraction pass (eval view, each sample once)."""
-    from pipeline.extraction import extract_features
+    from clusterssl.pipeline.features.extraction import extract_features
 
     bank = extract_features(module, data, out_dir=None, progress=False, **extraction)  # type: ignore[arg-type]
     return bank.as_feature_bank()
@@ -171,10 +171,10 @@ def evaluate_checkpoint(
     """
     from dataclasses import replace
 
-    from pipeline.checkpoint import load_feature_extractor
-    from pipeline.data import resolve_data
-    from pipeline.distributed import DistributedEnv, resolve_device
-    from pipeline.tracking import open_tracker, tracking_run
+    from clusterssl.pipeline.data.datasets import resolve_data
+    from clusterssl.pipeline.tracking.runs import open_tracker, tracking_run
+    from clusterssl.pipeline.train.checkpoint import load_feature_extractor
+    from clusterssl.pipeline.train.world import DistributedEnv, resolve_device
 
     module, config = load_feature_extractor(checkpoint)
     torch_device = resolve_device(device, DistributedEnv())

@@ -32,14 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.augment import ViewParams, draw_params
-from pipeline.epoch import PADDING_REPEAT, RankPlan
-from pipeline.errors import PipelineError
-from pipeline.integrity import ShardCheck, check_shard_set
-from pipeline.shardset import ShardSet
-from pipeline.spec import MultiCropSpec, ViewSpec
-from pipeline.torch_backend import WorkerBatch
-from shards.format import IMAGE_EXT, INDEX_EXT, LABEL_EXT
+from clusterssl.pipeline.data.augment import ViewParams, draw_params
+from clusterssl.pipeline.data.epoch import PADDING_REPEAT, RankPlan
+from clusterssl.errors import PipelineError
+from clusterssl.pipeline.data.integrity import ShardCheck, check_shard_set
+from clusterssl.pipeline.data.shardset import ShardSet
+from clusterssl.pipeline.data.spec import MultiCropSpec, ViewSpec
+from clusterssl.pipeline.data.torch_backend import WorkerBatch
+from clusterssl.shards.format import IMAGE_EXT, INDEX_EXT, LABEL_EXT
 
 
 def dali_available() -> bool:

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pipeline.errors import PipelineError
-from pipeline.shardset import ShardSet, resolve_shards
-from shards.errors import ShardsError
+from clusterssl.errors import PipelineError
+from clusterssl.pipeline.data.shardset import ShardSet, resolve_shards
+from clusterssl.errors import ShardsError
 
 if TYPE_CHECKING:
-    from pipeline.train_config import DataConfig
+    from clusterssl.pipeline.train.train_config import DataConfig
 
 BUILTIN_DIGITS = "digits"
 DIGITS_HOLDOUT = 0.1
@@ -71,8 +71,8 @@ def ensure_builtin_digits(
     root = cache_root(cache_dir) / f"digits-{image_size}px"
     if (root / "train" / "manifest.json").is_file() and (root / "val" / "manifest.json").is_file():
         return root
-    from shards.convert import ConvertOptions, convert
-    from shards.sources import DigitsSource
+    from clusterssl.shards.convert import ConvertOptions, convert
+    from clusterssl.shards.sources import DigitsSource
 
     try:
         convert(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.errors import PipelineError
+from clusterssl.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.factory import build_method
-from models.method import Method
-from models.types import Batch, FeatureBank
-from pipeline.checkpoint import (
+from clusterssl.config import dump_yaml, flatten, to_dict
+from clusterssl.errors import PipelineError
+from clusterssl.models.factory import build_method
+from clusterssl.models.method import Method
+from clusterssl.models.types import Batch, FeatureBank
+from clusterssl.pipeline.data.datasets import Dataset, resolve_dataset
+from clusterssl.pipeline.data.loader import build_loader
+from clusterssl.pipeline.data.spec import MultiCropSpec
+from clusterssl.pipeline.features.evaluation import EvalResult, evaluate_features, extract_eval_features
+from clusterssl.pipeline.features.extraction import ExtractionSettings, extract_features
+from clusterssl.pipeline.tracking.plots import attention_maps, plot_attention_maps, plot_loss_curve
+from clusterssl.pipeline.tracking.runs import Tracker, git_commit, open_tracker, tracking_run
+from clusterssl.pipeline.train.checkpoint import (
     BACKBONE_NAME,
     LAST_NAME,
     RunPosition,
@@ -44,25 +53,16 @@ from pipeline.checkpoint import (
     restore_rng_state,
     save_backbone,
 )
-from pipeline.config import dump_yaml, flatten, to_dict
-from pipeline.data import Dataset, resolve_dataset
-from pipeline.distributed import (
+from clusterssl.pipeline.train.optim import OptimizerStep, build_optimizer, build_schedules
+from clusterssl.pipeline.train.precision import autocast, resolve_precision
+from clusterssl.pipeline.train.train_config import TrainConfig
+from clusterssl.pipeline.train.world import (
     DistributedEnv,
     barrier,
     init_distributed,
     resolve_device,
     same_on_all_ranks,
 )
-from pipeline.errors import PipelineError
-from pipeline.evaluation import EvalResult, evaluate_features, extract_eval_features
-from pipeline.extraction import ExtractionSettings, extract_features
-from pipeline.loader import build_loader
-from pipeline.optim import OptimizerStep, build_optimizer, build_schedules
-from pipeline.plots import attention_maps, plot_attention_maps, plot_loss_curve
-from pipeline.precision import autocast, resolve_precision
-from pipeline.spec import MultiCropSpec
-from pipeline.tracking import Tracker, git_commit, open_tracker, tracking_run
-from pipeline.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class Trainer:
 
         torch.manual_seed(config.trainer.seed)
         self.method: Method = build_method(
-            config.method_name, config.model.backbone, config.method_settings(), config.model.backbone_kwargs
+            config.method_name, config.model.backbone, config.method, config.model.backbone_kwargs
         ).to(self.device)
         self.model: nn.Module = self._wrap_distributed(self.method)
         if config.trainer.compile:

@@ -1,4 +1,4 @@
-"""Clustering a memory bank on disk: k-means for each k, statistics, and the files a person looks at.
+"""Clustering a feature store on disk: k-means for each k, statistics, and the files a person looks at.
 
 ``cluster_bank(BANK_DIR, [k, …], OUT)`` writes, per k: ``k{k}_assignments.npy`` (N,) int64 by global index,
 ``k{k}_centroids.npy`` (k, D') in the space that was clustered, and two PNGs — the cluster-size histogram
@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.clustering import as_feature_matrix, cluster_statistics, multi_kmeans, pca_whiten
-from pipeline.errors import PipelineError
-from pipeline.memory_bank import MemoryBank
-from pipeline.plots import plot_cluster_sizes, save_image_grid
+from clusterssl.errors import PipelineError
+from clusterssl.models.clustering import as_feature_matrix, cluster_statistics, multi_kmeans, pca_whiten
+from clusterssl.pipeline.features.store import FeatureStore
+from clusterssl.pipeline.tracking.plots import plot_cluster_sizes, save_image_grid
 
 GRID_CLUSTERS = 8
 GRID_IMAGES = 8
@@ -43,12 +43,12 @@ class ClusterReport:
     """The shards the sample grids were read from (None: no grid)."""
 
 
-def open_complete_bank(bank_dir: str | Path) -> MemoryBank:
+def open_complete_bank(bank_dir: str | Path) -> FeatureStore:
     """The bank in ``bank_dir``, refusing a missing, empty or unfinished one with one clear line."""
-    bank = MemoryBank.open(bank_dir)  # refuses a missing or empty bank
+    bank = FeatureStore.open(bank_dir)  # refuses a missing or empty bank
     if not bank.meta.complete:
         raise PipelineError(
-            f"the memory bank at {bank_dir} is unfinished ({bank.num_written} of {bank.meta.num_samples} "
+            f"the feature store at {bank_dir} is unfinished ({bank.num_written} of {bank.meta.num_samples} "
             "rows); run the same `clusterssl extract` command again to complete it"
         )
     return bank
@@ -124,7 +124,7 @@ def cluster_bank(
     return report
 
 
-def _grid_source(bank: MemoryBank, data: str | Path | None) -> str | None:
+def _grid_source(bank: FeatureStore, data: str | Path | None) -> str | None:
     """Where the bank's images are: ``data`` if given, else the shard directory or manifest its metadata
     names (banks from ``clusterssl extract`` and from the trainer record them); None if neither exists."""
     if data is not None:
@@ -149,7 +149,7 @@ def cluster_grid(
     members drawn at random (seeded), read by global index from ``shards`` (a directory or manifest)."""
     from PIL import Image
 
-    from shards.reader import IndexedReader
+    from clusterssl.shards.reader import IndexedReader
 
     rng = np.random.default_rng(seed)
     sizes = np.bincount(assignments)

@@ -1,4 +1,4 @@
-"""MemoryBank: an N×D feature array on disk, row i for global sample index i, written exactly once.
+"""FeatureStore: an N×D feature array on disk, row i for global sample index i, written exactly once.
 
 Layout of a bank directory:
     features.npy  (N, D) float32 or float16, an .npy file (``numpy.load(path, mmap_mode="r")`` reads it)
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from models.types import FeatureBank
-from pipeline.errors import PipelineError
+from clusterssl.errors import PipelineError
+from clusterssl.models.types import FeatureBank
 
 FEATURES_FILE = "features.npy"
 LABELS_FILE = "labels.npy"
@@ -34,7 +34,7 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 @dataclass
-class BankMeta:
+class FeatureStoreMeta:
     num_samples: int
     dim: int
     dtype: str = "float32"
@@ -52,12 +52,12 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-class MemoryBank:
+class FeatureStore:
     """An N×D bank on disk (``directory`` given) or in memory (``directory=None``)."""
 
     def __init__(
         self,
-        meta: BankMeta,
+        meta: FeatureStoreMeta,
         features: np.ndarray,
         labels: np.ndarray,
         written: np.ndarray,
@@ -81,12 +81,12 @@ class MemoryBank:
         directory: str | Path | None = None,
         dtype: str = "float32",
         source: dict[str, Any] | None = None,
-    ) -> MemoryBank:
+    ) -> FeatureStore:
         if num_samples <= 0:
-            raise PipelineError("cannot create a memory bank for an empty dataset")
+            raise PipelineError("cannot create a feature store for an empty dataset")
         if dtype not in DTYPES:
             raise PipelineError(f"unknown bank dtype {dtype!r}; known: {', '.join(DTYPES)}")
-        meta = BankMeta(num_samples=num_samples, dim=dim, dtype=dtype, source=dict(source or {}))
+        meta = FeatureStoreMeta(num_samples=num_samples, dim=dim, dtype=dtype, source=dict(source or {}))
         labels = np.full(num_samples, -1, dtype=np.int64)
         written = np.zeros(num_samples, dtype=bool)
         if directory is None:
@@ -102,26 +102,28 @@ class MemoryBank:
         return bank
 
     @classmethod
-    def open(cls, directory: str | Path, *, writable: bool = False) -> MemoryBank:
+    def open(cls, directory: str | Path, *, writable: bool = False) -> FeatureStore:
         directory = Path(directory)
         meta_path = directory / META_FILE
         if not meta_path.is_file():
-            raise PipelineError(f"no memory bank at {directory}: {meta_path.name} is missing")
+            raise PipelineError(f"no feature store at {directory}: {meta_path.name} is missing")
         try:
-            meta = BankMeta(**json.loads(meta_path.read_text(encoding="utf-8")))
+            meta = FeatureStoreMeta(**json.loads(meta_path.read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError) as error:
-            raise PipelineError(f"cannot read the memory bank at {directory}: {error}") from None
+            raise PipelineError(f"cannot read the feature store at {directory}: {error}") from None
         if meta.num_samples == 0 or meta.dim == 0:
-            raise PipelineError(f"the memory bank at {directory} is empty ({meta.num_samples} × {meta.dim})")
+            raise PipelineError(
+                f"the feature store at {directory} is empty ({meta.num_samples} × {meta.dim})"
+            )
         try:
             features = np.load(directory / FEATURES_FILE, mmap_mode="r+" if writable else "r")
             labels = np.load(directory / LABELS_FILE)
             written = np.load(directory / WRITTEN_FILE)
         except (OSError, ValueError, TypeError) as error:
-            raise PipelineError(f"cannot read the memory bank at {directory}: {error}") from None
+            raise PipelineError(f"cannot read the feature store at {directory}: {error}") from None
         if features.shape != (meta.num_samples, meta.dim):
             raise PipelineError(
-                f"memory bank {directory} is inconsistent: features {features.shape} vs {meta}"
+                f"feature store {directory} is inconsistent: features {features.shape} vs {meta}"
             )
         return cls(meta, features, labels, written, directory)
 
@@ -144,7 +146,7 @@ class MemoryBank:
         if duplicates.size or np.unique(indices).size != indices.size:
             shown = duplicates[:5].tolist() or indices[:5].tolist()
             raise PipelineError(
-                f"memory bank rows written twice (e.g. indices {shown}): the sample split is broken"
+                f"feature store rows written twice (e.g. indices {shown}): the sample split is broken"
             )
         self.features[indices] = np.asarray(features)[keep].astype(self.features.dtype, copy=False)
         if labels is not None:
@@ -174,7 +176,7 @@ class MemoryBank:
         missing = self.missing()
         if missing.size:
             raise PipelineError(
-                f"memory bank incomplete: {missing.size} of {self.meta.num_samples} rows were never written "
+                f"feature store incomplete: {missing.size} of {self.meta.num_samples} rows were never written "
                 f"(e.g. indices {missing[:5].tolist()})"
             )
         self.meta.complete = True

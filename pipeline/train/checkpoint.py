@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import PipelineError
+from clusterssl.errors import PipelineError
 
 CHECKPOINT_VERSION = 1
 LAST_NAME = "checkpoint.pt"
@@ -136,9 +136,9 @@ def load_feature_extractor(location: str | Path, *, random_init: bool = False) -
     (seeded from the config): the floor every method must beat."""
     import yaml
 
-    from models.backbones import create_backbone
-    from models.factory import build_method
-    from pipeline.train_config import build_train_config
+    from clusterssl.models.backbones import create_backbone
+    from clusterssl.models.factory import build_method
+    from clusterssl.pipeline.train.train_config import build_train_config
 
     path = Path(location)
     if path.is_dir():
@@ -156,7 +156,7 @@ def load_feature_extractor(location: str | Path, *, random_init: bool = False) -
             module.load_state_dict(payload["state_dict"])
         return module, config
     method = build_method(
-        config.method_name, config.model.backbone, config.method_settings(), config.model.backbone_kwargs
+        config.method_name, config.model.backbone, config.method, config.model.backbone_kwargs
     )
     if not random_init:
         method.load_state_dict(payload["method"])

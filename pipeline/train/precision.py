@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import PipelineError
+from clusterssl.errors import PipelineError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

@@ -13,23 +13,27 @@ Every key can be overridden from the command line: ``--set trainer.epochs=1 --se
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.errors import ModelError
-from models.factory import method_config_from_dict
-from pipeline.config import apply_overrides, from_dict, read_yaml
-from pipeline.errors import PipelineError
-from pipeline.optim import OptimConfig
-from pipeline.precision import PRECISIONS
-from pipeline.spec import AugmentConfig
-from pipeline.tracking import TrackingConfig
+from clusterssl.config import (
+    apply_overrides,
+    from_dict,
+    method_config,
+    read_yaml,
+    resolve_config_path,
+)
+from clusterssl.errors import PipelineError
+from clusterssl.models.method import MethodConfig
+from clusterssl.models.swav import SwAVConfig
+from clusterssl.pipeline.data.spec import AugmentConfig
+from clusterssl.pipeline.tracking.runs import TrackingConfig
+from clusterssl.pipeline.train.optim import OptimConfig
+from clusterssl.pipeline.train.precision import PRECISIONS
 
 BACKENDS = ("auto", "dali", "torch")
-BUNDLED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
@@ -107,7 +111,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: dict[str, Any] = field(default_factory=lambda: {"name": "swav"})
+    method: MethodConfig = field(default_factory=SwAVConfig)
     """`name` plus the method's own settings; see models/<name>.py for the keys and their defaults."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -115,34 +119,19 @@ class TrainConfig:
 
     @property
     def method_name(self) -> str:
-        return str(self.method.get("name", ""))
-
-    def method_settings(self) -> dict[str, Any]:
-        return {k: v for k, v in self.method.items() if k != "name"}
+        return self.method.name
 
 
 def build_train_config(data: dict[str, Any], overrides: Sequence[str] = ()) -> TrainConfig:
-    """A TrainConfig from a nested dict plus ``--set`` overrides; validates the method section too."""
-    config = from_dict(TrainConfig, apply_overrides(data, overrides))
-    if "name" not in config.method:
-        raise PipelineError("the method section needs a name (swav, dino, deepcluster, deepcluster_v2, pcl)")
-    try:
-        method_config_from_dict(config.method_name, config.method_settings())
-    except ModelError as error:
-        raise PipelineError(str(error)) from None
+    """A TrainConfig from a nested dict plus ``--set`` overrides; the method section is checked against the
+    named method's own config class."""
+    data = apply_overrides(dict(data), overrides)
+    method = data.pop("method", None)
+    if not isinstance(method, dict):
+        raise PipelineError("the config needs a method section with a name (swav, dino, deepcluster, …)")
+    config = from_dict(TrainConfig, data)
+    config.method = method_config(method)
     return config
-
-
-def resolve_config_path(value: str | Path) -> Path:
-    """A path as given, else a bundled config by name: ``swav_digits`` → configs/swav_digits.yaml (from
-    $CLUSTERSSL_CONFIG_DIR when set — the Docker image sets it — else the repository's configs/)."""
-    path = Path(value)
-    if path.exists():
-        return path
-    name = str(value)
-    directory = Path(os.environ.get("CLUSTERSSL_CONFIG_DIR") or BUNDLED_CONFIGS)
-    bundled = directory / (name if name.endswith(".yaml") else f"{name}.yaml")
-    return bundled if bundled.exists() else path
 
 
 def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
