@@ -16,7 +16,6 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH \
-    CLUSTERSSL_CONFIG_DIR=/opt/clusterssl/configs \
     MLFLOW_TRACKING_URI=sqlite:////workspace/mlflow.db
 
 RUN apt-get update \
@@ -30,7 +29,7 @@ RUN apt-get update \
 RUN pip install torch==2.14.1 torchvision==0.29.1
 
 WORKDIR /opt/clusterssl
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md __init__.py __main__.py errors.py config.py ./
 COPY shards ./shards
 COPY pipeline ./pipeline
 COPY models ./models
@@ -44,10 +43,10 @@ COPY configs ./configs
 # 3.12 and would fall back to 1.9.0, which pins numpy < 2.)
 # `pip install .` also compiles the converter's C loop (shards/_packer.c; gcc and python3-dev above).
 RUN pip install . \
-    && python -c "import shards._packer" \
+    && python -c "import clusterssl.shards._packer" \
     && pip uninstall -y faiss-cpu \
     && pip install "faiss-gpu>=1.15.1" \
-    && python -c "import faiss, nvidia.dali, mlflow, torch, torchvision, tools.cli"
+    && python -c "import faiss, nvidia.dali, mlflow, torch, torchvision, clusterssl.tools.cli"
 
 WORKDIR /workspace
 CMD ["clusterssl", "--help"]

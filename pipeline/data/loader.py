@@ -76,7 +76,8 @@ def choose_backend(backend: str, device: torch.device, shardset: ShardSet) -> st
         return "dali" if dali_available() and device.type == "cuda" and shardset.indexed else "torch"
     if backend == "dali" and not dali_available():
         raise PipelineError(
-            "backend 'dali' needs nvidia-dali, which does not import here; use backend='torch'"
+            "backend 'dali' needs nvidia-dali, which is not installed here (DALI ships Linux wheels only: "
+            "pip install nvidia-dali-cuda130); the torch backend runs everywhere: use backend='torch'"
         )
     if backend == "dali" and not shardset.indexed:
         raise PipelineError(
