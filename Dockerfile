@@ -31,6 +31,8 @@ RUN pip install torch==2.14.1 torchvision==0.29.1
 
 WORKDIR /opt/clusterssl
 COPY pyproject.toml README.md ./
+# The repository root is the clusterssl package: its own modules, then the sub-packages.
+COPY __init__.py __main__.py config.py errors.py ./
 COPY shards ./shards
 COPY pipeline ./pipeline
 COPY models ./models
@@ -42,12 +44,13 @@ COPY configs ./configs
 # beside torch's CUDA 13 libraries and needs only a driver that supports CUDA 12.x, which every CUDA 13
 # driver does. (faiss-gpu rather than faiss-gpu-cu12: the latter has no recent wheel for this image's Python
 # 3.12 and would fall back to 1.9.0, which pins numpy < 2.)
-# `pip install .` also compiles the converter's C loop (shards/_packer.c; gcc and python3-dev above).
+# `pip install .` also compiles the converter's C loop (shards/_packer.c → clusterssl.shards._packer;
+# gcc and python3-dev above).
 RUN pip install . \
-    && python -c "import shards._packer" \
+    && python -c "import clusterssl.shards._packer" \
     && pip uninstall -y faiss-cpu \
     && pip install "faiss-gpu>=1.15.1" \
-    && python -c "import faiss, nvidia.dali, mlflow, torch, torchvision, tools.cli"
+    && python -c "import faiss, nvidia.dali, mlflow, torch, torchvision, clusterssl.tools.cli"
 
 WORKDIR /workspace
 CMD ["clusterssl", "--help"]
