@@ -1,6 +1,6 @@
 """DeepCluster (Caron et al., ECCV 2018): cluster the features, train a classifier on the clusters.
 
-Every epoch (METHODS.md): the extraction pass embeds every training image (eval view) with the backbone;
+Every epoch, as in the paper and its code: the extraction pass embeds every training image (eval view) with the backbone;
 the features are PCA-whitened to 256 dimensions and L2-normalised; k-means (20 iterations, a fresh seed
 each epoch) gives every sample a cluster; those cluster ids are the targets of a classification layer
 re-created at every clustering; the epoch samples uniformly over the non-empty clusters. The plain

@@ -1,6 +1,6 @@
 """DeepCluster-v2 (Caron et al., 2020, in the SwAV paper): DeepCluster with prototypes and a memory bank.
 
-Per run (METHODS.md): a memory bank holds an L2-normalised projection of every training sample, filled by
+Per run, as in the paper's code: a memory bank holds an L2-normalised projection of every training sample, filled by
 an extraction pass before training and then refreshed with each step's embeddings. At every epoch start,
 spherical k-means on the bank (several heads, k = 3,000 each by default) gives centroids, which become
 the prototypes (no gradient), and a cluster for every sample. The loss, for every crop and every head, is

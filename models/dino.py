@@ -4,7 +4,7 @@ A student (backbone + DINO head) sees every crop; a teacher, the exponential mov
 sees the global crops without gradient. The loss is the cross-entropy between the teacher's centred,
 sharpened distribution ``softmax((t − c)/τ_t)`` and the student's ``log_softmax(s/τ_s)`` for every pair of
 different crops; the centre c is an EMA of the teacher's mean output. Centring keeps one dimension from
-dominating, sharpening keeps the output from going uniform: together they avoid collapse (METHODS.md).
+dominating, sharpening keeps the output from going uniform: together they avoid collapse (Caron et al., 2021).
 """
 
 from __future__ import annotations

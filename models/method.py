@@ -31,7 +31,7 @@ class MethodConfig:
 
 
 class TrainContext(Protocol):
-    """What the trainer tells a method about the run. Implemented by ``pipeline.trainer``."""
+    """What the trainer tells a method about the run. Implemented by ``clusterssl.pipeline.train.trainer``."""
 
     epoch: int
     """Current epoch, 0-based."""

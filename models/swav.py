@@ -1,6 +1,6 @@
 """SwAV (Caron et al., 2020): swapped prediction of Sinkhorn codes across multi-crop views.
 
-Per step (METHODS.md): prototypes are re-normalised; every view goes through backbone → projection MLP →
+Per step, as in the paper and its code: prototypes are re-normalised; every view goes through backbone → projection MLP →
 L2-normalisation → prototype scores; codes are computed without gradient by Sinkhorn for the assignment
 crops only (the two global crops), optionally with a queue of past embeddings placed before the batch; each
 assignment crop's code is predicted from every other crop by ``softmax(scores / τ)``, and the loss is the

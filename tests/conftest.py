@@ -1,6 +1,6 @@
 """Shared fixtures (and, for every test, temporary files kept under pytest's own temporary root).
 
-``digits16``: the built-in digits at 16 px (``train/`` and ``val/`` shard sets), converted once per session.
+``digits16``: the built-in digits at 16 px (``train/`` and ``val/`` shard sets), converted once per test run.
 
 ``sequential_bank``: the reference feature store of the 16-px digits (``extraction_helpers``'s tiny
 module, one process, no worker, shards and samples in stored order).

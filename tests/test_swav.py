@@ -29,7 +29,7 @@ def make_swav(cfg: SwAVConfig = SMALL, seed: int = 0) -> SwAV:
 def loop_loss(
     scores: list[Tensor], codes: list[Tensor], crops_for_assign: list[int], temperature: float
 ) -> Tensor:
-    """The loss exactly as METHODS.md words it: a loop over assignment crops, other views, and samples."""
+    """The loss exactly as the SwAV paper defines it: a loop over assignment crops, other views, and samples."""
     total = torch.zeros((), dtype=torch.float64)
     for a, crop in enumerate(crops_for_assign):
         subloss = torch.zeros((), dtype=torch.float64)

@@ -13,7 +13,7 @@ max_iter=300)``. The scikit-learn run takes minutes on 2 cores; ``--sklearn-n-in
 ``--sklearn-max-iter`` shorten it for a quick look (the printout says when the configuration is not the
 stated one).
 
-    python -m tools.bench_kmeans [--json]
+    python -m clusterssl.tools.bench_kmeans [--json]
     clusterssl bench kmeans [--json]
 """
 

@@ -6,7 +6,7 @@ augmentation is involved.
 
 1. **bare**: the backbone alone as a trivial method (forward of every view, grouped by resolution as the
    methods do, loss = mean of the squared features), through the trainer's own optimizer-step path
-   (``pipeline.optim.OptimizerStep``), with the same optimizer, precision and tensors. Measured first
+   (``pipeline.train.optim.OptimizerStep``), with the same optimizer, precision and tensors. Measured first
    and again last, so that drift on a shared machine shows.
 2. **each method** (``models.factory.METHODS``: swav, dino, …) built on a fresh copy of the same
    backbone: forward (heads, loss, Sinkhorn or teacher, collapse metrics), the same step path, then

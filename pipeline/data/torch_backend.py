@@ -2,7 +2,7 @@
 
     worker (one per unit of the epoch plan, builds whole batches):
         read samples (seek via the DALI index, or stream the tar) ─► check + decode JPEG (libjpeg-turbo)
-        ─► draw parameters (pipeline.augment, keyed by sample) ─► per sample and view: box, resize
+        ─► draw parameters (pipeline.data.augment, keyed by sample) ─► per sample and view: box, resize
         (antialiased bilinear, uint8), flip ─► uint8 views (batch, 3, S, S)
     pixel ops (colour, blur, solarise, normalise; ``augment.finish_views``), batched:
         on a GPU: in the main process, on the device (workers ship uint8 + parameters)

@@ -51,7 +51,7 @@ class ExtractionSettings:
     num_workers: int = 2
     """Loader workers (torch) or DALI threads."""
     precision: str = "fp32"
-    """Autocast of the forward: fp32, bf16 or fp16, already resolved (see ``pipeline.precision``)."""
+    """Autocast of the forward: fp32, bf16 or fp16, already resolved (see ``clusterssl.pipeline.train.precision``)."""
 
 
 def resumable_bank(out_dir: Path | None, num_samples: int, source: dict[str, Any]) -> FeatureStore | None:
