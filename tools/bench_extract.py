@@ -201,7 +201,7 @@ def extract_command(as_json: bool, **options: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    extract_command.main(args=argv, prog_name="python -m tools.bench_extract")
+    extract_command.main(args=argv, prog_name="python -m clusterssl.tools.bench_extract")
 
 
 if __name__ == "__main__":

@@ -193,7 +193,7 @@ def kmeans_command(as_json: bool, **options: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    kmeans_command.main(args=argv, prog_name="python -m tools.bench_kmeans")
+    kmeans_command.main(args=argv, prog_name="python -m clusterssl.tools.bench_kmeans")
 
 
 if __name__ == "__main__":
