@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from loader_fixtures import make_shard_set, spoil_jpeg, truncate_shard
+from conftest import with_declared_size
+from loader_fixtures import make_shard_set, replace_jpeg, spoil_jpeg, truncate_shard
 from PIL import Image
 
 from clusterssl.errors import PipelineError
@@ -122,6 +123,30 @@ def test_jpeg_structure_check() -> None:
     partial = inspect_jpeg(big[:1000], len(big), big[-32:])
     assert not partial.ok and partial.header_end > 1000
     assert inspect_jpeg_bytes(big).ok
+
+
+def test_decompression_bombs_are_refused_before_decoding(tmp_path: Path) -> None:
+    """Shards from elsewhere may hold a few hundred bytes that declare 60000x60000 pixels (10.8 GB to
+    decode): the pre-decode check skips them by their declared size, for both backends."""
+    bomb = with_declared_size(_jpeg(), 60000, 60000)
+    info = inspect_jpeg_bytes(bomb)
+    assert not info.ok and "3600.0 MP" in info.reason and "above the limit" in info.reason
+    assert inspect_jpeg_bytes(with_declared_size(_jpeg(), 9000, 9000)).ok  # 81 MP: under Pillow's limit
+    assert inspect_jpeg(bomb, len(bomb), bomb[-32:], max_pixels=None).ok
+    data = make_shard_set(tmp_path / "set", 6, 3)
+    replace_jpeg(data, 4, lambda jpeg: with_declared_size(jpeg, 60000, 60000))
+    first, second = check_shard_set(resolve_shards(data))
+    assert first.status.tolist() == [OK, OK, OK] and second.status.tolist() == [OK, BAD_JPEG, OK]
+    assert "decompression bomb" in second.reasons[1]
+
+
+def test_the_structure_check_refuses_what_decoders_refuse() -> None:
+    """A second start-of-image or frame header inside the header is refused (libjpeg stops on both)."""
+    good = _jpeg()
+    sof = good.index(b"\xff\xc0")
+    frame = good[sof : sof + 2 + int.from_bytes(good[sof + 2 : sof + 4], "big")]
+    assert "two frame headers" in inspect_jpeg_bytes(good[:sof] + frame + good[sof:]).reason
+    assert "second start-of-image" in inspect_jpeg_bytes(good[:2] + good).reason
 
 
 def test_shard_check_is_cached_and_invalidated(tmp_path: Path) -> None:

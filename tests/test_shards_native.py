@@ -20,7 +20,8 @@ from PIL import Image
 from clusterssl.shards import native, sink
 from clusterssl.shards.convert import ConvertOptions, convert
 from clusterssl.shards.format import COMPONENT_ORDER
-from clusterssl.shards.images import PrepareOptions, jpeg_ends_properly, jpeg_frame, prepare_jpeg
+from clusterssl.shards.images import PrepareOptions, prepare_jpeg
+from clusterssl.shards.jpeg import ends_properly, walk_header
 from clusterssl.shards.manifest import load_manifest
 from clusterssl.shards.sources import ImageFolderSource, ListSource, Source
 from clusterssl.shards.tario import BLANK_HEADER
@@ -240,10 +241,10 @@ def test_pack_rejects_malformed_calls(tmp_path: Path) -> None:
 
 def python_keeps(data: bytes, max_side: int | None) -> bool:
     """The fast path of ``prepare_jpeg`` (check 'cheap'): a kept frame, an end marker, within max_side."""
-    frame = jpeg_frame(data)
-    if frame is None or not jpeg_ends_properly(data):
+    header = walk_header(data)
+    if not header.kept_as_is or not ends_properly(data):
         return False
-    return max_side is None or max(frame[0], frame[1]) <= max_side
+    return max_side is None or max(header.width, header.height) <= max_side
 
 
 def test_the_c_jpeg_check_decides_as_the_python_one() -> None:

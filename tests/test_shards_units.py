@@ -17,7 +17,8 @@ from PIL import Image
 from clusterssl.errors import ShardsError
 from clusterssl.shards import sources
 from clusterssl.shards.convert import ConvertOptions, convert
-from clusterssl.shards.images import BadInput, PrepareOptions, jpeg_ends_properly, prepare_jpeg
+from clusterssl.shards.images import BadInput, PrepareOptions, prepare_jpeg
+from clusterssl.shards.jpeg import ends_properly, walk_header
 from clusterssl.shards.manifest import load_manifest
 from clusterssl.shards.plan import (
     LISTING_HASH_BLOCK,
@@ -175,8 +176,8 @@ def test_digits_source_renders_labelled_jpegs_and_pickles() -> None:
 
 def test_jpeg_end_marker_rules() -> None:
     data = jpeg_bytes(np.random.default_rng(1), (64, 64))
-    assert jpeg_ends_properly(data) and jpeg_ends_properly(data + b"\0\0\n")
-    assert not jpeg_ends_properly(data[:-1]) and not jpeg_ends_properly(data + b"junk")
+    assert ends_properly(data) and ends_properly(data + b"\0\0\n")
+    assert not ends_properly(data[:-1]) and not ends_properly(data + b"junk")
 
 
 def test_prepare_keeps_rgb_and_grey_jpegs_and_reencodes_the_rest() -> None:
@@ -211,7 +212,10 @@ def test_manifest_json_has_the_documented_fields(image_folder: ImageFolder, tmp_
 
 def test_jpeg_frame_agrees_with_pil() -> None:
     """The fast header walk decides "keep as is" exactly where PIL would find a 1- or 3-band JPEG."""
-    from clusterssl.shards.images import jpeg_frame
+
+    def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+        header = walk_header(data)
+        return (header.width, header.height, header.components) if header.kept_as_is else None
 
     rng = np.random.default_rng(3)
     rgb = smooth_image(rng, (61, 37))
