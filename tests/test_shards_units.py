@@ -204,7 +204,10 @@ def test_prepare_keeps_rgb_and_grey_jpegs_and_reencodes_the_rest() -> None:
 def test_manifest_json_has_the_documented_fields(image_folder: ImageFolder, tmp_path: Path) -> None:
     convert(ImageFolderSource(image_folder.root), tmp_path / "out", ConvertOptions(samples_per_shard=8))
     data = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert set(data) == {"format_version", "count", "classes", "class_counts", "shards", "skipped", "params"}
+    assert set(data) == {
+        *("format_version", "count", "classes", "class_counts", "shards", "skipped", "params"),
+        *("notes", "large_images"),
+    }
     assert set(data["shards"][0]) == {"file", "index_file", "count", "bytes", "sha256", "index_range"}
     assert data["params"]["source"]["kind"] == "imagefolder" and data["params"]["seed"] == 0
     assert data["params"]["samples_per_shard"] == 8 and data["params"]["check"] == "cheap"

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import click
 
 from clusterssl.errors import ShardsError
+from clusterssl.shards.jpeg import DEFAULT_MAX_PIXELS
 from clusterssl.tools.options import emit, json_option
 
 KNOWN_SOURCES = ("digits", "imagefolder", "list")
@@ -107,6 +108,16 @@ def convert_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "as they are). Saves decode time when training only uses small crops.",
         ),
         click.option(
+            "--max-pixels",
+            type=click.IntRange(min=0),
+            default=DEFAULT_MAX_PIXELS,
+            show_default=True,
+            help="Skip inputs whose header declares more pixels (width × height): a few hundred bytes can "
+            "declare a 60000×60000 image that takes 10 GB to decode. The default is Pillow's limit; raise "
+            "it for genuinely huge scans (and add --max-side to store them smaller; the loader skips "
+            "stored images above the default). 0: no limit.",
+        ),
+        click.option(
             "--check",
             type=click.Choice(["cheap", "decode"]),
             default="cheap",
@@ -186,7 +197,12 @@ def _convert(source: Any, out_dir: Path, as_json: bool, **options: Any) -> None:
             bytes_per_shard=options["bytes_per_shard"],
             seed=options["seed"],
             holdout=options["holdout"],
-            prepare=PrepareOptions(options["check"], options["max_side"], options["jpeg_quality"]),
+            prepare=PrepareOptions(
+                options["check"],
+                options["max_side"],
+                options["jpeg_quality"],
+                options["max_pixels"] or None,
+            ),
             workers=options["workers"],
             overwrite=options["overwrite"],
         ),
@@ -293,6 +309,16 @@ def info_command(directory: Path, as_json: bool) -> None:
     emit({"sets": sets}, as_json, lambda summary: "\n\n".join(render_info(s) for s in summary["sets"]))
 
 
+def _large_images_line(large: Mapping[str, Any] | None) -> list[str]:
+    if not large or not large["count"]:
+        return []
+    return [
+        f"  large     {large['count']} image(s) above {large['side_above']} px on a side (up to "
+        f"{large['largest_side']} px): decoding them costs far more than a crop needs; consider "
+        "converting with --max-side"
+    ]
+
+
 def render_info(info: Mapping[str, Any]) -> str:
     source = info["source"]
     lines = [
@@ -303,6 +329,8 @@ def render_info(info: Mapping[str, Any]) -> str:
         f"({info['shard_samples']['min']}–{info['shard_samples']['max']} samples, "
         f"{info['shard_bytes']['min'] / 1e6:.1f}–{info['shard_bytes']['max'] / 1e6:.1f} MB each)",
         f"  skipped   {info['skipped']} input(s) (listed in manifest.json)",
+        *(f"  note      {note}" for note in info["notes"]),
+        *_large_images_line(info["large_images"]),
         f"  source    {source.get('kind', '?')} {source.get('path', '')}".rstrip() + f", seed {info['seed']}",
         f"  hash      {info['content_hash']}",
     ]

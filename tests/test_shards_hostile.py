@@ -1,0 +1,89 @@
+"""Inputs a careless or hostile source can hold: decompression bombs, symlink loops, label bombs,
+duplicates; and two conversions racing for one output directory."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import encode, jpeg_bytes, smooth_image, with_declared_size
+
+from clusterssl.shards.convert import ConvertOptions, convert
+from clusterssl.shards.images import PrepareOptions
+from clusterssl.shards.manifest import LargeImages, load_manifest
+from clusterssl.shards.sources import ImageFolderSource
+from clusterssl.tools.cli import cli
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A small PNG whose header (with a valid checksum) claims ``width``×``height`` pixels."""
+    png = bytearray(encode(smooth_image(np.random.default_rng(0), (8, 8)), "PNG"))
+    png[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")
+    return bytes(png)
+
+
+def folder_with(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    root = tmp_path / "images"
+    for name, data in files.items():
+        (root / "a" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "a" / name).write_bytes(data)
+    return root
+
+
+@pytest.mark.parametrize("native_loop", ["1", "0"])
+def test_decompression_bombs_are_skipped_with_their_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native_loop: str
+) -> None:
+    """A JPEG of a few hundred bytes declaring 60000x60000 (intact markers) and a PNG declaring
+    10000x10000 are skipped by their header size, whichever per-sample loop (C or Python) runs."""
+    monkeypatch.setenv("CLUSTERSSL_NATIVE", native_loop)
+    rng = np.random.default_rng(5)
+    bomb = with_declared_size(jpeg_bytes(rng), 60000, 60000)
+    assert len(bomb) < 2000
+    root = folder_with(
+        tmp_path, {"good.jpg": jpeg_bytes(rng), "bomb.jpg": bomb, "bomb.png": png_declaring(10000, 10000)}
+    )
+    convert(ImageFolderSource(root), tmp_path / "out", ConvertOptions())
+    manifest = load_manifest(tmp_path / "out")
+    reasons = {s.input: s.reason for s in manifest.skipped}
+    assert manifest.count == 1 and set(reasons) == {"a/bomb.jpg", "a/bomb.png"}
+    assert "3600.0 MP" in reasons["a/bomb.jpg"] and "--max-pixels" in reasons["a/bomb.jpg"]
+    assert "100.0 MP" in reasons["a/bomb.png"]
+    assert manifest.params["max_pixels"] == 89478485
+    # the limit is the user's to raise: then the JPEG's intact markers are all the cheap check sees
+    (root / "a" / "bomb.png").unlink()
+    convert(
+        ImageFolderSource(root), tmp_path / "raised", ConvertOptions(prepare=PrepareOptions(max_pixels=None))
+    )
+    assert load_manifest(tmp_path / "raised").count == 2
+
+
+def test_max_pixels_option_and_large_images_in_info(tmp_path: Path) -> None:
+    """``--max-pixels`` sets the limit; images above 4096 px on a side are counted in the manifest and
+    named by ``shards info`` (and a manifest from before that record still reads)."""
+    rng = np.random.default_rng(6)
+    root = folder_with(
+        tmp_path, {"wide.jpg": encode(smooth_image(rng, (4100, 8)), "JPEG"), "b.jpg": jpeg_bytes(rng)}
+    )
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli, ["shards", "convert", "imagefolder", str(root), str(out), "--max-pixels", "1000"]
+    )
+    assert result.exit_code == 0, result.output
+    assert [s.input for s in load_manifest(out).skipped] == ["a/wide.jpg"]
+    result = CliRunner().invoke(cli, ["shards", "convert", "imagefolder", str(root), str(tmp_path / "all")])
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(tmp_path / "all")
+    assert manifest.count == 2 and manifest.large_images == LargeImages(4096, 1, 4100)
+    info = CliRunner().invoke(cli, ["shards", "info", str(tmp_path / "all")])
+    assert info.exit_code == 0 and "1 image(s) above 4096 px on a side (up to 4100 px)" in info.output
+    data = json.loads((tmp_path / "all" / "manifest.json").read_text())
+    del data["large_images"], data["notes"]
+    (tmp_path / "all" / "manifest.json").write_text(json.dumps(data))
+    info = CliRunner().invoke(cli, ["shards", "info", str(tmp_path / "all")])
+    assert info.exit_code == 0 and "above 4096" not in info.output
