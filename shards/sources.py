@@ -94,7 +94,7 @@ class ImageFolderSource(Source):
         if not root.is_dir():
             raise ShardsError(f"imagefolder source is not a directory: {root}")
         entries = _scan(root)
-        class_dirs = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        class_dirs = sorted(e.name for e in entries if _is_dir(e) and not e.name.startswith("."))
         stray = sorted(e.name for e in entries if e.is_file() and is_image_file(e.name))
         if stray:
             raise ShardsError(
@@ -102,8 +102,12 @@ class ImageFolderSource(Source):
                 "folder; imagefolder expects DIR/<class>/<image>"
             )
         items = []
+        # The root and the class folders count as walked from the start: a link back to one of them
+        # (``cat/loop -> ..``, ``cat/more -> ../dog``) is not walked again under another name.
+        visited = {_directory_key(root)} | {_directory_key(root / name) for name in class_dirs}
         for class_id, name in enumerate(class_dirs):
-            items.extend(InputItem(ref, class_id, size) for ref, size in _walk_images(root / name, name))
+            images = _walk_images(root / name, name, visited)
+            items.extend(InputItem(ref, class_id, size) for ref, size in images)
         if not items:
             raise ShardsError(f"no images found in {root} (looked for {_EXTENSIONS_TEXT} in class folders)")
         return Listing(items, class_dirs)
@@ -147,17 +151,44 @@ def _scan(directory: Path) -> list[os.DirEntry[str]]:
         raise ShardsError(f"cannot list {directory}: {error.strerror or error}") from None
 
 
-def _walk_images(directory: Path, prefix: str) -> list[tuple[str, int]]:
-    """``(ref, size)`` of every image below ``directory``, sorted by ref; refs are ``prefix/…`` posix paths."""
+def _walk_images(directory: Path, prefix: str, visited: set[tuple[int, int]]) -> list[tuple[str, int]]:
+    """``(ref, size)`` of every image below ``directory``, sorted by ref; refs are ``prefix/…`` posix paths.
+
+    Links to directories are followed, each directory at most once (``visited`` holds the
+    ``(st_dev, st_ino)`` of those walked), so a link loop ends instead of nesting 40 levels deep. An
+    image-named entry that cannot even be stat'ed (a link to itself) is listed all the same: reading it
+    fails, and it is skipped with that reason like any unreadable input.
+    """
     found = []
-    for entry in _scan(directory):
+    # in name order, so which of two links to one folder is walked does not depend on the file system
+    for entry in sorted(_scan(directory), key=lambda e: e.name):
         ref = f"{prefix}/{entry.name}"
-        if entry.is_dir():
-            if not entry.name.startswith("."):
-                found.extend(_walk_images(Path(entry.path), ref))
+        if _is_dir(entry):
+            if entry.name.startswith("."):
+                continue
+            key = _directory_key(Path(entry.path))
+            if key not in visited:
+                visited.add(key)
+                found.extend(_walk_images(Path(entry.path), ref, visited))
         elif is_image_file(entry.name):
             found.append((ref, _size(entry)))
     return sorted(found)
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    """Whether ``entry`` is a directory or a link to one; False for a link that cannot be resolved."""
+    try:
+        return entry.is_dir()
+    except OSError:  # a link loop (ELOOP) or an unreadable target: not a directory to walk
+        return False
+
+
+def _directory_key(directory: Path) -> tuple[int, int]:
+    try:
+        status = directory.stat()
+    except OSError as error:
+        raise ShardsError(f"cannot list {directory}: {error.strerror or error}") from None
+    return status.st_dev, status.st_ino
 
 
 def _size(entry: os.DirEntry[str] | Path) -> int:

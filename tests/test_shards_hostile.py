@@ -87,3 +87,24 @@ def test_max_pixels_option_and_large_images_in_info(tmp_path: Path) -> None:
     (tmp_path / "all" / "manifest.json").write_text(json.dumps(data))
     info = CliRunner().invoke(cli, ["shards", "info", str(tmp_path / "all")])
     assert info.exit_code == 0 and "above 4096" not in info.output
+
+
+def test_symlink_loops_end_and_unopenable_files_are_skipped(tmp_path: Path) -> None:
+    """``a/self.jpg -> self.jpg`` is skipped with its reason; ``a/loop -> ..`` and a link to another
+    class folder are not walked again; a folder outside linked twice is walked once."""
+    rng = np.random.default_rng(7)
+    root = folder_with(tmp_path, {"good.jpg": jpeg_bytes(rng)})
+    (root / "b").mkdir()
+    (root / "b" / "c.jpg").write_bytes(jpeg_bytes(rng))
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "e.jpg").write_bytes(jpeg_bytes(rng))
+    (root / "a" / "self.jpg").symlink_to("self.jpg")
+    (root / "a" / "loop").symlink_to("..")
+    (root / "a" / "other").symlink_to("../b")
+    (root / "a" / "ext").symlink_to(tmp_path / "extra")
+    (root / "a" / "ext-again").symlink_to(tmp_path / "extra")
+    convert(ImageFolderSource(root), tmp_path / "out", ConvertOptions())
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest.count == 3, "a/good.jpg, b/c.jpg and the outside folder's image once"
+    assert [(s.input, s.reason.split(":")[0]) for s in manifest.skipped] == [("a/self.jpg", "cannot read")]
+    assert "symbolic links" in manifest.skipped[0].reason
