@@ -259,6 +259,7 @@ class _SetJob:
     """Shuffled: position = planned global index."""
     plans: list[ShardPlan]
     classes: list[str]
+    notes: list[str]
     params: dict[str, Any]
     status: SetStatus
     completed: dict[int, ShardResult]
@@ -281,7 +282,7 @@ class _SetJob:
         """Decide between no-op, resume and fresh start; refuse to mix with another conversion's files."""
         params = _normalised(params)
         plans = plan_shards(items, *options.shard_limits())
-        job = cls(name, directory, items, plans, listing.classes, params, "written", {}, None)
+        job = cls(name, directory, items, plans, listing.classes, listing.notes, params, "written", {}, None)
         directory.mkdir(parents=True, exist_ok=True)
         if (directory / MANIFEST_NAME).exists():
             existing = _load_existing(directory, options.overwrite)
@@ -424,6 +425,7 @@ class _SetJob:
             skipped=skipped,
             params=self.params,
             class_counts=[labels.get(i, 0) for i in range(len(self.classes))],
+            notes=list(self.notes),
             large_images=LargeImages(LARGE_SIDE, len(large_sides), max(large_sides, default=0)),
             root=self.directory.resolve(),
         )

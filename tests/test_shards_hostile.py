@@ -9,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import invoke, one_error_line
 from click.testing import CliRunner
 from conftest import encode, jpeg_bytes, smooth_image, with_declared_size
 
 from clusterssl.shards.convert import ConvertOptions, convert
 from clusterssl.shards.images import PrepareOptions
 from clusterssl.shards.manifest import LargeImages, load_manifest
-from clusterssl.shards.sources import ImageFolderSource
+from clusterssl.shards.reader import iter_samples
+from clusterssl.shards.sources import ImageFolderSource, ListSource
 from clusterssl.tools.cli import cli
 
 
@@ -108,3 +110,63 @@ def test_symlink_loops_end_and_unopenable_files_are_skipped(tmp_path: Path) -> N
     assert manifest.count == 3, "a/good.jpg, b/c.jpg and the outside folder's image once"
     assert [(s.input, s.reason.split(":")[0]) for s in manifest.skipped] == [("a/self.jpg", "cannot read")]
     assert "symbolic links" in manifest.skipped[0].reason
+
+
+def list_file(tmp_path: Path, rows: list[tuple[str, str]], images: int = 3) -> Path:
+    """``list.csv`` of ``rows`` (path, label) next to ``images`` JPEGs named ``0.jpg``, ``1.jpg``…"""
+    rng = np.random.default_rng(8)
+    for i in range(images):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg_bytes(rng))
+    path = tmp_path / "list.csv"
+    path.write_text("path,label\n" + "".join(f"{ref},{label}\n" for ref, label in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("label", "fragment"),
+    [
+        ("1000000000000", "label 1000000000000 for 1.jpg is above 99999"),
+        ("1000000", "label 1000000 for 1.jpg is above 99999"),
+    ],
+)
+def test_huge_integer_labels_are_refused_in_one_line(tmp_path: Path, label: str, fragment: str) -> None:
+    """One id of 10^12 used to build a class name per integer up to it (MemoryError); 10^6 wrote a
+    million empty classes into the manifest."""
+    listing = list_file(tmp_path, [("0.jpg", "0"), ("1.jpg", label)])
+    line = one_error_line(invoke("shards", "convert", "list", str(listing), str(tmp_path / "out")))
+    assert fragment in line and "as names" in line
+    listing = list_file(tmp_path, [("0.jpg", "0"), ("1.jpg", "99999")])  # sparse but sane: kept as ids
+    convert(ListSource(listing), tmp_path / "ok", ConvertOptions())
+    assert len(load_manifest(tmp_path / "ok").classes) == 100000
+
+
+@pytest.mark.parametrize(
+    ("labels", "fragment"),
+    [
+        (["cat", "1", "10"], "mix integers and names (e.g. '1' for 1.jpg and 'cat' for 0.jpg)"),
+        (["1", "1.5", "2"], "mix integers and names (e.g. '1' for 0.jpg and '1.5' for 1.jpg)"),
+    ],
+)
+def test_mixed_labels_are_refused_naming_one_of_each(
+    tmp_path: Path, labels: list[str], fragment: str
+) -> None:
+    """Integers among names became names sorted as text ('10' got id 1); a float made every label a name."""
+    listing = list_file(tmp_path, [(f"{i}.jpg", label) for i, label in enumerate(labels)])
+    assert fragment in one_error_line(
+        invoke("shards", "convert", "list", str(listing), str(tmp_path / "out"))
+    )
+
+
+def test_duplicate_list_entries_are_written_once(tmp_path: Path) -> None:
+    """The same file under several names (``./0.jpg``, ``x/../0.jpg``, a link) is one input: written
+    once, never in both train and val, and the count of dropped entries is noted."""
+    (tmp_path / "x").mkdir()
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "0.jpg")
+    rows = [(f"{i}.jpg", "") for i in range(4)] + [("./0.jpg", ""), ("x/../1.jpg", ""), ("link.jpg", "")]
+    listing = list_file(tmp_path, rows, images=4)
+    result = invoke("shards", "convert", "list", str(listing), str(tmp_path / "out"), "--holdout", "0.5")
+    assert result.exit_code == 0, result.output
+    assert "note: 3 entries of list.csv named a file listed before" in result.output
+    train, val = ({s.src for s in iter_samples(tmp_path / "out" / name)} for name in ("train", "val"))
+    assert not train & val and train | val == {"0.jpg", "1.jpg", "2.jpg", "3.jpg"}
+    assert any("3 entries" in note for note in load_manifest(tmp_path / "out" / "train").notes)

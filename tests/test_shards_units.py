@@ -135,8 +135,10 @@ def test_list_label_rules(tmp_path: Path) -> None:
         ("d.jpg", -1),
     ]
     assert numeric.classes == ["0", "1", "2"]
-    named = listing("s.jsonl", '{"path": "x.jpg", "label": "zebra"}\n{"path": "y.jpg", "label": 3}\n')
-    assert named.classes == ["3", "zebra"] and [i.label for i in named.items] == [1, 0]
+    named = listing("s.jsonl", '{"path": "x.jpg", "label": "zebra"}\n{"path": "y.jpg", "label": "ant"}\n')
+    assert named.classes == ["ant", "zebra"] and [i.label for i in named.items] == [1, 0]
+    with pytest.raises(ShardsError, match="mix integers and names"):
+        listing("mixed.jsonl", '{"path": "x.jpg", "label": "zebra"}\n{"path": "y.jpg", "label": 3}\n')
     with pytest.raises(ShardsError, match="must be >= 0"):
         listing("neg.csv", "path,label\na.jpg,-2\n")
     with pytest.raises(ShardsError, match="integers or strings"):

@@ -226,6 +226,7 @@ def conversion_summary(outcome: Any) -> dict[str, Any]:
                 "shards": len(manifest.shards),
                 "bytes": sum(s.bytes for s in manifest.shards),
                 "skipped": [{"input": s.input, "reason": s.reason} for s in manifest.skipped],
+                "notes": manifest.notes,
                 "shards_written": result.shards_written,
                 "shards_renumbered": result.shards_renumbered,
             }
@@ -251,6 +252,7 @@ def render_conversion(summary: Mapping[str, Any]) -> str:
             continue
         note = f", {s['shards_written']} shard(s) written by this run" if s["status"] == "resumed" else ""
         lines.append(f"{s['directory']}: {what}, {len(s['skipped'])} input(s) skipped [{s['status']}{note}]")
+        lines.extend(f"    note: {text}" for text in s["notes"])
         for skipped in s["skipped"][:5]:
             lines.append(f"    skipped {skipped['input']}: {skipped['reason']}")
         if len(s["skipped"]) > 5:
