@@ -184,7 +184,11 @@ def _make_output_dir(out: Path) -> None:
 
 @contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
-    """Hold ``OUT/.convert.lock`` so two conversions never write into the same directory at once."""
+    """Hold ``OUT/.convert.lock`` so two conversions never write into the same directory at once.
+
+    The lock file stays when the conversion ends: removing it while locked would let a conversion that
+    opened it meanwhile lock the removed file while the next one creates and locks a new one, two
+    writers at once."""
     path = out / LOCK_NAME
     try:
         handle = open(path, "a")  # noqa: SIM115 - closed below
@@ -194,7 +198,6 @@ def _exclusive(out: Path) -> Iterator[None]:
         if not _lock(handle, LOCK_GRACE_SECONDS):
             raise ShardsError(f"another conversion is writing into {out}")
         yield
-        path.unlink(missing_ok=True)
     finally:
         handle.close()
 

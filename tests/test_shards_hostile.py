@@ -170,3 +170,23 @@ def test_duplicate_list_entries_are_written_once(tmp_path: Path) -> None:
     train, val = ({s.src for s in iter_samples(tmp_path / "out" / name)} for name in ("train", "val"))
     assert not train & val and train | val == {"0.jpg", "1.jpg", "2.jpg", "3.jpg"}
     assert any("3 entries" in note for note in load_manifest(tmp_path / "out" / "train").notes)
+
+
+def test_the_conversion_lock_admits_one_writer_after_another_finishes(tmp_path: Path) -> None:
+    """A conversion finishing while a second waits on the lock file and a third arrives: the lock
+    file used to be removed while held, so the second locked the removed file and the third a new
+    one, both writing at once."""
+    fcntl = pytest.importorskip("fcntl")  # advisory locks are POSIX
+    import clusterssl.shards.convert as convert_module
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with convert_module._exclusive(out):  # the first conversion
+        waiting = open(out / convert_module.LOCK_NAME, "a")  # noqa: SIM115 - the second has opened it
+    try:
+        # the third takes the lock the first released; the second must not get it too
+        with convert_module._exclusive(out), pytest.raises(BlockingIOError):
+            fcntl.flock(waiting.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        waiting.close()
+    assert (out / convert_module.LOCK_NAME).exists()
