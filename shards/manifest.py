@@ -122,8 +122,8 @@ class Manifest:
                 classes=[str(c) for c in data["classes"]],
                 shards=[
                     ShardEntry(
-                        file=s["file"],
-                        index_file=s["index_file"],
+                        file=_plain_file_name(s["file"]),
+                        index_file=_plain_file_name(s["index_file"]),
                         count=int(s["count"]),
                         bytes=int(s["bytes"]),
                         sha256=s["sha256"],
@@ -141,6 +141,22 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise ShardsError(f"malformed manifest: {error!r}") from None
+
+
+def _plain_file_name(name: Any) -> str:
+    """A shard or index file name as the manifest gives it, refused unless it names a file inside the
+    set's directory: the names become paths, and a manifest from elsewhere must not reach outside."""
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or "/" in name
+        or "\\" in name
+        or any(not character.isprintable() for character in name)
+    ):
+        raise ShardsError(
+            f"manifest names the file {name!r}, which is not a plain file name in the set's directory"
+        )
+    return name
 
 
 def _large_images(data: Any) -> LargeImages | None:
