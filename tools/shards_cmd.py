@@ -243,6 +243,16 @@ def conversion_summary(outcome: Any) -> dict[str, Any]:
     }
 
 
+def printable(text: str) -> str:
+    """``text`` with every control or unprintable character escaped (``\\n``, ``\\x1b``, ``\\udcff``): an
+    input's name is the user's data, and a newline in it must not fake a line of the summary."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in text
+    )
+
+
 def render_conversion(summary: Mapping[str, Any]) -> str:
     lines = []
     for s in summary["sets"]:
@@ -252,9 +262,9 @@ def render_conversion(summary: Mapping[str, Any]) -> str:
             continue
         note = f", {s['shards_written']} shard(s) written by this run" if s["status"] == "resumed" else ""
         lines.append(f"{s['directory']}: {what}, {len(s['skipped'])} input(s) skipped [{s['status']}{note}]")
-        lines.extend(f"    note: {text}" for text in s["notes"])
+        lines.extend(f"    note: {printable(text)}" for text in s["notes"])
         for skipped in s["skipped"][:5]:
-            lines.append(f"    skipped {skipped['input']}: {skipped['reason']}")
+            lines.append(f"    skipped {printable(skipped['input'])}: {printable(skipped['reason'])}")
         if len(s["skipped"]) > 5:
             lines.append(f"    … {len(s['skipped']) - 5} more in {s['directory']}/manifest.json")
     if summary["images_per_s"] is not None:
