@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -182,3 +183,36 @@ def test_both_decoders_give_the_same_pixels() -> None:
     for decode in (decode_jpeg, _decode_with_pil):
         with pytest.raises(ValueError):
             decode(b"\xff\xd8 not really a JPEG")
+
+
+def test_a_manifest_that_disagrees_with_its_shards_is_refused(tmp_path: Path) -> None:
+    """A total that is not the sum of the shards (or index ranges that do not tile 0..N-1) would make
+    every epoch length and feature-bank row count wrong without a word."""
+    data = make_shard_set(tmp_path / "set", 6, 3)
+    path = data / "manifest.json"
+    original = json.loads(path.read_text())
+    path.write_text(json.dumps({**original, "count": 7}))
+    with pytest.raises(PipelineError, match="says 7 samples but its shards hold 6"):
+        resolve_shards(data)
+    with pytest.raises(PipelineError, match="says 7 samples"):
+        resolve_shards([str(data / "shard-000000.tar")])
+    shifted = json.loads(json.dumps(original))
+    shifted["shards"][1]["index_range"] = [2, 5]
+    path.write_text(json.dumps(shifted))
+    with pytest.raises(PipelineError, match=r"index range \[2, 5\] instead of \[3, 6\]"):
+        resolve_shards(data)
+
+
+def test_unreadable_sample_reasons_are_one_line() -> None:
+    """Decoders append dozens of C++ frames to their messages; a skipped sample's reason keeps the message."""
+    frames = "".join(f"[frame {i}]: /usr/lib/libdali.so(+0x{i:x}) [0x{i:x}]\n" for i in range(40))
+    error = SampleUnavailable(
+        "shard-000000.tar #3",
+        f"bad JPEG (Error in thread 0:\nnvjpeg error 6\nStacktrace (40 entries):\n{frames})",
+    )
+    assert error.reason == "bad JPEG (Error in thread 0: nvjpeg error 6" and "\n" not in str(error)
+    torch_style = (
+        "bad JPEG (Not a JPEG file\nException raised from decode_jpeg at decode.cpp:97\nframe #0: c10::Error)"
+    )
+    assert SampleUnavailable("s #1", torch_style).reason == "bad JPEG (Not a JPEG file"
+    assert len(SampleUnavailable("s #1", "x" * 1000).reason) == 300

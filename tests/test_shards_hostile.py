@@ -190,3 +190,32 @@ def test_the_conversion_lock_admits_one_writer_after_another_finishes(tmp_path: 
     finally:
         waiting.close()
     assert (out / convert_module.LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("name", ["../elsewhere.tar", "/etc/passwd", "sub/shard.tar", "..", ""])
+def test_manifest_file_names_must_stay_in_the_set_directory(tmp_path: Path, name: str) -> None:
+    """Shard and index names from a manifest become paths: one from elsewhere must not reach outside."""
+    rng = np.random.default_rng(9)
+    root = folder_with(tmp_path, {"0.jpg": jpeg_bytes(rng)})
+    convert(ImageFolderSource(root), tmp_path / "out", ConvertOptions())
+    path = tmp_path / "out" / "manifest.json"
+    original = json.loads(path.read_text())
+    for field in ("file", "index_file"):
+        data = json.loads(json.dumps(original))
+        data["shards"][0][field] = name
+        path.write_text(json.dumps(data))
+        line = one_error_line(invoke("shards", "info", str(tmp_path / "out")))
+        assert "not a plain file name" in line and repr(name) in line
+
+
+def test_control_characters_in_input_names_are_escaped_in_the_summary(tmp_path: Path) -> None:
+    """A file name can hold a newline: printed raw it would fake a line of the convert summary."""
+    rng = np.random.default_rng(10)
+    root = folder_with(
+        tmp_path, {"good.jpg": jpeg_bytes(rng), "x\nskipped fake.jpg: \x1b[31mok.jpg": b"not an image"}
+    )
+    result = invoke("shards", "convert", "imagefolder", str(root), str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert "skipped a/x\\nskipped fake.jpg: \\x1b[31mok.jpg: not an image" in result.output
+    assert not any(line.startswith("skipped fake") for line in result.output.splitlines())
+    assert "\x1b" not in result.output
