@@ -166,7 +166,9 @@ def test_native_loop_with_max_side_and_a_list(
     (image_folder.root / "big.jpg").write_bytes(encode(smooth_image(rng, (64, 48)), "JPEG"))
     lines = [{"path": ref, "label": image.label} for ref, image in image_folder.inputs.items()]
     lines.append({"path": "big.jpg", "label": 1})
-    lines.append({"path": str(image_folder.root / "cat" / "00.jpg"), "label": 2})
+    # an absolute path (to a file of its own: a second name for a listed file would be left out)
+    (image_folder.root / "elsewhere.jpg").write_bytes(image_folder.inputs["cat/00.jpg"].data)
+    lines.append({"path": str(image_folder.root / "elsewhere.jpg"), "label": 2})
     listing = image_folder.root / "list.jsonl"
     listing.write_text("".join(json.dumps(line) + "\n" for line in lines))
     options = ConvertOptions(samples_per_shard=6, prepare=PrepareOptions(max_side=30))

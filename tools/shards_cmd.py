@@ -164,8 +164,10 @@ def convert_imagefolder(directory: Path, out_dir: Path, **options: Any) -> None:
 def convert_list(list_file: Path, out_dir: Path, **options: Any) -> None:
     """A .csv (header `path[,label]`) or .jsonl ({"path": …, "label": …}) list → shards in OUT_DIR.
 
-    Relative paths are resolved against the list's folder; labels are optional (integers are kept as
-    class ids, names get ids in sorted order).
+    Relative paths are resolved against the list's folder; labels are optional: integers are class ids
+    0..K-1 (-1: unlabelled; at most 99999 or 10 per entry, give sparse or huge ids as names), names get
+    ids in sorted order, and a list mixing the two is refused. An entry naming a file listed before is
+    left out (noted in the summary and the manifest).
     """
     from clusterssl.shards.sources import ListSource
 
