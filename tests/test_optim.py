@@ -109,7 +109,7 @@ def test_step_path_clips_then_drops_frozen_grads() -> None:
     full_norm = torch.cat([method.backbone.weight.grad.flatten(), method.head.weight.grad.flatten()]).norm()
     optimizer.zero_grad()
     grad_norm = step(method(batch, _Ctx()).loss, method, _Ctx())
-    assert grad_norm == pytest.approx(full_norm.item(), rel=1e-6)
+    assert grad_norm is not None and grad_norm.item() == pytest.approx(full_norm.item(), rel=1e-6)
     assert method.after_backward_calls == 1
     torch.testing.assert_close(method.head.weight.detach(), before_head)
     clipped = expected_grad * (1e-3 / (full_norm + 1e-6))

@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from clusterssl.errors import PipelineError
 
@@ -91,3 +92,21 @@ def same_on_all_ranks(env: DistributedEnv, values: Sequence[int], device: torch.
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap_distributed(
+    method: nn.Module, env: DistributedEnv, device: torch.device, *, sync_batchnorm: bool
+) -> tuple[nn.Module, nn.Module]:
+    """(method, the module the steps call): the method itself in one process; under DDP the method
+    (with SyncBatchNorm layers if asked) and its DistributedDataParallel wrapper."""
+    if not env.is_distributed:
+        return method, method
+    if sync_batchnorm:
+        if device.type != "cuda":
+            raise PipelineError(
+                "model.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm does not run on CPUs)"
+            )
+        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    # Queues and centres are per rank or all-reduced by the method itself: never broadcast buffers.
+    device_ids = [device.index] if device.type == "cuda" else None
+    return method, nn.parallel.DistributedDataParallel(method, device_ids=device_ids, broadcast_buffers=False)
