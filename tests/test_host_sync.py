@@ -119,7 +119,7 @@ def host_reads(monkeypatch: pytest.MonkeyPatch, digits16: Path, out: Path, metho
         for name in READS:
             patch.setattr(torch.Tensor, name, reads.counted(getattr(torch.Tensor, name)))
         patch.setattr(trainer, "_train", reads.counting(trainer._train))
-        for name in ("_save_checkpoint", "evaluate", "_finish", "_summary"):
+        for name in ("_save_checkpoint", "evaluate", "_finish"):
             patch.setattr(trainer, name, reads.paused_during(getattr(trainer, name)))
         for name in ("on_train_start", "on_epoch_start"):
             patch.setattr(trainer.method, name, reads.paused_during(getattr(trainer.method, name)))

@@ -40,6 +40,7 @@ from torch import nn
 from clusterssl.config import dump_yaml, flatten, to_dict
 from clusterssl.errors import PipelineError
 from clusterssl.models.factory import build_method
+from clusterssl.models.method import Method
 from clusterssl.models.types import Batch, FeatureBank
 from clusterssl.pipeline.data.datasets import Dataset, resolve_dataset
 from clusterssl.pipeline.data.loader import build_loader
@@ -83,6 +84,21 @@ class RunContext:
     trainer: Trainer = field(repr=False)
     sample_repeats: np.ndarray | None = None
 
+    @classmethod
+    def of(cls, trainer: Trainer) -> RunContext:
+        """The context of ``trainer``'s run at its current position."""
+        return cls(
+            epoch=trainer.position.epoch,
+            epochs=trainer.config.trainer.epochs,
+            step=trainer.position.step,
+            steps_per_epoch=trainer.steps_per_epoch,
+            rank=trainer.env.rank,
+            world_size=trainer.env.world_size,
+            device=trainer.device,
+            num_samples=trainer.data.num_samples,
+            trainer=trainer,
+        )
+
     def extract(self, module: nn.Module, *, name: str) -> FeatureBank:
         return self.trainer.extract(module, name=name)
 
@@ -115,6 +131,35 @@ class TrainSummary:
     tracking_uri: str | None = None
     """The MLflow store the run went to (None: not tracked)."""
     eval: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        trainer: Trainer,
+        start_time: float,
+        images_seen: int,
+        eval_result: EvalResult | None,
+        *,
+        interrupted: bool = False,
+        backbone: str | None = None,
+    ) -> TrainSummary:
+        """The summary of ``trainer``'s run, started at ``start_time`` (``time.perf_counter``)."""
+        seconds = time.perf_counter() - start_time
+        tracker = trainer.tracker
+        return cls(
+            run_id=tracker.run_id if tracker else None,
+            checkpoint=str(trainer.checkpoint_path),
+            output_dir=str(trainer.output_dir),
+            backbone=backbone,
+            epochs_done=trainer.position.epoch,
+            steps=trainer.position.step,
+            seconds=round(seconds, 2),
+            images_per_s=round(images_seen / seconds, 1) if seconds > 0 else 0.0,
+            last_loss=trainer.losses[-1][1] if trainer.losses else None,
+            interrupted=interrupted,
+            tracking_uri=tracker.tracking_uri if tracker else None,
+            eval=eval_result.metrics() if eval_result else {},
+        )
 
     def to_json(self) -> dict[str, Any]:
         summary = {k: v for k, v in self.__dict__.items() if k != "eval"}
@@ -213,6 +258,7 @@ class Trainer:
         method = build_method(
             config.method_name, config.model.backbone, config.method, config.model.backbone_kwargs
         ).to(self.device)
+        self.method: Method
         self.method, self.model = wrap_distributed(
             method, self.env, self.device, sync_batchnorm=config.model.sync_batchnorm
         )
@@ -238,17 +284,7 @@ class Trainer:
         self.tracker: Tracker | None = None
         self._metrics_file: Path = self.output_dir / METRICS_FILE
         self.losses: list[tuple[int, float]] = []
-        self.ctx = RunContext(
-            epoch=0,
-            epochs=config.trainer.epochs,
-            step=0,
-            steps_per_epoch=self.steps_per_epoch,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            device=self.device,
-            num_samples=self.data.num_samples,
-            trainer=self,
-        )
+        self.ctx = RunContext.of(self)
         if self.checkpoint is not None:
             self.position = self.checkpoints.restore(
                 self.checkpoint,
@@ -358,7 +394,7 @@ class Trainer:
                 if stop.agreed(self.env, self.device):
                     self._log_window(window, None)  # the steps' records, not a partial window's means
                     self._save_checkpoint()
-                    return self._summary(start_time, images_seen, eval_result, interrupted=True)
+                    return TrainSummary.of(self, start_time, images_seen, eval_result, interrupted=True)
                 fetch_start = time.perf_counter()
             if window.count:
                 self._log_window(window, schedule)
@@ -374,7 +410,7 @@ class Trainer:
                 eval_result = self.evaluate()
                 self.log_metrics(eval_result.metrics(), step=position.step)
         backbone_path = self._finish(eval_result)
-        return self._summary(start_time, images_seen, eval_result, backbone=backbone_path)
+        return TrainSummary.of(self, start_time, images_seen, eval_result, backbone=backbone_path)
 
     def _train_step(self, batch: Batch, window: MetricWindow) -> tuple[float, float]:
         """One optimizer step on ``batch``; its values go to ``window`` unread. Returns (lr, wd)."""
@@ -413,31 +449,6 @@ class Trainer:
             for step, loss in zip(steps, losses, strict=True)
         )
         self.losses.extend(zip(steps, losses, strict=True))
-
-    def _summary(
-        self,
-        start_time: float,
-        images_seen: int,
-        eval_result: EvalResult | None,
-        *,
-        interrupted: bool = False,
-        backbone: str | None = None,
-    ) -> TrainSummary:
-        seconds = time.perf_counter() - start_time
-        return TrainSummary(
-            run_id=self.tracker.run_id if self.tracker else None,
-            checkpoint=str(self.checkpoint_path),
-            output_dir=str(self.output_dir),
-            backbone=backbone,
-            epochs_done=self.position.epoch,
-            steps=self.position.step,
-            seconds=round(seconds, 2),
-            images_per_s=round(images_seen / seconds, 1) if seconds > 0 else 0.0,
-            last_loss=self.losses[-1][1] if self.losses else None,
-            interrupted=interrupted,
-            tracking_uri=self.tracker.tracking_uri if self.tracker else None,
-            eval=eval_result.metrics() if eval_result else {},
-        )
 
     # -- evaluation and the end of the run ------------------------------------------------------------
     def evaluate(self) -> EvalResult:
