@@ -35,16 +35,36 @@ class RunPosition:
 
 
 def atomic_save(payload: Mapping[str, Any], path: str | Path) -> Path:
-    """torch.save to a temp file in the same directory, fsync, then rename over ``path``."""
+    """torch.save to a temp file in the same directory, fsync, then rename over ``path``.
+
+    A write that fails (full disk, quota, a vanished mount) removes the temp file, so it cannot keep the
+    disk full, leaves any previous ``path`` untouched and raises one PipelineError naming the cause.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(dict(payload), handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            torch.save(dict(payload), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        # torch's zip writer reports a failed write as a RuntimeError; the OSError is in its chain
+        tmp.unlink(missing_ok=True)
+        raise PipelineError(f"cannot write {path}: {_write_failure(error)}") from None
     return path
+
+
+def _write_failure(error: BaseException) -> str:
+    """The operating system's reason for a failed write when there is one, else the error's first line."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def rng_state() -> dict[str, Any]:
