@@ -505,8 +505,11 @@ class PipelineRunner:
 
 def run_pipeline(config: PipelineConfig, *, progress: bool = True) -> PipelineSummary:
     """Run the stages in one process (refused under torchrun: the runner is not rank-aware)."""
+    from clusterssl.pipeline.train.lock import lock_directory
+
     check_single_process()
-    return PipelineRunner(config, progress=progress).run()
+    with lock_directory(config.workdir, owner="pipeline run", hint="choose another --set workdir=…"):
+        return PipelineRunner(config, progress=progress).run()
 
 
 def check_single_process() -> None:

@@ -4,17 +4,27 @@ store, a signal to the whole process group, a tampered checkpoint, a resume afte
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 from cli_helpers import invoke, one_error_line
-from trainer_helpers import tiny_config, write_config
+from trainer_helpers import pipeline_dict, tiny_config, write_config
 
+from clusterssl.config import dump_yaml
 from clusterssl.errors import PipelineError
-from clusterssl.pipeline.train.checkpoint import atomic_save, load_checkpoint
+from clusterssl.models.backbones import create_backbone
+from clusterssl.pipeline.train.checkpoint import atomic_save, load_checkpoint, save_backbone
+from clusterssl.pipeline.train.lock import LOCK_NAME, lock_directory
+from clusterssl.pipeline.train.train_config import build_train_config
 
 NO_VAL = {"val": None}
 
@@ -68,3 +78,118 @@ def test_train_on_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(
     assert str(run / "checkpoint.pt") in line and "No space left on device" in line
     assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
     assert load_checkpoint(run / "checkpoint.pt")["position"]["epoch"] == 1
+
+
+# ------------------------------------------------------------------------- one live run per directory
+
+
+def _start_cli(*args: str, cwd: Path, new_session: bool = False) -> subprocess.Popen[str]:
+    """``clusterssl ARGS…`` as a separate process (same interpreter and import path as the tests)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "clusterssl.tools.cli", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=new_session,
+    )
+
+
+def _wait_for_steps(process: subprocess.Popen[str], metrics: Path, steps: int) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.exists() and sum('"epoch"' in line for line in metrics.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError(f"no {steps} steps logged: {process.communicate()[1][-3000:]}")
+
+
+@contextmanager
+def _held_by_another_process(directory: Path) -> Iterator[subprocess.Popen[str]]:
+    """A separate Python process holding ``directory``'s lock until the block ends."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\n"
+            "from clusterssl.pipeline.train.lock import lock_directory\n"
+            "lock = lock_directory(sys.argv[1], owner='test', hint='wait')\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.read()\n",
+            str(directory),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+
+
+def test_the_lock_outlives_a_killed_holder_and_its_file_is_never_removed(tmp_path: Path) -> None:
+    with (
+        _held_by_another_process(tmp_path / "dir") as holder,
+        pytest.raises(PipelineError, match=rf"dir is in use by another job \(pid {holder.pid}\); wait"),
+    ):
+        lock_directory(tmp_path / "dir", owner="job", hint="wait")
+    # the holder was SIGKILLed: the kernel dropped its lock, the file stays for the next run
+    with lock_directory(tmp_path / "dir", owner="job", hint="wait") as lock:
+        assert lock.held
+    assert (tmp_path / "dir" / LOCK_NAME).exists()
+
+
+def test_a_second_training_into_a_live_output_dir_is_refused(digits16: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    config = write_config(
+        tmp_path / "cfg.yaml", tiny_config(digits16, run, trainer={"epochs": 50}, data=NO_VAL)
+    )
+    first = _start_cli("train", str(config), cwd=tmp_path)
+    try:
+        _wait_for_steps(first, run / "metrics.jsonl", 1)
+        second = subprocess.run(
+            [sys.executable, "-m", "clusterssl.tools.cli", "train", str(config)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, first_stderr = first.communicate(timeout=300)
+    assert second.returncode == 2, second.stderr[-3000:]
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert lines == [f"Error: {run} is in use by another training (pid {first.pid}); wait for it to end or "
+                     "choose another --set trainer.output_dir=…"]  # fmt: skip
+    assert first.returncode == 130, first_stderr[-3000:]
+
+
+def test_extract_into_a_bank_dir_in_use_is_refused(digits16: Path, tmp_path: Path) -> None:
+    config = build_train_config(tiny_config(digits16, tmp_path / "run"))
+    backbone = create_backbone(config.model.backbone, **config.model.backbone_kwargs)
+    checkpoint = save_backbone(backbone, dump_yaml(config), tmp_path / "backbone.pt")
+    bank = tmp_path / "bank"
+    with _held_by_another_process(bank) as holder:
+        result = invoke(
+            "extract", str(checkpoint), str(digits16 / "val"), "--out", str(bank), "--num-workers", "0"
+        )
+    line = one_error_line(result)
+    assert (
+        line
+        == f"Error: {bank} is in use by another extraction (pid {holder.pid}); wait for it to end or choose another --out"
+    )
+    assert sorted(p.name for p in bank.iterdir()) == [LOCK_NAME]
+
+
+def test_a_second_pipeline_run_on_a_workdir_in_use_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(pipeline_dict(tmp_path)))
+    workdir = tmp_path / "work"
+    with _held_by_another_process(workdir) as holder:
+        line = one_error_line(invoke("run", str(config), "--no-track"))
+    assert line.startswith(f"Error: {workdir} is in use by another pipeline run (pid {holder.pid});")
+    assert sorted(p.name for p in workdir.iterdir()) == [LOCK_NAME]

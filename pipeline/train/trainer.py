@@ -53,6 +53,7 @@ from clusterssl.pipeline.train.checkpoint import (
     restore_rng_state,
     save_backbone,
 )
+from clusterssl.pipeline.train.lock import lock_directory
 from clusterssl.pipeline.train.optim import OptimizerStep, build_optimizer, build_schedules
 from clusterssl.pipeline.train.precision import autocast, resolve_precision
 from clusterssl.pipeline.train.train_config import TrainConfig
@@ -626,7 +627,19 @@ def train(
     config: TrainConfig, *, resume: bool = False, progress: bool = True, parent_run_id: str | None = None
 ) -> TrainSummary:
     """Run (or resume) one training run and return its summary; ``parent_run_id`` nests its MLflow run."""
-    return Trainer(config, resume=resume, progress=progress, parent_run_id=parent_run_id).run()
+    env = DistributedEnv.from_environment()
+    device = resolve_device(config.trainer.device, env)
+    init_distributed(env, device)  # the lock's decision is shared over the process group
+    # claimed before the Trainer looks for a checkpoint, so a run started beside a live one cannot pass
+    # that check, and held until the run has written its last file
+    with lock_directory(
+        config.trainer.output_dir,
+        owner="training",
+        hint="choose another --set trainer.output_dir=…",
+        env=env,
+        device=device,
+    ):
+        return Trainer(config, resume=resume, progress=progress, parent_run_id=parent_run_id).run()
 
 
 __all__ = ["Batch", "RunContext", "TrainSummary", "Trainer", "train"]
