@@ -4,6 +4,7 @@ store, a signal to the whole process group, a tampered checkpoint, a resume afte
 from __future__ import annotations
 
 import errno
+import json
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from trainer_helpers import pipeline_dict, tiny_config, write_config
 from clusterssl.config import dump_yaml
 from clusterssl.errors import PipelineError
 from clusterssl.models.backbones import create_backbone
+from clusterssl.pipeline.tracking.runs import ERROR_TAG
 from clusterssl.pipeline.train.checkpoint import atomic_save, load_checkpoint, save_backbone
 from clusterssl.pipeline.train.lock import LOCK_NAME, lock_directory
 from clusterssl.pipeline.train.train_config import build_train_config
@@ -193,3 +195,31 @@ def test_a_second_pipeline_run_on_a_workdir_in_use_is_refused(tmp_path: Path) ->
         line = one_error_line(invoke("run", str(config), "--no-track"))
     assert line.startswith(f"Error: {workdir} is in use by another pipeline run (pid {holder.pid});")
     assert sorted(p.name for p in workdir.iterdir()) == [LOCK_NAME]
+
+
+# ----------------------------------------------------------------------------------- a lost tracking store
+
+
+def test_a_run_whose_artifact_uploads_fail_still_ends_finished_and_says_tracking_was_lost(
+    digits16: Path, tmp_path: Path
+) -> None:
+    """Artifacts go to a directory that cannot be created (under a regular file): the first upload fails
+    and tracking switches itself off, but the run is ended, tagged, and the summary says so."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    MlflowClient(uri).create_experiment("lost", artifact_location=(blocker / "mlruns").as_uri())
+    tracked = {"enabled": True, "uri": uri, "experiment": "lost", "system_metrics": False}
+    config = write_config(
+        tmp_path / "cfg.yaml",
+        tiny_config(digits16, tmp_path / "run", trainer={"epochs": 1}, data=NO_VAL, tracking=tracked),
+    )
+    result = invoke("train", str(config), "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["tracking_error"].startswith("uploading config.yaml failed")
+    run = MlflowClient(uri).get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[ERROR_TAG] == summary["tracking_error"]

@@ -117,6 +117,8 @@ class TrainSummary:
     interrupted: bool = False
     tracking_uri: str | None = None
     """The MLflow store the run went to (None: not tracked)."""
+    tracking_error: str | None = None
+    """Why tracking stopped before the run ended (None: the MLflow record is complete)."""
     eval: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -411,7 +413,8 @@ class Trainer:
             summary = self._train(stop)
             if summary.interrupted:  # stopped on a signal: the run is not finished, --resume continues it
                 outcome.status = "KILLED"
-            return summary
+        summary.tracking_error = self.tracker.error  # known once the run is closed (closing can fail too)
+        return summary
 
     def _tags(self) -> dict[str, str]:
         cfg = self.config
