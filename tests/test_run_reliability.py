@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -223,3 +224,28 @@ def test_a_run_whose_artifact_uploads_fail_still_ends_finished_and_says_tracking
     run = MlflowClient(uri).get_run(summary["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags[ERROR_TAG] == summary["tracking_error"]
+
+
+# ----------------------------------------------------------------------- a signal to the process group
+
+
+def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_130(digits16: Path, tmp_path: Path) -> None:
+    """Slurm's scancel signals every process of the job, loader workers included: the workers leave the
+    signal to the trainer, which finishes its step, checkpoints and exits 130."""
+    run = tmp_path / "run"
+    config = write_config(
+        tmp_path / "cfg.yaml",
+        tiny_config(digits16, run, trainer={"epochs": 50}, data={**NO_VAL, "num_workers": 1}),
+    )
+    process = _start_cli("train", str(config), cwd=tmp_path, new_session=True)
+    try:
+        _wait_for_steps(process, run / "metrics.jsonl", 2)
+        os.killpg(process.pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "killed by signal" not in stderr, stderr[-3000:]
+    assert load_checkpoint(run / "checkpoint.pt")["position"]["step"] >= 2

@@ -16,6 +16,7 @@ of a good sample of the same batch, marked padding: batch sizes and counts never
 
 from __future__ import annotations
 
+import signal
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ try:  # torchvision's image IO is deprecated in favour of torchcodec (not a depe
 except ImportError:  # pragma: no cover - depends on the installed torchvision
     tv_decode_jpeg = None
 
+from clusterssl.errors import PipelineError
 from clusterssl.pipeline.data.augment import (
     PixelParams,
     ViewParams,
@@ -38,7 +40,6 @@ from clusterssl.pipeline.data.augment import (
     finish_views,
 )
 from clusterssl.pipeline.data.epoch import PADDING_REPEAT, RankPlan
-from clusterssl.errors import PipelineError
 from clusterssl.pipeline.data.integrity import inspect_jpeg_bytes
 from clusterssl.pipeline.data.shardset import (
     IndexedShardReader,
@@ -290,6 +291,18 @@ def _identity(batch: WorkerBatch) -> WorkerBatch:
     return batch
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: leave SIGTERM/SIGINT to the main process.
+
+    Slurm's scancel and preemption signal the whole process group and Ctrl-C the whole foreground group.
+    A worker that died of it first would take the main process down with a DataLoader error before it
+    could checkpoint; ignoring the signals lets the main process stop at a step boundary, save, and shut
+    its workers down itself (they also exit when it dies).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def iterate_torch(
     builder: BatchBuilder,
     *,
@@ -310,6 +323,7 @@ def iterate_torch(
         pin_memory=device.type == "cuda",
         prefetch_factor=2 if num_workers > 0 else None,
         persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,
     )
     try:
         for batch in loader:
