@@ -249,3 +249,92 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_130(digits16: 
     assert process.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "killed by signal" not in stderr, stderr[-3000:]
     assert load_checkpoint(run / "checkpoint.pt")["position"]["step"] >= 2
+
+
+# --------------------------------------------------------------------- files and errors from elsewhere
+
+
+def _checkpoint_with_config(path: Path, config_yaml: str, **extra: Any) -> Path:
+    """A backbone.pt whose embedded config is ``config_yaml`` (as a tampered or foreign file would be)."""
+    torch.save({"version": 1, "kind": "backbone", "config": config_yaml, "state_dict": {}, **extra}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("tamper", "expected"),
+    [
+        (
+            lambda config: "!!python/object/apply:os.system ['true']\n",
+            "cannot parse the config in ",  # then the path and YAML's reason, on the same line
+        ),
+        (
+            lambda config: yaml.safe_dump(
+                {**config, "model": {"backbone": "vit_tiny_p4", "backbone_kwargs": {"dim": 200000}}}
+            ),
+            "backbone 'vit_tiny_p4' option 'dim' must lie in (0, 8192], got 200000",
+        ),
+    ],
+    ids=["yaml-tag", "absurd-vit"],
+)
+def test_a_checkpoints_config_is_checked_like_a_config_file(
+    digits16: Path, tmp_path: Path, tamper: Callable[[dict[str, Any]], str], expected: str
+) -> None:
+    checkpoint = _checkpoint_with_config(
+        tmp_path / "backbone.pt", tamper(tiny_config(digits16, tmp_path / "run"))
+    )
+    line = one_error_line(invoke("extract", str(checkpoint), "digits", "--out", str(tmp_path / "bank")))
+    assert expected in line
+
+
+def test_a_pickle_that_asks_for_code_is_refused_without_advice_to_load_it_anyway(
+    digits16: Path, tmp_path: Path
+) -> None:
+    config = yaml.safe_dump(tiny_config(digits16, tmp_path / "run"))
+    checkpoint = _checkpoint_with_config(tmp_path / "backbone.pt", config, hook=print)
+    line = one_error_line(invoke("extract", str(checkpoint), "digits", "--out", str(tmp_path / "bank")))
+    assert line.startswith(f"Error: refused to load {checkpoint}: unpickling it would import print")
+    assert "weights_only" not in line and "trust" not in line
+
+
+def test_a_user_error_in_a_loader_worker_reaches_the_user_as_its_one_line(
+    digits16: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clusterssl.pipeline.data.loader import build_loader
+    from clusterssl.pipeline.data.spec import MultiCropSpec
+    from clusterssl.pipeline.data.torch_backend import BatchBuilder
+
+    def unreadable(self: BatchBuilder, batch: int) -> None:
+        raise PipelineError("shard-000003.tar is unreadable: truncated")
+
+    monkeypatch.setattr(BatchBuilder, "build", unreadable)  # the forked worker inherits the patch
+    loader = build_loader(digits16 / "val", MultiCropSpec.preset("eval"), 16, backend="torch", num_workers=1)
+    with pytest.raises(PipelineError) as raised:
+        next(iter(loader))
+    assert str(raised.value) == "shard-000003.tar is unreadable: truncated"
+
+
+def test_workers_that_ignore_sigterm_do_not_keep_the_process_from_exiting(digits16: Path) -> None:
+    """A worker error's traceback kept until exit keeps the DataLoader iterator alive; its workers ignore
+    SIGTERM, so unless the loader shut them down itself, the interpreter's exit would wait for them forever."""
+    script = """
+import sys
+from clusterssl.errors import PipelineError
+from clusterssl.pipeline.data.loader import build_loader
+from clusterssl.pipeline.data.spec import MultiCropSpec
+from clusterssl.pipeline.data.torch_backend import BatchBuilder
+
+def unreadable(self, batch):
+    raise PipelineError("unreadable")
+
+BatchBuilder.build = unreadable
+loader = build_loader(sys.argv[1], MultiCropSpec.preset("eval"), 16, backend="torch", num_workers=1)
+try:
+    next(iter(loader))
+except PipelineError as error:
+    kept = error
+    print(error)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(digits16 / "val")], capture_output=True, text=True, timeout=120
+    )
+    assert (done.returncode, done.stdout) == (0, "unreadable\n"), done.stderr[-3000:]
