@@ -338,3 +338,36 @@ except PipelineError as error:
         [sys.executable, "-c", script, str(digits16 / "val")], capture_output=True, text=True, timeout=120
     )
     assert (done.returncode, done.stdout) == (0, "unreadable\n"), done.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------- resume after SIGKILL
+
+
+def test_after_sigkill_and_resume_every_step_is_logged_once(digits16: Path, tmp_path: Path) -> None:
+    """Killed two or more steps past the epoch-1 checkpoint (step 7): the resumed run redoes those steps;
+    metrics.jsonl and the MLflow run hold each step once."""
+    from mlflow import MlflowClient
+
+    from clusterssl.pipeline.train.trainer import train
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracked = {"enabled": True, "uri": uri, "experiment": "kill", "system_metrics": False}
+    run = tmp_path / "run"
+    settings = tiny_config(
+        digits16, run, trainer={"epochs": 3, "log_every": 1}, data=NO_VAL, tracking=tracked
+    )
+    process = _start_cli("train", str(write_config(tmp_path / "cfg.yaml", settings)), cwd=tmp_path)
+    _wait_for_steps(process, run / "metrics.jsonl", 10)
+    process.kill()
+    process.wait(timeout=60)
+    saved = load_checkpoint(run / "checkpoint.pt")["position"]["step"]
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    assert max(logged) > saved, "the kill must come after steps the checkpoint does not hold"
+
+    summary = train(build_train_config(settings), resume=True, progress=False)
+    assert summary.steps == 21
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    step_records = [r["step"] for r in records if "epoch" in r]
+    assert step_records == list(range(21))
+    history = MlflowClient(uri).get_metric_history(summary.run_id, "loss")
+    assert sorted(point.step for point in history) == list(range(21))

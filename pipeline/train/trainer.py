@@ -54,6 +54,7 @@ from clusterssl.pipeline.train.checkpoint import (
     save_backbone,
 )
 from clusterssl.pipeline.train.lock import lock_directory
+from clusterssl.pipeline.train.metrics_log import rewind_metrics
 from clusterssl.pipeline.train.optim import OptimizerStep, build_optimizer, build_schedules
 from clusterssl.pipeline.train.precision import autocast, resolve_precision
 from clusterssl.pipeline.train.train_config import TrainConfig
@@ -211,6 +212,8 @@ class Trainer:
         self.position = RunPosition(world_size=self.env.world_size, num_workers=config.data.num_workers)
         self.tracker: Tracker | None = None
         self._metrics_file: Path = self.output_dir / METRICS_FILE
+        self._tracked_through = -1
+        """Steps up to this one are in the MLflow run already (logged before a kill); not logged again."""
         self.losses: list[tuple[int, float]] = []
         if self.checkpoint is not None:
             self._restore(self.checkpoint)
@@ -368,7 +371,7 @@ class Trainer:
         return bank.as_feature_bank()
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
-        if self.tracker is not None:
+        if self.tracker is not None and step > self._tracked_through:
             self.tracker.log_metrics(metrics, step=step)
         self._append_metrics({"step": step, **metrics})
 
@@ -383,6 +386,8 @@ class Trainer:
         if self.env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / CONFIG_FILE).write_text(dump_yaml(cfg), encoding="utf-8")
+            if self.checkpoint is not None:  # steps logged after the checkpoint are about to run again
+                self._tracked_through = rewind_metrics(self._metrics_file, self.position.step)
         resumed_run = (self.checkpoint or {}).get("extra", {}).get("mlflow_run_id")
         self.tracker = open_tracker(
             cfg.tracking,
