@@ -146,6 +146,43 @@ def test_the_lock_outlives_a_killed_holder_and_its_file_is_never_removed(tmp_pat
     assert (tmp_path / "dir" / LOCK_NAME).exists()
 
 
+def _lock_on_two_ranks(rank: int, init_file: str, directory: str, out_dir: str) -> None:
+    """A rank of a 2-process gloo world asking for ``directory``'s lock; writes its refusal (or "")."""
+    from distributed_helpers import gloo_process_group
+
+    from clusterssl.pipeline.train.world import DistributedEnv
+
+    with gloo_process_group(rank, init_file, 2, 120):
+        try:
+            lock_directory(
+                directory, owner="training", hint="wait", env=DistributedEnv(rank=rank, world_size=2)
+            )
+            refusal = ""
+        except PipelineError as error:
+            refusal = str(error)
+        (Path(out_dir) / f"rank{rank}.txt").write_text(refusal)
+
+
+def test_under_torchrun_every_rank_follows_rank_0s_decision(tmp_path: Path) -> None:
+    from distributed_helpers import run_ranks
+
+    directory = tmp_path / "run"
+
+    def refusals(attempt: str) -> list[str]:
+        out = tmp_path / attempt
+        out.mkdir()
+        run_ranks(_lock_on_two_ranks, (str(tmp_path / f"{attempt}.init"), str(directory), str(out)), 2, 180)
+        return [(out / f"rank{rank}.txt").read_text() for rank in range(2)]
+
+    with _held_by_another_process(directory) as holder:
+        held = refusals("held")
+    assert (
+        held[0] == f"{directory} is in use by another training (pid {holder.pid}); wait for it to end or wait"
+    )
+    assert held[1] == f"{directory} is in use by another training (refused on rank 0); wait"
+    assert refusals("free") == ["", ""]
+
+
 def test_a_second_training_into_a_live_output_dir_is_refused(digits16: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     config = write_config(
