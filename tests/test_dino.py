@@ -98,6 +98,20 @@ def test_teacher_temperature_warms_up_like_dinos_linspace() -> None:
     assert replace(cfg, warmup_teacher_temp_epochs=0).teacher_temperature(0) == 0.07
 
 
+@pytest.mark.parametrize("warmup_epochs", [0, 1, 2, 30])
+def test_teacher_temperature_follows_dinos_schedule_for_every_warmup_length(warmup_epochs: int) -> None:
+    """DINO's schedule is np.linspace(warm-up, final, warm-up epochs) then the final value, so a single
+    warm-up epoch runs at the warm-up temperature, not the final one."""
+    cfg = replace(
+        DINOConfig(), warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=warmup_epochs
+    )
+    epochs = 40
+    reference = np.concatenate(
+        (np.linspace(0.04, 0.07, warmup_epochs), np.full(epochs - warmup_epochs, 0.07))
+    )
+    assert [cfg.teacher_temperature(epoch) for epoch in range(epochs)] == pytest.approx(reference.tolist())
+
+
 def test_teacher_momentum_follows_a_cosine_from_0996_to_1() -> None:
     cfg = DINOConfig()
     total = 1000

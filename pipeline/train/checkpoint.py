@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,16 +42,36 @@ class RunPosition:
 
 
 def atomic_save(payload: Mapping[str, Any], path: str | Path) -> Path:
-    """torch.save to a temp file in the same directory, fsync, then rename over ``path``."""
+    """torch.save to a temp file in the same directory, fsync, then rename over ``path``.
+
+    A write that fails (full disk, quota, a vanished mount) removes the temp file, so it cannot keep the
+    disk full, leaves any previous ``path`` untouched and raises one PipelineError naming the cause.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(dict(payload), handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            torch.save(dict(payload), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        # torch's zip writer reports a failed write as a RuntimeError; the OSError is in its chain
+        tmp.unlink(missing_ok=True)
+        raise PipelineError(f"cannot write {path}: {_write_failure(error)}") from None
     return path
+
+
+def _write_failure(error: BaseException) -> str:
+    """The operating system's reason for a failed write when there is one, else the error's first line."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def rng_state() -> dict[str, Any]:
@@ -104,6 +126,8 @@ def _load_payload(
     """``torch.load(weights_only=True)`` of one of our files; anything else is one clear PipelineError."""
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise PipelineError(_refused_pickle(path, error)) from None
     except Exception as error:
         raise PipelineError(f"cannot load checkpoint {path}: {str(error).splitlines()[0]}") from None
     if (
@@ -113,6 +137,18 @@ def _load_payload(
     ):
         raise PipelineError(f"{path} is not {what}")
     return payload
+
+
+def _refused_pickle(path: Path, error: Exception) -> str:
+    """What was refused and why. Not torch's advice to retry with ``weights_only=False``: for a file from
+    elsewhere, running its pickled code is exactly the attack the refusal prevents."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if found is None:
+        return f"refused to load {path}: it is not a plain checkpoint of tensors and settings"
+    return (
+        f"refused to load {path}: unpickling it would import {found.group(1)}, and a checkpoint holds only "
+        "tensors and plain settings; a file that asks for Python objects is not a clusterssl checkpoint"
+    )
 
 
 def position_of(checkpoint: Mapping[str, Any]) -> RunPosition:
@@ -139,8 +175,7 @@ def load_feature_extractor(location: str | Path, *, random_init: bool = False) -
     """The feature extractor of a run and its TrainConfig, from a checkpoint.pt, a backbone.pt or a run
     directory holding either. ``random_init=True`` returns the same architecture freshly initialised
     (seeded from the config): the floor every method must beat."""
-    import yaml
-
+    from clusterssl.config import parse_yaml
     from clusterssl.models.backbones import create_backbone
     from clusterssl.models.factory import build_method
     from clusterssl.pipeline.train.train_config import build_train_config
@@ -153,7 +188,12 @@ def load_feature_extractor(location: str | Path, *, random_init: bool = False) -
             f"checkpoint not found: {location} (expected a checkpoint.pt, a backbone.pt or a run directory)"
         )
     payload = _load_payload(path, "config", "cpu", "a clusterssl checkpoint or backbone file")
-    config = build_train_config(yaml.safe_load(payload["config"]))
+    if not isinstance(payload["config"], str):
+        raise PipelineError(
+            f"{path} is not a clusterssl checkpoint or backbone file (its config is not text)"
+        )
+    # the file may come from elsewhere: its config is checked like a config file, sizes included
+    config = build_train_config(parse_yaml(payload["config"], f"the config in {path}"))
     torch.manual_seed(config.trainer.seed)
     if payload.get("kind") == "backbone":
         module = create_backbone(config.model.backbone, **config.model.backbone_kwargs)

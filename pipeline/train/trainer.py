@@ -50,7 +50,9 @@ from clusterssl.pipeline.features.passes import RunPasses
 from clusterssl.pipeline.tracking.plots import plot_loss_curve, plot_model_attention
 from clusterssl.pipeline.tracking.runs import Tracker, git_commit, open_tracker, tracking_run
 from clusterssl.pipeline.train.checkpoint import BACKBONE_NAME, RunCheckpoints, RunPosition, save_backbone
+from clusterssl.pipeline.train.lock import lock_directory
 from clusterssl.pipeline.train.metric_window import MetricWindow, WindowValues
+from clusterssl.pipeline.train.metrics_log import rewind_metrics
 from clusterssl.pipeline.train.optim import OptimizerStep, build_optimizer, build_schedules
 from clusterssl.pipeline.train.precision import autocast, resolve_precision
 from clusterssl.pipeline.train.train_config import TrainConfig
@@ -130,6 +132,8 @@ class TrainSummary:
     interrupted: bool = False
     tracking_uri: str | None = None
     """The MLflow store the run went to (None: not tracked)."""
+    tracking_error: str | None = None
+    """Why tracking stopped before the run ended (None: the MLflow record is complete)."""
     eval: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -283,6 +287,8 @@ class Trainer:
         self.position = RunPosition(world_size=self.env.world_size, num_workers=config.data.num_workers)
         self.tracker: Tracker | None = None
         self._metrics_file: Path = self.output_dir / METRICS_FILE
+        self._tracked_through = -1
+        """Steps up to this one are in the MLflow run already (logged before a kill); not logged again."""
         self.losses: list[tuple[int, float]] = []
         self.ctx = RunContext.of(self)
         if self.checkpoint is not None:
@@ -335,7 +341,7 @@ class Trainer:
         return self.passes.extract(module, name=name, epoch=self.position.epoch)
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
-        if self.tracker is not None:
+        if self.tracker is not None and step > self._tracked_through:
             self.tracker.log_metrics(metrics, step=step)
         self._append_metrics([{"step": step, **metrics}])
 
@@ -350,6 +356,8 @@ class Trainer:
         if self.env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / CONFIG_FILE).write_text(dump_yaml(cfg), encoding="utf-8")
+            if self.checkpoint is not None:  # steps logged after the checkpoint are about to run again
+                self._tracked_through = rewind_metrics(self._metrics_file, self.position.step)
         resumed_run = (self.checkpoint or {}).get("extra", {}).get("mlflow_run_id")
         self.tracker = open_tracker(
             cfg.tracking,
@@ -366,7 +374,8 @@ class Trainer:
             summary = self._train(stop)
             if summary.interrupted:  # stopped on a signal: the run is not finished, --resume continues it
                 outcome.status = "KILLED"
-            return summary
+        summary.tracking_error = self.tracker.error  # known once the run is closed (closing can fail too)
+        return summary
 
     def _train(self, stop: _StopRequest) -> TrainSummary:
         cfg, ctx, position = self.config, self.ctx, self.position
@@ -484,7 +493,19 @@ def train(
     config: TrainConfig, *, resume: bool = False, progress: bool = True, parent_run_id: str | None = None
 ) -> TrainSummary:
     """Run (or resume) one training run and return its summary; ``parent_run_id`` nests its MLflow run."""
-    return Trainer(config, resume=resume, progress=progress, parent_run_id=parent_run_id).run()
+    env = DistributedEnv.from_environment()
+    device = resolve_device(config.trainer.device, env)
+    init_distributed(env, device)  # the lock's decision is shared over the process group
+    # claimed before the Trainer looks for a checkpoint, so a run started beside a live one cannot pass
+    # that check, and held until the run has written its last file
+    with lock_directory(
+        config.trainer.output_dir,
+        owner="training",
+        hint="choose another --set trainer.output_dir=…",
+        env=env,
+        device=device,
+    ):
+        return Trainer(config, resume=resume, progress=progress, parent_run_id=parent_run_id).run()
 
 
 __all__ = ["Batch", "RunContext", "TrainSummary", "Trainer", "train"]

@@ -92,6 +92,18 @@ def same_on_all_ranks(env: DistributedEnv, values: Sequence[int], device: torch.
     return bool(torch.equal(low, high))
 
 
+def follow_main_rank(env: DistributedEnv, flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (the others' own flags are ignored); a plain process keeps its own.
+
+    A collective: every rank must call it.
+    """
+    if not env.is_distributed or not dist.is_initialized():
+        return flag
+    shared = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    dist.broadcast(shared, src=0)
+    return bool(shared.item())
+
+
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
