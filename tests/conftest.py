@@ -97,6 +97,17 @@ def with_declared_size(jpeg: bytes, width: int, height: int) -> bytes:
     return bytes(patched)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored() -> Iterator[None]:
+    """A run with ``trainer.threads`` sets torch's process-wide thread count; later tests compare losses
+    computed in this process with ones from a fresh process, which must sum in the same order."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _temporary_files_under_pytest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """The temporary files of the code under test and of the processes it starts (torchrun's agent
