@@ -37,4 +37,7 @@ def test_demo_runs_the_pipeline_and_prints_a_table(tmp_path: Path) -> None:
 def test_unknown_demo_method_is_one_line() -> None:
     result = CliRunner().invoke(cli, ["demo", "--methods", "swav,byol", "--no-track"])
     assert result.exit_code == 2
-    assert result.stderr.strip() == "Error: unknown demo method(s) byol; known: swav, dino, deepcluster, pcl"
+    assert (
+        result.stderr.strip()
+        == "Error: unknown demo method(s) byol; known: swav, dino, deepcluster, pcl, ibot"
+    )
