@@ -132,7 +132,7 @@ class IBOT(Method):
 
     def __init__(self, backbone: nn.Module, cfg: IBOTConfig | None = None) -> None:
         super().__init__(backbone)
-        if not callable(getattr(backbone, "forward_features", None)) or not hasattr(backbone, "patch_grid"):
+        if not self.supports(backbone):
             raise ModelError(
                 f"ibot needs a ViT backbone (it predicts patch tokens), got {type(backbone).__name__}"
             )
@@ -150,6 +150,13 @@ class IBOT(Method):
         # A second DINOLoss for its centre alone: the patch centre is DINO's, over all teacher patch tokens.
         self.patch_center = DINOLoss(cfg.patch_dim, cfg.student_temp, cfg.center_momentum)
         self._epoch = 0
+
+    @classmethod
+    def supports(cls, backbone: nn.Module) -> bool:
+        """A ViT: the patch tokens (``forward_features``) on a known patch grid (``patch_grid``)."""
+        return callable(getattr(backbone, "forward_features", None)) and callable(
+            getattr(backbone, "patch_grid", None)
+        )
 
     def _new_head(self, dim: int, out_dim: int) -> DINOHead:
         cfg = self.cfg

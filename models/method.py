@@ -77,6 +77,11 @@ class Method(nn.Module):
         super().__init__()
         self.backbone = backbone
 
+    @classmethod
+    def supports(cls, backbone: nn.Module) -> bool:
+        """Whether this method can train ``backbone``; every backbone by default (iBOT needs a ViT)."""
+        return True
+
     def forward(self, batch: Batch) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
