@@ -133,7 +133,7 @@ def render_demo_summary(summary: Mapping[str, Any]) -> str:
     if floors:
         lines.append(
             f"The demo's default schedule is {max(DEMO_EPOCHS.values())} epochs; the full configs "
-            "(clusterssl train <method>_digits, 25-40 epochs) beat the random-init row: see the README's results."
+            "(clusterssl train <method>_digits, 8-40 epochs) beat their random-init rows: see the README's results."
         )
     uri = summary["tracking_uri"]
     if uri:
