@@ -151,7 +151,10 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT with a CLS token; forward gives the final-normed CLS token, (batch, dim).
+    """ViT with a CLS token; forward gives the final-normed CLS token, (batch, dim), and
+    ``forward_features`` every token, (batch, 1 + patches, dim), optionally with masked patches (iBOT).
+    The learned mask token belongs to the method that masks, so the ViT's weights, and every checkpoint
+    of it, stay the same whether or not it is pretrained with masks.
 
     img_size:   the size the position embedding is learned at; other sizes interpolate it (bicubic).
     patch_size: side of the square patches; H and W must be multiples of it.
@@ -196,23 +199,46 @@ class VisionTransformer(nn.Module):
         grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
         return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)], dim=1)
 
-    def tokens(self, images: Tensor) -> Tensor:
-        """(batch, 3, H, W) → (batch, 1 + patches, dim): CLS token first, position embedding added."""
-        height, width = images.shape[-2:]
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of patches of an H×W input; fails when H or W is not a multiple of the patch."""
         if height % self.patch_size or width % self.patch_size:
             raise ModelError(
                 f"ViT input {height}×{width} is not a multiple of the patch size {self.patch_size}"
             )
+        return height // self.patch_size, width // self.patch_size
+
+    def tokens(self, images: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> Tensor:
+        """(batch, 3, H, W) → (batch, 1 + patches, dim): CLS token first, position embedding added.
+
+        mask:       optional (batch, patches) bool, row-major over the patch grid; True patches have their
+                    embedding replaced by ``mask_token`` (dim,) *before* the position embedding is added,
+                    so a masked token still says where it is (iBOT's and BEiT's masked image modelling).
+        """
+        grid_h, grid_w = self.patch_grid(*images.shape[-2:])
         patches = self.patch_embed(images).flatten(2).transpose(1, 2)  # (batch, patches, dim)
+        if mask is not None:
+            if mask_token is None:
+                raise ValueError("a patch mask needs a mask_token")
+            if mask.shape != patches.shape[:2]:
+                raise ValueError(f"mask of shape {tuple(mask.shape)} for {tuple(patches.shape[:2])} patches")
+            # torch.where even for an all-False mask: the token stays in the graph (DDP expects a grad).
+            patches = torch.where(mask.unsqueeze(-1), mask_token.to(patches.dtype), patches)
         cls = self.cls_token.expand(images.shape[0], -1, -1)
         x = torch.cat([cls, patches], dim=1)
-        return x + self._position_embedding(height // self.patch_size, width // self.patch_size)
+        return x + self._position_embedding(grid_h, grid_w)
 
-    def forward(self, images: Tensor) -> Tensor:
-        x = self.tokens(images)
+    def forward_features(
+        self, images: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None
+    ) -> Tensor:
+        """(batch, 3, H, W) → (batch, 1 + patches, dim): every final-normed token, CLS first, then the
+        patches row-major. ``mask``/``mask_token`` as in ``tokens``."""
+        x = self.tokens(images, mask, mask_token)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)[:, 0]
+        return self.norm(x)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.forward_features(images)[:, 0]
 
     @torch.no_grad()
     def last_selfattention(self, images: Tensor) -> Tensor:

@@ -60,16 +60,16 @@ class DINOConfig(MethodConfig):
     def __post_init__(self) -> None:
         for key in ("out_dim", "hidden_dim", "bottleneck_dim"):
             if getattr(self, key) < 1:
-                raise ModelError(f"dino: {key} must be at least 1, got {getattr(self, key)}")
+                raise ModelError(f"{self.name}: {key} must be at least 1, got {getattr(self, key)}")
         for key in ("student_temp", "warmup_teacher_temp", "teacher_temp"):
             if getattr(self, key) <= 0:
-                raise ModelError(f"dino: {key} must be positive, got {getattr(self, key)}")
+                raise ModelError(f"{self.name}: {key} must be positive, got {getattr(self, key)}")
         for key in ("warmup_teacher_temp_epochs", "freeze_last_layer"):
             if getattr(self, key) < 0:
-                raise ModelError(f"dino: {key} must be non-negative, got {getattr(self, key)}")
+                raise ModelError(f"{self.name}: {key} must be non-negative, got {getattr(self, key)}")
         for key in ("center_momentum", "momentum_teacher"):
             if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ModelError(f"dino: {key} must lie in [0, 1], got {getattr(self, key)}")
+                raise ModelError(f"{self.name}: {key} must lie in [0, 1], got {getattr(self, key)}")
 
     def teacher_temperature(self, epoch: int) -> float:
         """τ_t at ``epoch``: linear from ``warmup_teacher_temp`` (epoch 0) to ``teacher_temp`` (epoch
@@ -155,6 +155,19 @@ def collapse_metrics(
                               how far each teacher output is from the running mean output; 0 when the
                               teacher emits one constant vector whatever the input.
     """
+    metrics = teacher_collapse_metrics(teacher, center, teacher_temp)
+    targets = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
+    log_student = F.log_softmax(student.float() / student_temp, dim=-1)
+    cross = cross_entropy_to_other_views(list(targets), range(len(targets)), list(log_student))
+    # KL = CE − H, and every teacher crop appears in the same number of pairs.
+    metrics["kl_teacher_student"] = cross - metrics["teacher_entropy"]
+    return metrics
+
+
+@torch.no_grad()
+def teacher_collapse_metrics(teacher: Tensor, center: Tensor, teacher_temp: float) -> dict[str, Tensor]:
+    """The teacher-only part of ``collapse_metrics``: ``teacher_entropy``, ``teacher_marginal_entropy``
+    and ``kl_teacher_center`` of (T, B, K) raw teacher outputs and a (1, K) centre."""
     teacher = teacher.float()
     targets = F.softmax((teacher - center) / teacher_temp, dim=-1)
     log_targets = F.log_softmax((teacher - center) / teacher_temp, dim=-1)
@@ -162,18 +175,12 @@ def collapse_metrics(
     marginal = targets.mean(dim=(0, 1))
     marginal_entropy = -(marginal * torch.log(marginal.clamp_min(1e-12))).sum()
 
-    log_student = F.log_softmax(student.float() / student_temp, dim=-1)
-    cross = cross_entropy_to_other_views(list(targets), range(len(targets)), list(log_student))
-    # KL = CE − H, and every teacher crop appears in the same number of pairs.
-    kl_student = cross - entropy.mean()
-
     log_raw = F.log_softmax(teacher / teacher_temp, dim=-1)
     log_center = F.log_softmax(center.float() / teacher_temp, dim=-1)
     kl_center = (log_raw.exp() * (log_raw - log_center)).sum(dim=-1).mean()
     return {
         "teacher_entropy": entropy.mean(),
         "teacher_marginal_entropy": marginal_entropy,
-        "kl_teacher_student": kl_student,
         "kl_teacher_center": kl_center,
     }
 

@@ -17,6 +17,7 @@ from clusterssl.models.backbones import create_backbone
 from clusterssl.models.deepcluster import DeepCluster
 from clusterssl.models.deepcluster_v2 import DeepClusterV2
 from clusterssl.models.dino import DINO
+from clusterssl.models.ibot import IBOT
 from clusterssl.models.method import Method, MethodConfig
 from clusterssl.models.pcl import PCL
 from clusterssl.models.registry import Registry
@@ -24,7 +25,14 @@ from clusterssl.models.swav import SwAV
 
 METHODS: Registry[Method] = Registry(
     "method",
-    {"swav": SwAV, "dino": DINO, "deepcluster": DeepCluster, "deepcluster_v2": DeepClusterV2, "pcl": PCL},
+    {
+        "swav": SwAV,
+        "dino": DINO,
+        "ibot": IBOT,
+        "deepcluster": DeepCluster,
+        "deepcluster_v2": DeepClusterV2,
+        "pcl": PCL,
+    },
 )
 
 

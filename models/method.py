@@ -88,6 +88,11 @@ class Method(nn.Module):
         super().__init__()
         self.backbone = backbone
 
+    @classmethod
+    def supports(cls, backbone: nn.Module) -> bool:
+        """Whether this method can train ``backbone``; every backbone by default (iBOT needs a ViT)."""
+        return True
+
     def forward(self, batch: Batch, ctx: TrainContext) -> LossOutput:  # pragma: no cover - abstract
         """The step's loss and metrics (``scalar_metrics``: detached 0-dim tensors) for ``batch`` at the
         run position ``ctx`` gives (epoch, step)."""

@@ -33,6 +33,9 @@ SMALL_METHODS = [
     "dino.out_dim=32",
     "dino.hidden_dim=16",
     "dino.bottleneck_dim=8",
+    "ibot.out_dim=32",
+    "ibot.hidden_dim=16",
+    "ibot.bottleneck_dim=8",
 ]
 
 
@@ -107,12 +110,12 @@ def tiny_benchmark(methods: list[str], overrides: list[str], **options: Any) -> 
 
 
 def test_summary_overhead_is_relative_to_the_mean_of_both_bare_runs() -> None:
-    summary = tiny_benchmark(["swav", "dino"], SMALL_METHODS, steps=2, warmup=1, bank_samples=8)
+    summary = tiny_benchmark(["swav", "dino", "ibot"], SMALL_METHODS, steps=2, warmup=1, bank_samples=8)
     bare = summary["bare_images_per_s"]
     assert bare == pytest.approx((summary["bare_images_per_s_first"] + summary["bare_images_per_s_last"]) / 2)
     assert summary["precision"] == "fp32" and summary["views"] == "dino: 2×16 + 2×8"
     assert summary["method_settings"]["swav"] == {"hidden_dim": 16, "feat_dim": 8, "num_prototypes": 10}
-    for name in ("swav", "dino"):
+    for name in ("swav", "dino", "ibot"):
         result = summary["methods"][name]
         assert result["overhead"] == pytest.approx(bare / result["images_per_s"] - 1)
         assert result["images_per_s"] == pytest.approx(4 / result["seconds_per_step"])
@@ -121,6 +124,9 @@ def test_summary_overhead_is_relative_to_the_mean_of_both_bare_runs() -> None:
 def test_a_bad_method_key_fails_before_anything_is_timed() -> None:
     with pytest.raises(ModelError, match="num_protos"):
         tiny_benchmark(["swav"], ["swav.num_protos=3"])
+    # iBOT asked for on a ResNet: refused up front; by default the methods a ResNet cannot train are left out.
+    with pytest.raises(ModelError, match="method 'ibot' cannot train backbone 'resnet18'"):
+        tiny_benchmark(["ibot"], [], backbone="resnet18", backbone_kwargs={})
 
 
 def test_cli_json_is_one_object_and_user_errors_are_one_line() -> None:

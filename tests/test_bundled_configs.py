@@ -29,7 +29,7 @@ def string_leaves(value: Any, path: str = "") -> dict[str, str]:
 
 
 def test_the_config_lists_are_not_empty() -> None:
-    assert len(TRAIN_CONFIGS) >= 10 and len(IMAGENET_CONFIGS) == 5 and PIPELINE_CONFIGS
+    assert len(TRAIN_CONFIGS) >= 10 and len(IMAGENET_CONFIGS) == 6 and PIPELINE_CONFIGS
 
 
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)

@@ -37,4 +37,26 @@ def test_demo_runs_the_pipeline_and_prints_a_table(tmp_path: Path) -> None:
 def test_unknown_demo_method_is_one_line() -> None:
     result = CliRunner().invoke(cli, ["demo", "--methods", "swav,byol", "--no-track"])
     assert result.exit_code == 2
-    assert result.stderr.strip() == "Error: unknown demo method(s) byol; known: swav, dino, deepcluster, pcl"
+    assert (
+        result.stderr.strip()
+        == "Error: unknown demo method(s) byol; known: swav, dino, deepcluster, pcl, ibot"
+    )
+
+
+def test_summary_shows_one_random_init_row_per_backbone() -> None:
+    from clusterssl.tools.demo_cmd import render_demo_summary
+
+    def row(method: str, floor: tuple[float, float]) -> dict[str, object]:
+        knn, nmi = floor
+        return {"method": method, "knn_top1": 0.9, "nmi": 0.5, "seconds": 1.0,
+                "random_init_knn_top1": knn, "random_init_nmi": nmi}  # fmt: skip
+
+    resnet, vit = (0.939, 0.658), (0.4916, 0.259)
+    text = render_demo_summary({"methods": [row("swav", resnet), row("dino", resnet), row("ibot", vit)],
+                                "tracking_uri": None})  # fmt: skip
+    floors = [line for line in text.splitlines() if line.startswith("random init")]
+    assert len(floors) == 2
+    assert "0.9390" in floors[0] and "swav, dino" in floors[0]
+    assert "0.4916" in floors[1] and "of ibot" in floors[1]
+    one = render_demo_summary({"methods": [row("swav", resnet)], "tracking_uri": None})
+    assert "(same backbone, untrained)" in one

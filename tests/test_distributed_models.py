@@ -13,12 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distributed_helpers import gloo_process_group, load_rank_results, run_ranks
-from fakes import TinyBackbone
+from fakes import FakeContext, TinyBackbone
 
 from clusterssl.models import collectives
+from clusterssl.models.backbones import create_backbone
 from clusterssl.models.dino import DINOLoss
+from clusterssl.models.ibot import IBOT, IBOTConfig
 from clusterssl.models.sinkhorn import sinkhorn
 from clusterssl.models.swav import SwAV, SwAVConfig
+from clusterssl.models.types import Batch
 
 WORLD_SIZE = 2
 LOCAL_BATCH = 6
@@ -39,6 +42,38 @@ def global_inputs() -> dict[str, torch.Tensor]:
         "student": torch.randn(4, rows, OUT_DIM, generator=generator),
         "teacher": torch.randn(2, rows, OUT_DIM, generator=generator),
         "center": torch.randn(1, OUT_DIM, generator=generator),
+    }
+
+
+def ibot_model() -> IBOT:
+    """The same tiny iBOT on every rank (seeded), masking every global crop."""
+    torch.manual_seed(0)
+    vit = create_backbone("vit_tiny_p4", img_size=16, depth=1, dim=16, num_heads=2)
+    return IBOT(vit, IBOTConfig(out_dim=OUT_DIM, hidden_dim=16, bottleneck_dim=8, mask_share=1.0))
+
+
+def ibot_batch() -> Batch:
+    """The global batch: 2 × 16 px global and one 8 px local crop of WORLD_SIZE · LOCAL_BATCH samples."""
+    generator = torch.Generator().manual_seed(1)
+    rows = WORLD_SIZE * LOCAL_BATCH
+    views = [torch.randn(rows, 3, size, size, generator=generator) for size in (16, 16, 8)]
+    return Batch(views=views, labels=None, index=torch.arange(100, 100 + rows))
+
+
+IBOT_GRADIENTS = ("mask_token", "backbone.patch_embed.weight", "head.last_layer.direction")
+
+
+def ibot_step(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    """Loss, both centres and a few gradients after one forward/backward (model may be DDP-wrapped)."""
+    output = model(batch, FakeContext())
+    output.loss.backward()
+    plain = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    parameters = dict(plain.named_parameters())
+    return {
+        "loss": output.loss.detach(),
+        "center": plain.cls_loss.center.clone(),
+        "patch_center": plain.patch_center.center.clone(),
+        **{name: parameters[name].grad.clone() for name in IBOT_GRADIENTS},
     }
 
 
@@ -64,6 +99,15 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         teacher = list(rank_rows(inputs["teacher"], rank, dim=1))
         results["dino_loss"] = loss_fn(student, teacher, teacher_temp=0.04)
         results["center"] = loss_fn.center.clone()
+
+        whole = ibot_batch()
+        local = Batch(
+            views=[rank_rows(view, rank) for view in whole.views],
+            labels=None,
+            index=rank_rows(whole.index, rank),
+        )
+        ddp = torch.nn.parallel.DistributedDataParallel(ibot_model())
+        results["ibot"] = ibot_step(ddp, local)
 
         swav = SwAV(TinyBackbone(), SwAVConfig(queue_length=20, feat_dim=4, hidden_dim=8, num_prototypes=3))
         results["queue_rows"] = swav.local_queue_length(LOCAL_BATCH)
@@ -129,3 +173,16 @@ def test_distributed_dino_center_equals_one_process_on_the_concatenated_batch(
 def test_swav_queue_rows_split_the_rounded_global_length(rank_results: list[dict[str, Any]]) -> None:
     # queue_length 20, global batch 2 × 6 = 12 → 12 rows in all, 6 per rank.
     assert [r["queue_rows"] for r in rank_results] == [6, 6]
+
+
+def test_distributed_ibot_equals_one_process_on_the_concatenated_batch(
+    rank_results: list[dict[str, Any]],
+) -> None:
+    """Under DDP (2 gloo ranks) iBOT's centres, averaged gradients and mean loss are one process's."""
+    expected = ibot_step(ibot_model(), ibot_batch())
+    losses = torch.stack([r["ibot"]["loss"] for r in rank_results])
+    torch.testing.assert_close(losses.mean(), expected["loss"], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(losses[0], losses[1])  # the ranks did see different halves
+    for result in rank_results:
+        for name in ("center", "patch_center", *IBOT_GRADIENTS):
+            torch.testing.assert_close(result["ibot"][name], expected[name], rtol=1e-4, atol=1e-6)

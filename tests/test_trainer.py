@@ -97,6 +97,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
     [
         "swav",
         "dino",
+        "ibot",
         # The clustering methods' tables (pseudo-labels, memory, prototypes, queue) come back from the
         # checkpoint: a mid-epoch resume re-clusters nothing. Slow: an extraction pass per epoch.
         *(pytest.param(name, marks=pytest.mark.slow) for name in ("deepcluster", "deepcluster_v2", "pcl")),
@@ -149,7 +150,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(digits16: Path, tmp_path: Path
         (
             "--set",
             "method.name=swv",
-        ): "unknown method 'swv'; known: deepcluster, deepcluster_v2, dino, pcl, swav",
+        ): "unknown method 'swv'; known: deepcluster, deepcluster_v2, dino, ibot, pcl, swav",
         ("--set", "model.backbone=resnt18"): "unknown backbone 'resnt18'; known:",
         ("--set", "data.train=/nonexistent/shards"): "no shard set at /nonexistent/shards",
         (

@@ -32,6 +32,13 @@ def tiny_config(root: Path, out: Path, method: str = "swav", **sections: dict[st
             "bottleneck_dim": 16,
             "warmup_teacher_temp_epochs": 2,
         },
+        "ibot": {
+            "name": "ibot",
+            "out_dim": 32,
+            "hidden_dim": 32,
+            "bottleneck_dim": 16,
+            "warmup_teacher_temp_epochs": 2,
+        },
         "deepcluster": {"name": "deepcluster", "num_clusters": 20, "pca_dim": 16},
         "deepcluster_v2": {
             "name": "deepcluster_v2",
@@ -59,7 +66,7 @@ def tiny_config(root: Path, out: Path, method: str = "swav", **sections: dict[st
             "num_workers": 0,
         },
         "augment": {
-            "preset": "dino" if method == "dino" else "swav",
+            "preset": "dino" if method in ("dino", "ibot") else "swav",
             "global_size": 16,
             "local_size": 8,
             "num_local": 2,

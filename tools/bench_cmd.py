@@ -195,7 +195,7 @@ _register_extract()
     "--method",
     "methods",
     multiple=True,
-    help="Method to time (repeat the option); default: every registered method.",
+    help="Method to time (repeat the option); default: every registered method the backbone suits.",
 )
 @click.option("--backbone", default="resnet50", show_default=True, help="Backbone name.")
 @click.option(
@@ -275,7 +275,6 @@ def train_benchmark(
     import torch
 
     from clusterssl.config import apply_overrides
-    from clusterssl.models.factory import METHODS
     from clusterssl.pipeline.data.spec import MultiCropSpec
     from clusterssl.pipeline.train.world import DistributedEnv, resolve_device
     from clusterssl.tools.bench_train import render, run_benchmark
@@ -284,7 +283,7 @@ def train_benchmark(
         torch.set_num_threads(threads)
     spec = MultiCropSpec.preset(preset, global_size=global_size, local_size=local_size, num_local=num_local)
     summary = run_benchmark(
-        methods=list(methods) or list(METHODS),
+        methods=list(methods),
         backbone=backbone,
         backbone_kwargs=apply_overrides({}, backbone_options),
         spec=spec,

@@ -219,12 +219,19 @@ def run_benchmark(
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Images/s of the bare backbone (before and after) and of each method, with the same tensors."""
+    """Images/s of the bare backbone (before and after) and of each method, with the same tensors.
+
+    methods: names from ``models.factory.METHODS``; empty for every method that supports the backbone.
+    """
     precision = resolve_precision(precision, device)
+    probe = create_backbone(backbone, **dict(backbone_kwargs))
+    # No methods named: every registered one that can train this backbone (iBOT only ViTs).
+    methods = list(methods) or [name for name, method in METHODS.items() if method.supports(probe)]
     settings = method_settings_from_overrides(methods, method_overrides)
     for name in methods:  # a bad method, key or backbone option fails before anything is timed
         method_config({**settings[name], "name": name})
-    create_backbone(backbone, **dict(backbone_kwargs))
+        if not METHODS[name].supports(probe):
+            raise ModelError(f"method {name!r} cannot train backbone {backbone!r} (it needs a ViT)")
     batch = synthetic_batch(spec, batch_size, device, seed)
     bank_generator = torch.Generator().manual_seed(seed + 1)
     eval_size = spec.global_views[0].size
