@@ -1,7 +1,8 @@
-"""The process layout of a run: rank, world size and device, as torchrun describes them.
+"""The process layout of a run: rank, world size and device, as torchrun (or Slurm's srun) describes them.
 
 A plain ``python``/``clusterssl`` process is rank 0 of a world of 1 and never touches
-torch.distributed; under ``torchrun`` the process group is created here (NCCL on GPUs, gloo on CPUs).
+torch.distributed; under ``torchrun`` or one ``srun`` task per rank the process group is created here
+(NCCL on GPUs, gloo on CPUs).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from clusterssl.errors import PipelineError
+from clusterssl.pipeline.train.slurm import is_slurm_step, slurm_layout
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,9 @@ class DistributedEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    master_addr: str | None = None
+    """Where rank 0 listens, when it is not torchrun's MASTER_ADDR/MASTER_PORT (a Slurm step)."""
+    master_port: int | None = None
 
     @property
     def is_distributed(self) -> bool:
@@ -33,7 +38,13 @@ class DistributedEnv:
 
     @classmethod
     def from_environment(cls) -> DistributedEnv:
-        """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK (absent: a single process)."""
+        """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else Slurm's task variables (absent: a single
+        process)."""
+        if is_slurm_step(os.environ):
+            layout = slurm_layout(os.environ)
+            return cls(
+                layout.rank, layout.world_size, layout.local_rank, layout.master_addr, layout.master_port
+            )
         try:
             return cls(
                 rank=int(os.environ.get("RANK", 0)),
@@ -66,7 +77,16 @@ def init_distributed(env: DistributedEnv, device: torch.device, timeout_s: float
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    if env.master_addr is None:  # torchrun: env:// reads its variables
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        return
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
 
 
 def barrier(env: DistributedEnv) -> None:
