@@ -8,15 +8,18 @@ torch.distributed; under ``torchrun`` or one ``srun`` task per rank the process 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from clusterssl.errors import PipelineError
 from clusterssl.pipeline.train.slurm import is_slurm_step, slurm_layout
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -111,3 +114,40 @@ def same_on_all_ranks(env: DistributedEnv, values: Sequence[int], device: torch.
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def waiting_group(env: DistributedEnv, timeout_s: float) -> Any:
+    """A CPU (gloo) group with its own timeout, for ranks that wait while rank 0 works alone.
+
+    Rank-0-only work (conversion, clustering, evaluation) can outlast the default group's timeout, which
+    is sized for one training step; the waiting ranks block here instead, without occupying a GPU stream.
+    A collective: every rank must call it. None for a single process.
+    """
+    if not env.is_distributed or not dist.is_initialized():
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def on_rank0(env: DistributedEnv, work: Callable[[], T], group: Any = None, what: str = "work") -> T:
+    """Run ``work`` on rank 0 only and hand its (picklable) result to every rank.
+
+    The other ranks wait in the broadcast. When rank 0 fails, they stop with one line naming ``what``
+    rather than waiting for a result that never comes; rank 0 raises its own error.
+    """
+    if not env.is_distributed or not dist.is_initialized():
+        return work()
+    payload: list[Any] = [None]
+    failure: BaseException | None = None
+    if env.is_main:
+        try:
+            payload[0] = ("ok", work())
+        except BaseException as error:  # told to the other ranks, then raised here
+            failure = error
+            payload[0] = ("failed", str(error).splitlines()[0] if str(error) else type(error).__name__)
+    dist.broadcast_object_list(payload, src=0, group=group)
+    if failure is not None:
+        raise failure
+    status, value = payload[0]
+    if status == "failed":
+        raise PipelineError(f"rank 0 failed during {what}: {value}")
+    return value
