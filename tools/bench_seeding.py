@@ -33,7 +33,28 @@ def seeding_objective(points: Any, seeds: Any) -> float:
 
 
 def run_benchmark(
-    *, samples: int, dim: int, centres: int, ks: Sequence[int], trials: int, seed: int, device: str
+    *,
+    samples: int,
+    dim: int,
+    centres: int,
+    ks: Sequence[int],
+    trials: int,
+    seed: int,
+    device: str,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """``threads``: CPU threads for both seedings (numpy's BLAS and torch alike); None keeps the defaults."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    with threadpool_limits(limits=threads):
+        return _measure(samples, dim, centres, ks, trials, seed, device)
+
+
+def _measure(
+    samples: int, dim: int, centres: int, ks: Sequence[int], trials: int, seed: int, device: str
 ) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -103,13 +124,34 @@ def render(summary: Mapping[str, Any]) -> str:
 )
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="Where k-means‖ runs: cpu or cuda.")
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="CPU threads for both (default: the libraries' own). 1 gives steadier figures on a busy machine.",
+)
 @json_option
 def seeding_command(
-    samples: int, dim: int, centres: int, ks: str, trials: int, seed: int, device: str, as_json: bool
+    samples: int,
+    dim: int,
+    centres: int,
+    ks: str,
+    trials: int,
+    seed: int,
+    device: str,
+    threads: int | None,
+    as_json: bool,
 ) -> None:
     """Seeding time against k: greedy k-means++ and k-means‖ on the same data, in the same run."""
     values = [int(value) for value in ks.split(",") if value.strip()]
     summary = run_benchmark(
-        samples=samples, dim=dim, centres=centres, ks=values, trials=trials, seed=seed, device=device
+        samples=samples,
+        dim=dim,
+        centres=centres,
+        ks=values,
+        trials=trials,
+        seed=seed,
+        device=device,
+        threads=threads,
     )
     emit(summary, as_json, render)
