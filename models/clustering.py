@@ -25,6 +25,7 @@ What this module adds to a bare ``faiss.Kmeans`` call, and why:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from clusterssl.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 ROWS_PER_CHUNK = 65536
 """Rows processed at once when streaming over a bank (validation, distances, PCA apply): bounds the
@@ -124,6 +127,8 @@ def _resolve_gpus(gpu: bool | int | None) -> int:
 
     available = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if gpu is None:
+        if available == 0:
+            _warn_if_cuda_without_faiss_gpu()
         return available
     if gpu is False or gpu == 0:
         return 0
@@ -133,6 +138,17 @@ def _resolve_gpus(gpu: bool | int | None) -> int:
             f"gpu={gpu!r} but faiss sees {available} GPU(s); install faiss-gpu or pass gpu=None/False"
         )
     return wanted
+
+
+def _warn_if_cuda_without_faiss_gpu() -> None:
+    """A CPU-only faiss on a GPU machine clusters on the CPU without a word: say so, with the fix."""
+    import torch
+
+    if torch.cuda.is_available():
+        log.warning(
+            "CUDA works but faiss sees no GPU, so k-means runs on the CPU: faiss-cpu is installed, or faiss-gpu "
+            "cannot load its CUDA 12 libraries (fix: pip uninstall -y faiss-cpu faiss-gpu; pip install faiss-gpu)"
+        )
 
 
 # ------------------------------------------------------------------------------------------- k-means

@@ -36,3 +36,37 @@ def test_compile_with_sync_batchnorm_is_refused_in_one_line(tmp_path: Path) -> N
         build_train_config(config)
     assert "\n" not in str(refused.value)
     build_train_config({**config, "trainer": {**config["trainer"], "compile": False}})
+
+
+def test_a_gpu_machine_with_cpu_only_faiss_is_told(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import faiss
+
+    from clusterssl.models.clustering import kmeans
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0, raising=False)
+    points = torch.randn(200, 4).numpy()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING", logger="clusterssl.models.clustering"):
+        kmeans(points, 3, niter=2)
+    assert "faiss sees no GPU" not in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with caplog.at_level("WARNING", logger="clusterssl.models.clustering"):
+        kmeans(points, 3, niter=2, init="kmeans++")
+    assert "CUDA works but faiss sees no GPU" in caplog.text and "pip install faiss-gpu" in caplog.text
+
+
+def test_cuda_runs_switch_on_cudnn_benchmark_and_tf32() -> None:
+    from clusterssl.pipeline.train.cuda_runtime import configure_cuda
+
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32)
+    try:
+        cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32 = False, False, False
+        configure_cuda(torch.device("cpu"))
+        assert (cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32) == (False, False, False)
+        configure_cuda(torch.device("cuda", 1))
+        assert (cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32) == (True, True, True)
+    finally:  # process-wide switches: leave them as the other tests expect
+        cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32 = saved

@@ -53,6 +53,7 @@ from clusterssl.pipeline.train.checkpoint import (
     restore_rng_state,
     save_backbone,
 )
+from clusterssl.pipeline.train.cuda_runtime import configure_cuda, to_device_layout
 from clusterssl.pipeline.train.optim import OptimizerStep, build_optimizer, build_schedules
 from clusterssl.pipeline.train.precision import autocast, resolve_precision
 from clusterssl.pipeline.train.train_config import TrainConfig
@@ -168,6 +169,7 @@ class Trainer:
         self.env = DistributedEnv.from_environment()
         self.device = resolve_device(config.trainer.device, self.env)
         init_distributed(self.env, self.device)
+        configure_cuda(self.device)
         if config.trainer.threads:
             torch.set_num_threads(config.trainer.threads)
         self.output_dir = Path(config.trainer.output_dir)
@@ -179,9 +181,12 @@ class Trainer:
         self.eval_spec: MultiCropSpec = config.augment.eval_spec()
 
         torch.manual_seed(config.trainer.seed)
-        self.method: Method = build_method(
-            config.method_name, config.model.backbone, config.method, config.model.backbone_kwargs
-        ).to(self.device)
+        self.method: Method = to_device_layout(
+            build_method(
+                config.method_name, config.model.backbone, config.method, config.model.backbone_kwargs
+            ),
+            self.device,
+        )
         self.model: nn.Module = self._wrap_distributed(self.method)
         if config.trainer.compile:
             self.method.backbone.compile()
