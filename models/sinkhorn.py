@@ -1,6 +1,6 @@
 """Sinkhorn-Knopp equipartition of samples over prototypes (SwAV's online code computation).
 
-Follows METHODS.md: ``Q = exp(s/ε)ᵀ`` is a K × B matrix worked on in float32; it is normalised by its total
+As in SwAV (Caron et al., 2020) and facebookresearch/swav: ``Q = exp(s/ε)ᵀ`` is a K × B matrix worked on in float32; it is normalised by its total
 once, then each iteration divides every prototype row by its sum and by K, then every sample column by its
 sum and by B; finally it is multiplied by B and transposed back. Each sample's code then sums to 1 and each
 prototype receives about B/K of the mass. Under DDP the total and the row sums are all-reduced and B is the
@@ -42,7 +42,7 @@ def sinkhorn(
         # Stabiliser: subtract each prototype's maximum score over the global batch before exp(). Scaling a
         # prototype row of Q by a constant is undone exactly by the first row normalisation, so the codes
         # are unchanged; but exp() can no longer overflow, and every row keeps an entry equal to 1. (A single
-        # global maximum, METHODS.md's suggestion, can underflow whole rows to 0 for small ε, e.g. 0.01, and
+        # global maximum, the usual stabiliser, can underflow whole rows to 0 for small ε, e.g. 0.01, and
         # then 0/0 gives NaN.) The maximum is over all ranks: a per-rank one would scale ranks differently.
         shift = reduce_max(scores.max(dim=0).values)  # (K,)
         q = torch.exp((scores - shift) / epsilon).t()  # (K, B_local): prototypes × samples

@@ -154,12 +154,15 @@ class PipelineSummary:
     interrupted: bool = False
     tracking_uri: str | None = None
     """The MLflow store the pipeline run went to (None: not tracked)."""
+    tracking_error: str | None = None
+    """Why tracking of the pipeline run stopped early (None: its MLflow record is complete)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "run_id": self.run_id,
             "tracking_uri": self.tracking_uri,
+            "tracking_error": self.tracking_error,
             "seconds": round(self.seconds, 2),
             "interrupted": self.interrupted,
             "stages": {
@@ -320,6 +323,7 @@ class PipelineRunner:
             time.perf_counter() - started,
             interrupted,
             tracking_uri=self.parent.tracking_uri,
+            tracking_error=self.parent.error,
         )
 
     # -- stages -------------------------------------------------------------------------------------
@@ -548,15 +552,25 @@ class PipelineRunner:
 
 
 def run_pipeline(config: PipelineConfig, *, progress: bool = True) -> PipelineSummary:
-    """Run the stages, in one process or as one rank of torchrun's (or Slurm's) world."""
+    """Run the stages, in one process or as one rank of torchrun's (or Slurm's) world. The work directory
+    is claimed for the whole run (under torchrun rank 0 takes the lock and every rank follows)."""
+    from clusterssl.pipeline.train.lock import lock_directory
+
     env = DistributedEnv.from_environment()
-    if not env.is_distributed:
-        return PipelineRunner(config, progress=progress).run()
-    init_distributed(env, resolve_device(config.device, env))
+    device = resolve_device(config.device, env)
+    init_distributed(env, device)
     try:
-        return PipelineRunner(config, progress=progress, env=env).run()
+        with lock_directory(
+            config.workdir,
+            owner="pipeline run",
+            hint="choose another --set workdir=…",
+            env=env,
+            device=device,
+        ):
+            return PipelineRunner(config, progress=progress, env=env).run()
     finally:
-        shutdown_distributed()
+        if env.is_distributed:
+            shutdown_distributed()
 
 
 def check_single_process() -> None:

@@ -1,6 +1,6 @@
 """Shared fixtures (and, for every test, temporary files kept under pytest's own temporary root).
 
-``digits16``: the built-in digits at 16 px (``train/`` and ``val/`` shard sets), converted once per session.
+``digits16``: the built-in digits at 16 px (``train/`` and ``val/`` shard sets), converted once per test run.
 
 ``sequential_bank``: the reference feature store of the 16-px digits (``extraction_helpers``'s tiny
 module, one process, no worker, shards and samples in stored order).
@@ -86,6 +86,15 @@ def encode(image: Image.Image, fmt: str, **save_args: object) -> bytes:
 
 def jpeg_bytes(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE) -> bytes:
     return encode(noise_image(rng, size), "JPEG", quality=90)
+
+
+def with_declared_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """``jpeg`` with its frame header claiming ``width``×``height``: a decompression bomb when large (the
+    markers stay intact, so only the declared size gives it away)."""
+    sof = min(at for marker in (b"\xff\xc0", b"\xff\xc2") if (at := jpeg.find(marker)) > 0)
+    patched = bytearray(jpeg)
+    patched[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(patched)
 
 
 @pytest.fixture(autouse=True, scope="session")

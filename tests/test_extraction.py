@@ -1,4 +1,4 @@
-"""The index-stable extraction pass (pipeline/extraction.py) on real shards: the bank does not depend on
+"""The index-stable extraction pass (pipeline/features/extraction.py) on real shards: the bank does not depend on
 the loader layout, every row is written once, and an interrupted pass resumes to the same bank."""
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def _statistics(batches: list, spec: MultiCropSpec) -> list[tuple[np.ndarray, np
 
 
 def test_backends_agree_on_view_statistics(shards: Path) -> None:
-    """Both backends get the same per-sample parameters (pipeline.augment) and differ only in how they
+    """Both backends get the same per-sample parameters (pipeline.data.augment) and differ only in how they
     interpolate and round: per pixel 0.3-0.6 grey levels on average (p99 2-5 levels, measured), so
     per-sample means differ by hundredths of a level. The tolerances — 0.5 level (of 255) on the mean
     brightness and saturation of each view over 320 samples, per-sample correlation > 0.995 — leave

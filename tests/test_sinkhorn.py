@@ -1,4 +1,4 @@
-"""Sinkhorn-Knopp: a hand-worked case, the marginals, and equality with a float64 transcription of METHODS.md."""
+"""Sinkhorn-Knopp: a hand-worked case, the marginals, and equality with a float64 transcription of SwAV's."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from clusterssl.models.sinkhorn import sinkhorn
 
 
 def reference_sinkhorn(scores: np.ndarray, epsilon: float, iterations: int) -> np.ndarray:
-    """METHODS.md, word for word, in float64 with explicit loops and no stabiliser."""
+    """SwAV's Sinkhorn-Knopp (Caron et al., 2020), step by step, in float64 with explicit loops and no stabiliser."""
     q = np.exp(scores.astype(np.float64) / epsilon).T  # K × B
     num_prototypes, batch = q.shape
     q = q / q.sum()

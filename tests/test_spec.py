@@ -1,4 +1,4 @@
-"""Multi-crop specs: the presets are exactly the papers' recipes as issue 3 states them; overrides work."""
+"""Multi-crop specs: the presets are exactly the SwAV and DINO papers' recipes; overrides work."""
 
 from __future__ import annotations
 

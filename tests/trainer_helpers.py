@@ -11,7 +11,7 @@ from clusterssl.pipeline.data.datasets import ensure_builtin_digits
 
 
 def digits_dir(cache: Path) -> Path:
-    """The built-in digits at 16 px, converted once per test session into ``cache``."""
+    """The built-in digits at 16 px, converted once per test run into ``cache``."""
     return ensure_builtin_digits(cache, image_size=16)
 
 

@@ -1,6 +1,6 @@
 """Benchmark: the extraction pass against the bare forward pass of the same backbone, in one run.
 
-The extraction pass (``pipeline.extraction.extract_features``: loader with the eval view, forward, rows
+The extraction pass (``pipeline.features.extraction.extract_features``: loader with the eval view, forward, rows
 all-gathered and written into an on-disk bank by index, exactly-once check) is timed over the whole
 shard set. The baseline is the same backbone's forward alone, over the same batches pre-loaded into
 memory (the first ``--preload-batches`` of the pass's own loader, all of them by default) and already on
@@ -8,7 +8,7 @@ the device: the ceiling the pass would reach if reading, decoding and writing co
 best of ``--repeats`` runs after a warm-up; the ratio of their images/s is the figure (target >= 90%).
 
     clusterssl bench extract [DATA] [--backbone resnet18] [--size 32] [--json]
-    python -m tools.bench_extract [DATA] …
+    python -m clusterssl.tools.bench_extract [DATA] …
 
 DATA is a shard directory (or its manifest) or ``digits`` (the default: the built-in 1,618 training
 digits at 32 px).
@@ -201,7 +201,7 @@ def extract_command(as_json: bool, **options: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    extract_command.main(args=argv, prog_name="python -m tools.bench_extract")
+    extract_command.main(args=argv, prog_name="python -m clusterssl.tools.bench_extract")
 
 
 if __name__ == "__main__":

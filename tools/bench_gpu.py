@@ -201,7 +201,7 @@ def measure_training(
     def step(number: int) -> None:
         context.step = number
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            output = model(batch)
+            output = model(batch, context)
         optimizer(output.loss, model, context)
         model.on_step_end(context)
 

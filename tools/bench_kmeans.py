@@ -13,7 +13,7 @@ max_iter=300)``. The scikit-learn run takes minutes on 2 cores; ``--sklearn-n-in
 ``--sklearn-max-iter`` shorten it for a quick look (the printout says when the configuration is not the
 stated one).
 
-    python -m tools.bench_kmeans [--json]
+    python -m clusterssl.tools.bench_kmeans [--json]
     clusterssl bench kmeans [--json]
 """
 
@@ -193,7 +193,7 @@ def kmeans_command(as_json: bool, **options: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    kmeans_command.main(args=argv, prog_name="python -m tools.bench_kmeans")
+    kmeans_command.main(args=argv, prog_name="python -m clusterssl.tools.bench_kmeans")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ option and ``emit`` (every command's final summary), and common click options. C
 from here, not from ``tools.cli``, which imports the command modules itself.
 
 Extraction options (`clusterssl extract`, `clusterssl eval knn`, `clusterssl bench extract`) become a
-``pipeline.extraction.ExtractionSettings``; their defaults are that class's (tests check both agree).
+``pipeline.features.extraction.ExtractionSettings``; their defaults are that class's (tests check both agree).
 Tracking options (`train`, `run`, `eval knn`) become overrides of a config's ``tracking`` section. Crop sides serve the benchmarks
 that build a multi-crop preset (`bench loader`, `bench train`).
 """

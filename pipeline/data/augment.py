@@ -9,7 +9,7 @@ rank or batch position a sample lands in, so
 * the DALI backend is fed the very same parameters and produces the same views as the torch backend,
   up to interpolation rounding.
 
-Per view the parameters are (see ``pipeline.spec`` for the semantics):
+Per view the parameters are (see ``clusterssl.pipeline.data.spec`` for the semantics):
 
     box      (top, left, height, width) in pixels of the decoded image
     flip     horizontal flip

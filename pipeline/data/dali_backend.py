@@ -3,20 +3,20 @@
 One pipeline per (rank, epoch), built from the plan so that DALI reads exactly the planned samples in the
 planned order:
 
-    plan (pipeline.epoch, one unit) ──► a temporary DALI index per run of slots in one shard, listing
+    plan (pipeline.data.epoch, one unit) ──► a temporary DALI index per run of slots in one shard, listing
         those samples' index lines in slot order (a sample repeated is listed twice, a skipped one not
         at all, a corrupt one replaced by a good sample of its batch) ──► readers.webdataset(paths,
         index_paths, ext jpg/label/index, dtypes UINT8/INT64/INT64, no DALI shuffle: the plan already
         permuted shards and samples from (seed, epoch))
     decoders.image (``mixed`` = nvJPEG on a GPU, CPU otherwise; decoded once per sample)
-    per view, parameters from ``pipeline.augment`` through external_source (the same draws as the torch
+    per view, parameters from ``pipeline.data.augment`` through external_source (the same draws as the torch
     backend, keyed by sample, so resuming at batch k just starts the index files at slot k·batch):
         resize with an ROI (the crop box; antialiased linear) ─► colour: coord_transform by the 3×3
         matrix + mean-luma × offset, clamped ─► gaussian_blur (conditional) ─► solarise as
         min(x, 255 − x) (conditional) ─► crop_mirror_normalize (flip, normalise, CHW float)
 
 Without a GPU the same graph runs on the CPU with ``device_id=None``. Corrupt samples are found before the
-pipeline is built (``pipeline.integrity``: truncated tars from the index offsets, bad JPEGs by a
+pipeline is built (``pipeline.data.integrity``: truncated tars from the index offsets, bad JPEGs by a
 structural check, cached in a sidecar), because DALI stops on them.
 """
 

@@ -16,7 +16,7 @@ jitter, grayscale, Gaussian blur and solarisation, then normalisation:
     normalise:  (x / 255 - mean) / std per channel
 
 Both backends (DALI and torch) implement exactly this list, so they produce the same distribution of
-views; the random parameters themselves are drawn once, in ``pipeline.augment``, for both.
+views; the random parameters themselves are drawn once, in ``clusterssl.pipeline.data.augment``, for both.
 """
 
 from __future__ import annotations
