@@ -12,7 +12,9 @@ What this module adds to a bare ``faiss.Kmeans`` call, and why:
 - **A better seeding.** faiss seeds with ``k`` random points. On data made of many compact clusters this
   leaves ~1/e of them without a seed and 20 Lloyd iterations cannot recover (measured: 10% above
   scikit-learn's objective on 1,000 Gaussian clusters, tools/bench_kmeans.py). The default
-  ``init="kmeans++"`` seeds with greedy k-means++ (Arthur & Vassilvitskii 2007; each seed the best of
+  ``init="kmeans||"`` seeds with k-means‖ (Bahmani et al. 2012, models/seeding.py): a few passes that
+  each draw many candidates, then k-means++ on the weighted candidates; its cost grows with k like a
+  Lloyd iteration's, not like k sequential passes. ``init="kmeans++"`` seeds with greedy k-means++ (Arthur & Vassilvitskii 2007; each seed the best of
   ``init_trials`` candidates drawn in proportion to the squared distance to the seeds so far) on a seeded
   subsample of ``init_points_per_centroid * k`` points, then runs faiss's Lloyd iterations on all points.
   ``init="random"`` is faiss's own seeding, as in the DeepCluster and PCL originals.
@@ -23,6 +25,7 @@ What this module adds to a bare ``faiss.Kmeans`` call, and why:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,11 +35,13 @@ import numpy as np
 
 from clusterssl.errors import ModelError
 
+log = logging.getLogger(__name__)
+
 ROWS_PER_CHUNK = 65536
 """Rows processed at once when streaming over a bank (validation, distances, PCA apply): bounds the
 temporary memory to ``ROWS_PER_CHUNK * D`` floats whatever N is."""
 
-KMEANS_INITS = ("kmeans++", "random")
+KMEANS_INITS = ("kmeans||", "kmeans++", "random")
 
 MAX_REPAIR_ROUNDS = 10
 
@@ -122,6 +127,8 @@ def _resolve_gpus(gpu: bool | int | None) -> int:
 
     available = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if gpu is None:
+        if available == 0:
+            _warn_if_cuda_without_faiss_gpu()
         return available
     if gpu is False or gpu == 0:
         return 0
@@ -131,6 +138,17 @@ def _resolve_gpus(gpu: bool | int | None) -> int:
             f"gpu={gpu!r} but faiss sees {available} GPU(s); install faiss-gpu or pass gpu=None/False"
         )
     return wanted
+
+
+def _warn_if_cuda_without_faiss_gpu() -> None:
+    """A CPU-only faiss on a GPU machine clusters on the CPU without a word: say so, with the fix."""
+    import torch
+
+    if torch.cuda.is_available():
+        log.warning(
+            "CUDA works but faiss sees no GPU, so k-means runs on the CPU: faiss-cpu is installed, or faiss-gpu "
+            "cannot load its CUDA 12 libraries (fix: pip uninstall -y faiss-cpu faiss-gpu; pip install faiss-gpu)"
+        )
 
 
 # ------------------------------------------------------------------------------------------- k-means
@@ -147,7 +165,7 @@ def kmeans(
     nredo: int = 1,
     max_points_per_centroid: int | None = None,
     verbose: bool = False,
-    init: str = "kmeans++",
+    init: str = "kmeans||",
     init_points_per_centroid: int = 10,
     init_trials: int = 32,
 ) -> KMeansResult:
@@ -163,7 +181,9 @@ def kmeans(
                lowest objective on all points.
     max_points_per_centroid: train on a random subsample of at most this many points per centroid
                (faiss's knob). None = every point. The final assignment always covers every point.
-    init:      ``"kmeans++"`` (greedy k-means++ on a subsample, the default) or ``"random"`` (faiss).
+    init:      ``"kmeans||"`` (k-means‖ on a subsample, the default: models/seeding.py, a few wide passes
+               instead of k sequential ones, on the GPU when faiss uses one), ``"kmeans++"`` (greedy
+               k-means++ on a subsample, one seed per pass) or ``"random"`` (faiss).
     init_points_per_centroid, init_trials: the k-means++ seeding runs on a subsample of
                ``init_points_per_centroid * k`` points (capped, see ``SEEDING_WORK_BUDGET``) and picks
                each seed as the best of ``init_trials`` candidates. Its cost is linear in both; more
@@ -256,6 +276,8 @@ def _kmeans_once(
         initial = sample[kmeanspp_seeds(sample, k, rng, n_trials=init_trials)]
         if spherical:
             initial = _unit_rows(initial)
+    elif init == "kmeans||":
+        initial = _parallel_seeding(training, k, rng, init_points_per_centroid, num_gpus, spherical)
 
     clustering = faiss.Kmeans(
         dim,
@@ -281,6 +303,30 @@ def _kmeans_once(
     )
     objective = float(squared_distances_to_centroids(matrix, centroids, assignments).sum(dtype=np.float64))
     return KMeansResult(centroids, assignments, objective)
+
+
+def _parallel_seeding(
+    training: np.ndarray,
+    k: int,
+    rng: np.random.Generator,
+    points_per_centroid: int,
+    num_gpus: int,
+    spherical: bool,
+) -> np.ndarray:
+    """k-means‖ seeds (k, D) from a seeded subsample of ``points_per_centroid * k`` training points; its
+    passes are wide matrix products, so it runs on this process's GPU when faiss clusters on one."""
+    import torch
+
+    from clusterssl.models.seeding import kmeans_parallel_seeds
+
+    rows = np.arange(training.shape[0])
+    if points_per_centroid * k < training.shape[0]:
+        rows = np.sort(rng.choice(training.shape[0], size=points_per_centroid * k, replace=False))
+    sample = np.ascontiguousarray(training[rows])
+    on_gpu = num_gpus > 0 and torch.cuda.is_available()
+    points = torch.from_numpy(sample).to("cuda" if on_gpu else "cpu")
+    initial = sample[kmeans_parallel_seeds(points, k, rng)]
+    return _unit_rows(initial) if spherical else initial
 
 
 def kmeanspp_seeds(

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clusterssl.models.fp32 import fp32_matmul
+
 
 class ProjectionHead(nn.Module):
     """MLP ``in_dim → hidden_dim (→ BN) → ReLU … → out_dim``; SwAV's is 2048 → 2048 BN ReLU → 128.
@@ -65,7 +67,7 @@ class Prototypes(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        return x @ self.weight.t()
+        return fp32_matmul(x, self.weight.t())  # scores ÷ a small temperature: see models/fp32.py
 
     @torch.no_grad()
     def normalize_(self) -> None:
@@ -95,7 +97,7 @@ class WeightNormLinear(nn.Module):
         return self.magnitude * F.normalize(self.direction, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x @ self.weight.t()
+        return fp32_matmul(x, self.weight.t())  # DINO's logits ÷ 0.04: see models/fp32.py
 
 
 class DINOHead(nn.Module):

@@ -35,6 +35,7 @@ from clusterssl.models.clustering import (
     multi_kmeans,
 )
 from clusterssl.models.ema import ema_update_, frozen_copy
+from clusterssl.models.fp32 import fp32_matmul
 from clusterssl.models.heads import NormalizedEmbedding, projection_head
 from clusterssl.models.method import Method, MethodConfig, TrainContext
 from clusterssl.models.metrics import scalar_metrics
@@ -160,8 +161,8 @@ def info_nce_logits(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> 
         raise ModelError(
             f"InfoNCE shapes: q {tuple(q.shape)}, k {tuple(k.shape)}, queue {tuple(queue.shape)}"
         )
-    positive = (q * k.detach()).sum(dim=1, keepdim=True)
-    negative = q @ queue.detach().T
+    positive = (q.float() * k.detach().float()).sum(dim=1, keepdim=True)  # float32: see models/fp32.py
+    negative = fp32_matmul(q, queue.detach().T)
     logits = torch.cat([positive, negative], dim=1) / temperature
     targets = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return logits, targets
@@ -220,7 +221,7 @@ def proto_nce_logits(
     columns, targets = select_prototype_columns(positives, centroids.shape[0], num_negatives, generator)
     prototypes = centroids.detach().to(q.device)[columns]
     temperatures = phi.detach().to(q.device)[columns]
-    logits = (q[valid] @ prototypes.T) / temperatures
+    logits = fp32_matmul(q[valid], prototypes.T) / temperatures
     return logits, targets
 
 

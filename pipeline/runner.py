@@ -8,6 +8,11 @@ that was interrupted (its record says ``running``) is resumed — the conversion
 pretraining from its checkpoint, the extraction from its bank's written-rows bitmap. Skipped stages
 still get a child run (tagged ``skipped``) that points at the run and outputs they reuse, so the MLflow
 record of every pipeline run can be followed from the final k-NN figure back to the shards' manifest.
+
+Under torchrun (or one srun task per rank) the pretrain and extract stages run on every rank, as
+``clusterssl train``/``extract`` do; convert, cluster and evaluate run on rank 0 while the others wait.
+Rank 0 alone reads and writes the stage records and the MLflow runs, and tells the other ranks which
+stages to skip or resume, so every rank takes the same path through the pipeline.
 """
 
 from __future__ import annotations
@@ -26,6 +31,15 @@ from typing import TYPE_CHECKING, Any
 from clusterssl.config import apply_overrides, flatten, from_dict, read_yaml, to_dict
 from clusterssl.errors import PipelineError
 from clusterssl.pipeline.tracking.runs import Tracker, TrackingConfig, open_tracker, tracking_run
+from clusterssl.pipeline.train.world import (
+    DistributedEnv,
+    barrier,
+    init_distributed,
+    on_rank0,
+    resolve_device,
+    shutdown_distributed,
+    waiting_group,
+)
 
 if TYPE_CHECKING:
     from clusterssl.pipeline.features.extraction import ExtractionSettings
@@ -94,6 +108,9 @@ class PipelineConfig:
     backend: str = "auto"
     num_workers: int = 2
     device: str = "auto"
+    wait_timeout_s: float = 6 * 3600.0
+    """Under torchrun: how long the other ranks wait while rank 0 converts, clusters or evaluates alone.
+    Raise it for conversions or clusterings of very large sets."""
     convert: ConvertSection = field(default_factory=ConvertSection)
     pretrain: PretrainSection = field(default_factory=PretrainSection)
     extract: ExtractSection = field(default_factory=ExtractSection)
@@ -166,12 +183,20 @@ class _Interrupted(Exception):
 
 
 class PipelineRunner:
-    def __init__(self, config: PipelineConfig, *, progress: bool = True) -> None:
+    def __init__(
+        self, config: PipelineConfig, *, progress: bool = True, env: DistributedEnv | None = None
+    ) -> None:
         self.config = config
-        self.progress = progress
+        self.env = env or DistributedEnv()
+        self.progress = progress and self.env.is_main
         self.workdir = Path(config.workdir)
         self.records_dir = self.workdir / "stages"
         self.parent: Tracker | None = None
+        self._wait_group: Any = None
+
+    def _on_rank0(self, what: str, work: Callable[[], Any]) -> Any:
+        """``work`` on rank 0, its result on every rank (just ``work()`` in one process)."""
+        return on_rank0(self.env, work, self._wait_group, what)
 
     # -- records ------------------------------------------------------------------------------------
     def _record_path(self, stage: str) -> Path:
@@ -200,33 +225,41 @@ class PipelineRunner:
         stage_fingerprint: str,
         outputs_exist: Callable[[StageRecord], bool],
         run: Callable[[bool], tuple[dict[str, Any], str | None]],
+        *,
+        every_rank: bool = False,
     ) -> StageResult:
         """Skip ``stage`` when its record matches and its outputs exist; else run it (``run(resuming)``
-        returns the outputs and the MLflow run id of its child run)."""
-        previous = self._read_record(stage)
-        if (
-            previous is not None
-            and previous.status == "complete"
-            and previous.fingerprint == stage_fingerprint
-            and outputs_exist(previous)
-        ):
+        returns the outputs and the MLflow run id of its child run).
+
+        ``every_rank``: every rank calls this and runs ``run``; rank 0's reading of the record decides for
+        all, and its final record (outputs, run id) is the one every rank returns.
+        """
+
+        def decide() -> tuple[StageRecord | None, bool, bool]:
+            previous = self._read_record(stage)
+            same = previous is not None and previous.fingerprint == stage_fingerprint
+            skip = same and previous.status == "complete" and outputs_exist(previous)  # type: ignore[union-attr]
+            resuming = same and previous.status == "running"  # type: ignore[union-attr]
+            return previous, skip, resuming
+
+        share = self._on_rank0 if every_rank else (lambda _what, work: work())
+        previous, skip, resuming = share(f"the {stage} stage", decide)
+        if skip:
+            assert previous is not None
             self._log_skipped(previous)
             return StageResult(previous, skipped=True)
-        resuming = (
-            previous is not None
-            and previous.status == "running"
-            and previous.fingerprint == stage_fingerprint
-        )
         if previous is not None and not resuming:
             log.info("%s: settings or inputs changed since the last run; running it again", stage)
         started = time.perf_counter()
-        self._write_record(StageRecord(stage, stage_fingerprint, "running"))
+        if self.env.is_main:
+            self._write_record(StageRecord(stage, stage_fingerprint, "running"))
         outputs, run_id = run(resuming)
         record = StageRecord(
             stage, stage_fingerprint, "complete", outputs, run_id, seconds=time.perf_counter() - started
         )
-        self._write_record(record)
-        return StageResult(record, skipped=False)
+        if self.env.is_main:
+            self._write_record(record)
+        return StageResult(share(f"the {stage} stage", lambda: record), skipped=False)
 
     def _child(self, stage: str, tags: Mapping[str, str] | None = None) -> Tracker:
         assert self.parent is not None
@@ -234,6 +267,7 @@ class PipelineRunner:
         return open_tracker(
             tracking,
             run_name=tracking.run_name or stage,
+            rank=self.env.rank,
             parent_run_id=self.parent.run_id,
             tags={"stage": stage, "pipeline": self.config.name, **(tags or {})},
         )
@@ -247,9 +281,11 @@ class PipelineRunner:
     def run(self) -> PipelineSummary:
         started = time.perf_counter()
         tracking = replace(self.config.tracking, run_name=f"pipeline-{self.config.name}")
+        self._wait_group = waiting_group(self.env, self.config.wait_timeout_s)
         self.parent = open_tracker(
             tracking,
             run_name=tracking.run_name or "pipeline",
+            rank=self.env.rank,
             tags={"stage": "pipeline", "pipeline": self.config.name},
         )
         parent_run_id = self.parent.run_id
@@ -258,14 +294,18 @@ class PipelineRunner:
         status = "FINISHED"
         try:
             self.parent.log_params(flatten(to_dict(self.config)))
-            results["convert"] = self._convert()
+            results["convert"] = self._on_rank0("the convert stage", self._convert)
             results["pretrain"] = self._pretrain(results["convert"])
             if self.config.extract.enabled:
                 results["extract"] = self._extract(results["pretrain"])
                 if self.config.cluster.enabled:
-                    results["cluster"] = self._cluster(results["extract"])
+                    extract = results["extract"]
+                    results["cluster"] = self._on_rank0("the cluster stage", lambda: self._cluster(extract))
             if results["convert"].record.outputs.get("val"):
-                results["evaluate"] = self._evaluate(results["convert"], results["pretrain"])
+                convert, pretrain = results["convert"], results["pretrain"]
+                results["evaluate"] = self._on_rank0(
+                    "the evaluate stage", lambda: self._evaluate(convert, pretrain)
+                )
                 self.parent.log_metrics(
                     {k: v for k, v in results["evaluate"].record.outputs.items() if isinstance(v, float)},
                     step=0,
@@ -363,8 +403,9 @@ class PipelineRunner:
         output_dir = Path(config.trainer.output_dir)
 
         def run(resuming: bool) -> tuple[dict[str, Any], str | None]:
-            if not resuming and output_dir.exists():
+            if not resuming and output_dir.exists() and self.env.is_main:
                 shutil.rmtree(output_dir)  # a checkpoint of other settings must not be continued
+            barrier(self.env)
             assert self.parent is not None
             summary = train(config, resume=resuming, progress=self.progress, parent_run_id=self.parent.run_id)
             if summary.interrupted:
@@ -381,6 +422,7 @@ class PipelineRunner:
             stage_fingerprint,
             lambda r: bool(r.outputs.get("backbone")) and Path(r.outputs["backbone"]).is_file(),
             run,
+            every_rank=True,
         )
 
     def _extract(self, pretrain: StageResult) -> StageResult:
@@ -391,8 +433,9 @@ class PipelineRunner:
         bank_dir = self.workdir / "bank"
 
         def run(resuming: bool) -> tuple[dict[str, Any], str | None]:
-            if not resuming and bank_dir.exists():
+            if not resuming and bank_dir.exists() and self.env.is_main:
                 shutil.rmtree(bank_dir)
+            barrier(self.env)
             child = self._child("extract")
             with tracking_run(child):
                 child.log_params(
@@ -422,6 +465,7 @@ class PipelineRunner:
             stage_fingerprint,
             lambda r: (Path(r.outputs.get("bank", "")) / "bank.json").is_file(),
             run,
+            every_rank=True,
         )
 
     def _cluster(self, extract: StageResult) -> StageResult:
@@ -508,21 +552,32 @@ class PipelineRunner:
 
 
 def run_pipeline(config: PipelineConfig, *, progress: bool = True) -> PipelineSummary:
-    """Run the stages in one process (refused under torchrun: the runner is not rank-aware)."""
+    """Run the stages, in one process or as one rank of torchrun's (or Slurm's) world. The work directory
+    is claimed for the whole run (under torchrun rank 0 takes the lock and every rank follows)."""
     from clusterssl.pipeline.train.lock import lock_directory
 
-    check_single_process()
-    with lock_directory(config.workdir, owner="pipeline run", hint="choose another --set workdir=…"):
-        return PipelineRunner(config, progress=progress).run()
+    env = DistributedEnv.from_environment()
+    device = resolve_device(config.device, env)
+    init_distributed(env, device)
+    try:
+        with lock_directory(
+            config.workdir,
+            owner="pipeline run",
+            hint="choose another --set workdir=…",
+            env=env,
+            device=device,
+        ):
+            return PipelineRunner(config, progress=progress, env=env).run()
+    finally:
+        if env.is_distributed:
+            shutdown_distributed()
 
 
 def check_single_process() -> None:
-    """Under torchrun every rank would convert, write the stage records and open MLflow runs of its own."""
-    from clusterssl.pipeline.train.world import DistributedEnv
-
+    """For commands that are one process by design (the demo runs several pipelines back to back)."""
     world_size = DistributedEnv.from_environment().world_size
     if world_size > 1:
         raise PipelineError(
-            f"the pipeline runs as one process, not under torchrun (WORLD_SIZE={world_size}); run it with "
-            "plain `clusterssl run`, or run its pretrain stage under torchrun with `clusterssl train CONFIG`"
+            f"this command runs as one process, not under torchrun (WORLD_SIZE={world_size}); run it plain, "
+            "or run `clusterssl run PIPELINE.yaml` or `clusterssl train CONFIG` under torchrun"
         )

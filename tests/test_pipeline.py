@@ -113,7 +113,7 @@ def test_bad_pipeline_settings_are_one_line(tmp_path: Path, key: str) -> None:
     assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
 
 
-def test_run_under_torchrun_stops_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_under_torchrun_stops_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
     from clusterssl.tools.cli import cli
@@ -122,8 +122,8 @@ def test_run_under_torchrun_stops_before_any_work(tmp_path: Path, monkeypatch: p
     path.write_text(yaml.safe_dump(pipeline_dict(tmp_path)))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    for args in (["run", str(path)], ["demo", "--methods", "swav", "--data-dir", str(tmp_path / "data"),
-                                      "--workdir", str(tmp_path / "work")]):  # fmt: skip
+    for args in (["demo", "--methods", "swav", "--data-dir", str(tmp_path / "data"),
+                  "--workdir", str(tmp_path / "work")],):  # fmt: skip
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 2, result.output
         [line] = [line for line in result.stderr.splitlines() if line.strip()]

@@ -179,6 +179,20 @@ def _register_kmeans() -> None:
     bench.add_command(kmeans_command, "kmeans")
 
 
+def _register_seeding() -> None:
+    """`bench seeding` is defined beside its benchmark code (tools/bench_seeding.py)."""
+    from clusterssl.tools.bench_seeding import seeding_command
+
+    bench.add_command(seeding_command, "seeding")
+
+
+def _register_gpu() -> None:
+    """`bench gpu` is defined beside its benchmark code (tools/bench_gpu.py)."""
+    from clusterssl.tools.bench_gpu import gpu_command
+
+    bench.add_command(gpu_command, "gpu")
+
+
 def _register_extract() -> None:
     """`bench extract` is defined beside its benchmark code (tools/bench_extract.py)."""
     from clusterssl.tools.bench_extract import extract_command
@@ -187,6 +201,8 @@ def _register_extract() -> None:
 
 
 _register_kmeans()
+_register_seeding()
+_register_gpu()
 _register_extract()
 
 

@@ -30,16 +30,19 @@ def run(
     as_json: bool,
 ) -> None:
     """Run convert → pretrain → extract → cluster → evaluate (a path, or a bundled name such as
-    pipeline_digits). Stages whose outputs exist and match are skipped; an interrupted stage resumes."""
+    pipeline_digits). Stages whose outputs exist and match are skipped; an interrupted stage resumes.
+    Under torchrun, pretrain and extract run on every rank, the other stages on rank 0."""
     from clusterssl.config import resolve_config_path
     from clusterssl.pipeline.runner import load_pipeline_config, run_pipeline
+    from clusterssl.pipeline.train.world import DistributedEnv
 
     config = load_pipeline_config(
         resolve_config_path(pipeline_config),
         [*overrides, *tracking_overrides(no_track, tracking_uri, experiment)],
     )
     summary = run_pipeline(config, progress=not as_json)
-    emit(summary.to_json(), as_json, render_pipeline)
+    if DistributedEnv.from_environment().is_main:  # one summary per run, not one per rank
+        emit(summary.to_json(), as_json, render_pipeline)
     if summary.interrupted:
         raise SystemExit(130)
 

@@ -21,9 +21,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+from clusterssl.errors import PipelineError
 from clusterssl.models.types import PADDING_INDEX, Batch
 from clusterssl.pipeline.data.epoch import DEFAULT_WINDOW, RankPlan, epoch_sequence, plan_rank
-from clusterssl.errors import PipelineError
 from clusterssl.pipeline.data.shardset import ShardSet, resolve_shards
 from clusterssl.pipeline.data.spec import AugmentConfig, MultiCropSpec, resolve_spec
 from clusterssl.pipeline.data.torch_backend import WorkerBatch
@@ -61,7 +61,11 @@ class LoaderStats:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's GPU when CUDA works (the local rank's under torchrun or srun, not every rank on GPU
+    0), else the CPU."""
+    from clusterssl.pipeline.train.world import DistributedEnv, resolve_device
+
+    return resolve_device("auto", DistributedEnv.from_environment())
 
 
 def choose_backend(backend: str, device: torch.device, shardset: ShardSet) -> str:

@@ -137,7 +137,12 @@ def extract_features(
             labels = (batch.labels if batch.labels is not None else torch.full_like(batch.index, -1)).to(
                 device
             )
-            features, index, labels = all_gather_cat(features), all_gather_cat(index), all_gather_cat(labels)
+            if env.is_distributed:  # not for a rank-0-only pass inside a torchrun world
+                features, index, labels = (
+                    all_gather_cat(features),
+                    all_gather_cat(index),
+                    all_gather_cat(labels),
+                )
             if bank is None:
                 bank = FeatureStore.create(
                     num_samples, features.shape[1], directory=out_path, dtype=dtype, source=source

@@ -75,16 +75,27 @@ def _write_failure(error: BaseException) -> str:
 
 
 def rng_state() -> dict[str, Any]:
+    """The CPU generator and the generator of this process's own GPU (the current device: each rank's,
+    once the process group has set it). Not every visible GPU's: a resume on a machine with fewer GPUs,
+    or under Slurm's one-GPU-per-task ``CUDA_VISIBLE_DEVICES``, must find a state for its device."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    device = torch.cuda.current_device()
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+    elif state.get("cuda"):
+        # older checkpoints: one state per GPU the saving process saw; take this device's when the saver
+        # had it, else the first (the saving rank's own GPU in the usual one-GPU-per-rank layout)
+        saved = state["cuda"]
+        torch.cuda.set_rng_state(saved[device] if device < len(saved) else saved[0], device)
 
 
 def make_checkpoint(

@@ -131,7 +131,17 @@ def build_train_config(data: dict[str, Any], overrides: Sequence[str] = ()) -> T
         raise PipelineError("the config needs a method section with a name (swav, dino, deepcluster, …)")
     config = from_dict(TrainConfig, data)
     config.method = method_config(method)
+    check_gpu_settings(config)
     return config
+
+
+def check_gpu_settings(config: TrainConfig) -> None:
+    """Refuse the setting pairs known to fail on GPUs, before a job waits in a queue to find out."""
+    if config.trainer.compile and config.model.sync_batchnorm:
+        raise PipelineError(
+            "trainer.compile and model.sync_batchnorm do not work together (torch.compile does not support "
+            "SyncBatchNorm's cross-GPU statistics); set one of them to false"
+        )
 
 
 def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:

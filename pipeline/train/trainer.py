@@ -50,6 +50,7 @@ from clusterssl.pipeline.features.passes import RunPasses
 from clusterssl.pipeline.tracking.plots import plot_loss_curve, plot_model_attention
 from clusterssl.pipeline.tracking.runs import Tracker, git_commit, open_tracker, tracking_run
 from clusterssl.pipeline.train.checkpoint import BACKBONE_NAME, RunCheckpoints, RunPosition, save_backbone
+from clusterssl.pipeline.train.cuda_runtime import configure_cuda, to_device_layout
 from clusterssl.pipeline.train.lock import lock_directory
 from clusterssl.pipeline.train.metric_window import MetricWindow, WindowValues
 from clusterssl.pipeline.train.metrics_log import rewind_metrics
@@ -248,6 +249,7 @@ class Trainer:
         self.env = DistributedEnv.from_environment()
         self.device = resolve_device(config.trainer.device, self.env)
         init_distributed(self.env, self.device)
+        configure_cuda(self.device)
         if config.trainer.threads:
             torch.set_num_threads(config.trainer.threads)
         self.output_dir = Path(config.trainer.output_dir)
@@ -259,9 +261,12 @@ class Trainer:
         self.spec: MultiCropSpec = config.augment.to_spec()
 
         torch.manual_seed(config.trainer.seed)
-        method = build_method(
-            config.method_name, config.model.backbone, config.method, config.model.backbone_kwargs
-        ).to(self.device)
+        method = to_device_layout(
+            build_method(
+                config.method_name, config.model.backbone, config.method, config.model.backbone_kwargs
+            ),
+            self.device,
+        )
         self.method: Method
         self.method, self.model = wrap_distributed(
             method, self.env, self.device, sync_batchnorm=config.model.sync_batchnorm

@@ -1,22 +1,26 @@
-"""The process layout of a run: rank, world size and device, as torchrun describes them.
+"""The process layout of a run: rank, world size and device, as torchrun (or Slurm's srun) describes them.
 
 A plain ``python``/``clusterssl`` process is rank 0 of a world of 1 and never touches
-torch.distributed; under ``torchrun`` the process group is created here (NCCL on GPUs, gloo on CPUs).
+torch.distributed; under ``torchrun`` or one ``srun`` task per rank the process group is created here
+(NCCL on GPUs, gloo on CPUs).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from clusterssl.errors import PipelineError
+from clusterssl.pipeline.train.slurm import is_slurm_step, slurm_layout
+
+T = TypeVar("T")
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -26,6 +30,9 @@ class DistributedEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    master_addr: str | None = None
+    """Where rank 0 listens, when it is not torchrun's MASTER_ADDR/MASTER_PORT (a Slurm step)."""
+    master_port: int | None = None
 
     @property
     def is_distributed(self) -> bool:
@@ -37,7 +44,13 @@ class DistributedEnv:
 
     @classmethod
     def from_environment(cls) -> DistributedEnv:
-        """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK (absent: a single process)."""
+        """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else Slurm's task variables (absent: a single
+        process)."""
+        if is_slurm_step(os.environ):
+            layout = slurm_layout(os.environ)
+            return cls(
+                layout.rank, layout.world_size, layout.local_rank, layout.master_addr, layout.master_port
+            )
         try:
             return cls(
                 rank=int(os.environ.get("RANK", 0)),
@@ -70,7 +83,16 @@ def init_distributed(env: DistributedEnv, device: torch.device, timeout_s: float
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    if env.master_addr is None:  # torchrun: env:// reads its variables
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        return
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
 
 
 def barrier(env: DistributedEnv) -> None:
@@ -107,6 +129,43 @@ def follow_main_rank(env: DistributedEnv, flag: bool, device: torch.device) -> b
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def waiting_group(env: DistributedEnv, timeout_s: float) -> Any:
+    """A CPU (gloo) group with its own timeout, for ranks that wait while rank 0 works alone.
+
+    Rank-0-only work (conversion, clustering, evaluation) can outlast the default group's timeout, which
+    is sized for one training step; the waiting ranks block here instead, without occupying a GPU stream.
+    A collective: every rank must call it. None for a single process.
+    """
+    if not env.is_distributed or not dist.is_initialized():
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def on_rank0(env: DistributedEnv, work: Callable[[], T], group: Any = None, what: str = "work") -> T:
+    """Run ``work`` on rank 0 only and hand its (picklable) result to every rank.
+
+    The other ranks wait in the broadcast. When rank 0 fails, they stop with one line naming ``what``
+    rather than waiting for a result that never comes; rank 0 raises its own error.
+    """
+    if not env.is_distributed or not dist.is_initialized():
+        return work()
+    payload: list[Any] = [None]
+    failure: BaseException | None = None
+    if env.is_main:
+        try:
+            payload[0] = ("ok", work())
+        except BaseException as error:  # told to the other ranks, then raised here
+            failure = error
+            payload[0] = ("failed", str(error).splitlines()[0] if str(error) else type(error).__name__)
+    dist.broadcast_object_list(payload, src=0, group=group)
+    if failure is not None:
+        raise failure
+    status, value = payload[0]
+    if status == "failed":
+        raise PipelineError(f"rank 0 failed during {what}: {value}")
+    return value
 
 
 def wrap_distributed(
