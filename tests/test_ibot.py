@@ -143,7 +143,7 @@ def test_only_global_crops_are_masked() -> None:
         return original(images, mask, mask_token)
 
     model.backbone.tokens = spy  # type: ignore[method-assign]
-    model(random_batch(4, sizes=(16, 16, 8, 8, 8)))
+    model(random_batch(4, sizes=(16, 16, 8, 8, 8)), FakeContext())
     assert seen == [(16, True), (8, False)]  # the two globals masked in one call, the locals never
 
 

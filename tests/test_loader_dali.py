@@ -80,3 +80,21 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     assert "bad JPEG" in reasons["shard-000000.tar #3 (index 3)"]
     assert "truncated tar" in reasons["shard-000002.tar #5 (index 19)"]
     assert (data / SIDECAR_NAME).is_file()  # the check is cached next to the manifest
+
+
+def test_without_dali_the_dali_backend_is_refused_in_one_line_and_auto_picks_torch(
+    shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where nvidia-dali is not installed (DALI ships Linux wheels only), the torch backend is the one."""
+    from clusterssl.errors import PipelineError
+    from clusterssl.pipeline.data import dali_backend
+    from clusterssl.pipeline.data.loader import choose_backend
+    from clusterssl.pipeline.data.shardset import resolve_shards
+
+    monkeypatch.setattr(dali_backend, "dali_available", lambda: False)
+    shardset = resolve_shards(shards)
+    with pytest.raises(PipelineError, match="Linux wheels only") as refused:
+        choose_backend("dali", torch.device("cpu"), shardset)
+    assert "\n" not in str(refused.value)
+    assert choose_backend("auto", torch.device("cuda"), shardset) == "torch"
+    assert choose_backend("torch", torch.device("cpu"), shardset) == "torch"
