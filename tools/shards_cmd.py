@@ -13,7 +13,7 @@ import click
 from clusterssl.errors import ShardsError
 from clusterssl.tools.options import emit, json_option
 
-KNOWN_SOURCES = ("digits", "imagefolder", "list")
+KNOWN_SOURCES = ("digits", "idx", "imagefolder", "list")
 
 
 def default_workers() -> int:
@@ -69,7 +69,7 @@ def shards() -> None:
 @shards.group(cls=SourceGroup)
 def convert() -> None:
     """Convert a dataset into shards: `convert imagefolder DIR OUT`, `convert list FILE OUT`,
-    `convert digits OUT`.
+    `convert idx PATH OUT`, `convert digits OUT`.
 
     Samples are shuffled (seeded) at write time, checked (bad inputs are skipped and listed in
     manifest.json), numbered 0..N-1, and written in parallel, one shard per worker task. An interrupted
@@ -174,11 +174,54 @@ def convert_digits(out_dir: Path, image_size: int, **options: Any) -> None:
     _convert(DigitsSource(image_size), out_dir, **options)
 
 
+# Grey 28-px images are small at any quality; 100 keeps the pixels within a grey level or two.
+@convert.command("idx", context_settings={"default_map": {"jpeg_quality": 100}})
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--labels",
+    type=click.Path(path_type=Path),
+    help="The label file of an explicit image file (default: its '*-labels-idx1-ubyte[.gz]' sibling).",
+)
+@convert_options
+def convert_idx(path: Path, out_dir: Path, labels: Path | None, **options: Any) -> None:
+    """MNIST-style IDX files (MNIST, Fashion-MNIST, KMNIST, EMNIST) → shards.
+
+    PATH a directory: its train-* and t10k-* (or test-*) pairs become OUT_DIR/train and OUT_DIR/test.
+    PATH an '*-images-idx3-ubyte[.gz]' file: it and its label file become one set in OUT_DIR. Images are
+    stored as greyscale JPEGs of --jpeg-quality (100 here unless given); labels are the class ids.
+    """
+    from clusterssl.shards.convert import merge_outcomes
+    from clusterssl.shards.idx import IdxSource, find_pairs, labels_for
+
+    quality = options["jpeg_quality"]
+    if path.is_dir():
+        if labels is not None:
+            raise ShardsError("--labels goes with an image file, not with a directory")
+        if options["holdout"] is not None:
+            raise ShardsError("--holdout splits one set; a directory of IDX pairs is already split")
+        pairs = find_pairs(path)
+        as_json = options.pop("as_json")
+        outcomes = [
+            _run_conversion(IdxSource(pair.images, pair.labels, quality), out_dir / split, **options)
+            for split, pair in sorted(pairs.items())
+        ]
+        emit(conversion_summary(merge_outcomes(outcomes)), as_json, render_conversion)
+        return
+    if not path.is_file():
+        raise ShardsError(f"IDX source does not exist: {path}")
+    _convert(IdxSource(path, labels or labels_for(path), quality), out_dir, **options)
+
+
 def _convert(source: Any, out_dir: Path, as_json: bool, **options: Any) -> None:
+    emit(conversion_summary(_run_conversion(source, out_dir, **options)), as_json, render_conversion)
+
+
+def _run_conversion(source: Any, out_dir: Path, **options: Any) -> Any:
     from clusterssl.shards.convert import ConvertOptions, convert
     from clusterssl.shards.images import PrepareOptions
 
-    outcome = convert(
+    return convert(
         source,
         out_dir,
         ConvertOptions(
@@ -192,7 +235,6 @@ def _convert(source: Any, out_dir: Path, as_json: bool, **options: Any) -> None:
         ),
         progress=True,
     )
-    emit(conversion_summary(outcome), as_json, render_conversion)
 
 
 def conversion_summary(outcome: Any) -> dict[str, Any]:
