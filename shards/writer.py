@@ -169,9 +169,10 @@ def _write_in_python(
     """Read, check and append ``inputs`` (laid out ``WRITE_BATCH`` samples at a time); an input that
     cannot become a sample is added to ``skipped`` with its reason."""
     batch: list[tuple[str, list[tuple[str, bytes]]]] = []
+    reader = task.source.reader_for([ref for ref, _, _ in inputs])
     for ref, label, planned_index in inputs:
         try:
-            jpeg = prepare_jpeg(task.source.read(ref), task.options)
+            jpeg = prepare_jpeg(reader.read(ref), task.options)
         except BadInput as error:
             skipped.append((ref, str(error)))
             continue

@@ -13,7 +13,7 @@ import click
 from clusterssl.errors import ShardsError
 from clusterssl.tools.options import emit, json_option
 
-KNOWN_SOURCES = ("digits", "idx", "imagefolder", "list")
+KNOWN_SOURCES = ("digits", "idx", "imagefolder", "list", "parquet")
 
 
 def default_workers() -> int:
@@ -69,7 +69,7 @@ def shards() -> None:
 @shards.group(cls=SourceGroup)
 def convert() -> None:
     """Convert a dataset into shards: `convert imagefolder DIR OUT`, `convert list FILE OUT`,
-    `convert idx PATH OUT`, `convert digits OUT`.
+    `convert idx PATH OUT`, `convert parquet PATH… OUT`, `convert digits OUT`.
 
     Samples are shuffled (seeded) at write time, checked (bad inputs are skipped and listed in
     manifest.json), numbered 0..N-1, and written in parallel, one shard per worker task. An interrupted
@@ -211,6 +211,31 @@ def convert_idx(path: Path, out_dir: Path, labels: Path | None, **options: Any) 
     if not path.is_file():
         raise ShardsError(f"IDX source does not exist: {path}")
     _convert(IdxSource(path, labels or labels_for(path), quality), out_dir, **options)
+
+
+@convert.command("parquet")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--image-column",
+    default="image",
+    show_default=True,
+    help="The image column: binary, or a struct with a 'bytes' field (Hugging Face's Image feature).",
+)
+@click.option("--label-column", default="label", show_default=True, help="The integer class-id column.")
+@convert_options
+def convert_parquet(
+    paths: tuple[Path, ...], out_dir: Path, image_column: str, label_column: str, **options: Any
+) -> None:
+    """Parquet files (or folders of them) in Hugging Face's layout → shards in OUT_DIR.
+
+    Class names come from the files' 'huggingface' metadata when they carry a ClassLabel, else the ids.
+    Files are read a row group at a time, so memory stays bounded whatever their size; rows without
+    image bytes or with a label out of range are skipped and listed in manifest.json.
+    """
+    from clusterssl.shards.parquet import ParquetSource
+
+    _convert(ParquetSource(paths, image_column, label_column), out_dir, **options)
 
 
 def _convert(source: Any, out_dir: Path, as_json: bool, **options: Any) -> None:
