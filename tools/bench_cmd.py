@@ -186,8 +186,16 @@ def _register_extract() -> None:
     bench.add_command(extract_command, "extract")
 
 
+def _register_linear() -> None:
+    """`bench linear` is defined beside its benchmark code (tools/bench_linear.py)."""
+    from clusterssl.tools.bench_linear import main
+
+    bench.add_command(main, "linear")
+
+
 _register_kmeans()
 _register_extract()
+_register_linear()
 
 
 @bench.command("train")
