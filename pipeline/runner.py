@@ -481,7 +481,8 @@ class PipelineRunner:
             )
             run_id = summary.pop("run_id", None)
             baseline = summary.pop("baseline", None)
-            result = {k: v for k, v in summary.items() if k in ("knn_top1", "knn_top5", "nmi", "ari")}
+            kept = ("knn_top1", "knn_top5", "linear_top1", "nmi", "ari")
+            result = {k: v for k, v in summary.items() if k in kept}
             if baseline:
                 result.update({f"random_init_{k}": v for k, v in baseline.items()})
             return result, run_id
