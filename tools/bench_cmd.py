@@ -193,9 +193,17 @@ def _register_linear() -> None:
     bench.add_command(main, "linear")
 
 
+def _register_layout() -> None:
+    """`bench layout` is defined beside its measurement code (tools/bench_layout.py)."""
+    from clusterssl.tools.bench_layout import main
+
+    bench.add_command(main, "layout")
+
+
 _register_kmeans()
 _register_extract()
 _register_linear()
+_register_layout()
 
 
 @bench.command("train")
