@@ -255,6 +255,8 @@ def evaluate_checkpoint(
                 "temperature": temperature,
             }
         )
+        tracker.log_shard_set(train.source.manifest, train.name, "training")
+        tracker.log_shard_set(val.source.manifest, val.name, "evaluation")
         result, val_bank = run(module)
         summary: dict[str, object] = {
             "checkpoint": checkpoint,
