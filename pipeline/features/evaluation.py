@@ -148,17 +148,19 @@ def evaluate_features(
     temperature: float = 0.07,
     seed: int = 0,
     linear: bool = True,
+    device: torch.device | str | None = None,
 ) -> EvalResult:
-    """k-NN, NMI/ARI and (``linear``) the linear probe of ``val`` against ``train``."""
+    """k-NN, NMI/ARI and (``linear``) the linear probe of ``val`` against ``train``; ``device``: where
+    the probe is solved (default: the CPU)."""
     from clusterssl.pipeline.features.linear_probe import linear_probe
 
     if train.labels is None or val.labels is None:
         raise PipelineError("evaluation needs labelled train and val sets (their manifests list no labels)")
     knn = knn_accuracy(train.features, train.labels, val.features, val.labels, k=k, temperature=temperature)
     nmi, ari = kmeans_agreement(np.asarray(val.features), val.labels, seed=seed)
-    probe = (
-        linear_probe(train.features, train.labels, val.features, val.labels, seed=seed) if linear else None
-    )
+    probe = None
+    if linear:
+        probe = linear_probe(train.features, train.labels, val.features, val.labels, seed=seed, device=device)
     return EvalResult(
         knn_top1=knn.top1,
         knn_top5=knn.top5,
@@ -229,6 +231,7 @@ def evaluate_checkpoint(
             k=k,
             temperature=temperature,
             seed=config.trainer.seed,
+            device=torch_device,
         )
         return result, val_bank
 
