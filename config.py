@@ -140,13 +140,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"config file not found: {path}")
+    return parse_yaml(path.read_text(encoding="utf-8"), str(path))
+
+
+def parse_yaml(text: str, origin: str) -> dict[str, Any]:
+    """The mapping of sections in ``text`` (safe YAML: tags that build Python objects are refused);
+    ``origin`` names where it came from in the one-line error (a path, "the config in checkpoint.pt")."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         first_line = str(error).splitlines()[0] if str(error) else "invalid YAML"
-        raise PipelineError(f"cannot parse {path}: {first_line}") from None
+        raise PipelineError(f"cannot parse {origin}: {first_line}") from None
     if not isinstance(data, dict):
-        raise PipelineError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+        raise PipelineError(f"{origin} must hold a mapping of sections, got {type(data).__name__}")
     return data
 
 

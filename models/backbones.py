@@ -277,7 +277,35 @@ def create_backbone(name: str, /, **options: Any) -> nn.Module:
                 f"unknown option {key!r} for backbone {name!r}; known: {', '.join(sorted(known))}"
             )
         _check_option_type(name, key, value, known[key])
+        _check_option_size(name, key, value)
+    settings = {**known, **options}
+    grid = settings["img_size"] // settings["patch_size"] if "patch_size" in settings else 0
+    if grid > MAX_PATCH_GRID:
+        raise ModelError(
+            f"backbone {name!r}: img_size / patch_size = {grid} patches a side, more than {MAX_PATCH_GRID}"
+        )
     return constructor(**options)
+
+
+# Sizes far above every published model (ViT-g/14: dim 1408, depth 40, 16 heads; the ImageNet configs here
+# use ViT-S/16 and ResNet-50) and far below what exhausts a machine: a typo, or the config of a checkpoint
+# from elsewhere, asking for more is refused before anything is allocated.
+SIZE_LIMITS: dict[str, float] = {
+    "dim": 8192,
+    "depth": 128,
+    "num_heads": 256,
+    "mlp_ratio": 16.0,
+    "img_size": 4096,
+    "patch_size": 512,
+}
+MAX_PATCH_GRID = 256
+"""Patches along one side of a ViT's training image (ImageNet at 224 px, patch 16: 14)."""
+
+
+def _check_option_size(name: str, key: str, value: Any) -> None:
+    limit = SIZE_LIMITS.get(key)
+    if limit is not None and not 0 < value <= limit:
+        raise ModelError(f"backbone {name!r} option {key!r} must lie in (0, {limit:g}], got {value!r}")
 
 
 def _check_option_type(name: str, key: str, value: Any, default: Any) -> None:

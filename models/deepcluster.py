@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clusterssl.errors import ModelError
-from clusterssl.models import collectives
 from clusterssl.models.backbones import embed_views
 from clusterssl.models.buffers import RuntimeShapedBuffers
 from clusterssl.models.clustering import (
@@ -36,7 +35,8 @@ from clusterssl.models.clustering import (
     clustering_nmi as clustering_nmi,  # re-exported: the paper's stability curve
 )
 from clusterssl.models.method import Method, MethodConfig, TrainContext
-from clusterssl.models.metrics import to_floats
+from clusterssl.models.metrics import scalar_metrics
+from clusterssl.models.rank_zero import cluster_on_rank_zero
 from clusterssl.models.types import PADDING_INDEX, Batch, LossOutput
 
 IGNORE_LABEL = -1
@@ -189,9 +189,8 @@ class DeepCluster(RuntimeShapedBuffers, Method):
         cfg = self.cfg
         bank = ctx.extract(self.backbone, name="backbone")
         assignments = torch.full((bank.num_samples,), IGNORE_LABEL, dtype=torch.long, device=ctx.device)
-        if ctx.rank == 0:
-            # One rank clusters and the others receive the result: k-means on several ranks could
-            # disagree (thread-order rounding) and would cost every rank the time.
+
+        def cluster() -> dict[str, float]:
             result, _ = deepcluster_v1_clustering(
                 bank.features,
                 cfg.num_clusters,
@@ -203,16 +202,15 @@ class DeepCluster(RuntimeShapedBuffers, Method):
             previous = (
                 self.pseudo_labels.cpu().numpy() if self.pseudo_labels.numel() == bank.num_samples else None
             )
-            ctx.log_metrics(
-                epoch_clustering_metrics(
-                    result.assignments,
-                    cfg.num_clusters,
-                    objective=result.objective,
-                    labels=bank.labels,
-                    previous=previous,
-                )
+            return epoch_clustering_metrics(
+                result.assignments,
+                cfg.num_clusters,
+                objective=result.objective,
+                labels=bank.labels,
+                previous=previous,
             )
-        collectives.broadcast_(assignments)
+
+        cluster_on_rank_zero(ctx, cluster, [assignments])
         self.pseudo_labels = pseudo_labels_by_index(assignments.cpu().numpy()).to(
             self.classifier.weight.device
         )
@@ -257,7 +255,7 @@ class DeepCluster(RuntimeShapedBuffers, Method):
         ).view(len(views), batch.size)
         return losses, targets, logits
 
-    def forward(self, batch: Batch) -> LossOutput:
+    def forward(self, batch: Batch, ctx: TrainContext) -> LossOutput:
         losses, targets, logits = self.per_sample_losses(batch)
         counted = (targets != IGNORE_LABEL).expand_as(losses)
         # Mean over the counted (view, sample) pairs, as cross_entropy(ignore_index=…) averages; a batch
@@ -266,4 +264,4 @@ class DeepCluster(RuntimeShapedBuffers, Method):
         with torch.no_grad():
             hits = (logits.argmax(dim=-1) == targets).logical_and(counted)
             accuracy = hits.sum() / counted.sum().clamp_min(1)
-        return LossOutput(loss=loss, metrics=to_floats({"pseudo_label_accuracy": accuracy}))
+        return LossOutput(loss=loss, metrics=scalar_metrics({"pseudo_label_accuracy": accuracy}))

@@ -27,7 +27,8 @@ from clusterssl.models.clustering import epoch_clustering_metrics, kmeans
 from clusterssl.models.deepcluster import IGNORE_LABEL, pseudo_labels_for_batch
 from clusterssl.models.heads import NormalizedEmbedding, projection_head
 from clusterssl.models.method import Method, MethodConfig, TrainContext
-from clusterssl.models.metrics import to_floats
+from clusterssl.models.metrics import scalar_metrics
+from clusterssl.models.rank_zero import cluster_on_rank_zero
 from clusterssl.models.types import PADDING_INDEX, Batch, LossOutput
 
 
@@ -140,9 +141,16 @@ class DeepClusterV2(RuntimeShapedBuffers, Method):
 
     # ------------------------------------------------------------------------------------------- hooks
 
+    @property
+    def memory_ready(self) -> bool:
+        """Whether the memory bank holds the pass before training. Read from the bank's shape (it has no
+        rows until then), not from ``memory_filled``: reading a tensor's value every step would stall
+        the GPU. ``memory_filled`` is kept in step with it for the checkpoint."""
+        return self.memory.shape[1] > 0
+
     def on_train_start(self, ctx: TrainContext) -> None:
         """Fill the memory bank with an extraction pass (skipped on resume: the bank is in the checkpoint)."""
-        if bool(self.memory_filled):
+        if self.memory_ready:
             return
         bank = ctx.extract(self.embedder(), name="projection")
         features = torch.as_tensor(np.asarray(bank.features, dtype=np.float32)).to(self.memory.device)
@@ -156,16 +164,16 @@ class DeepClusterV2(RuntimeShapedBuffers, Method):
 
     def on_epoch_start(self, ctx: TrainContext) -> None:
         """Spherical k-means of the bank per head → prototypes and assignments; logs each head's statistics."""
-        if not bool(self.memory_filled):
+        if not self.memory_ready:
             raise ModelError("deepcluster_v2: the memory bank is empty; on_train_start must run first")
         cfg = self.cfg
         num_samples = self.memory.shape[1]
         assignments = self.assignments.new_full((len(cfg.num_prototypes), num_samples), IGNORE_LABEL)
-        metrics: dict[str, float] = {}
-        for head, k in enumerate(cfg.num_prototypes):
-            centroids = getattr(self, f"prototypes_{head}")
-            if ctx.rank == 0:
-                # One rank clusters and broadcasts: the banks are identical, the k-means need not be.
+
+        def cluster() -> dict[str, float]:
+            metrics: dict[str, float] = {}
+            labels = self.sample_labels.cpu().numpy()
+            for head, k in enumerate(cfg.num_prototypes):
                 bank = self.memory[head % len(cfg.crops_for_assign)].float().cpu().numpy()
                 result = kmeans(
                     bank,
@@ -174,10 +182,9 @@ class DeepClusterV2(RuntimeShapedBuffers, Method):
                     seed=cfg.kmeans_seed + 1000 * ctx.epoch + head,
                     spherical=True,
                 )
-                centroids.copy_(F.normalize(torch.from_numpy(result.centroids), dim=1))
+                self.prototypes[head].copy_(F.normalize(torch.from_numpy(result.centroids), dim=1))
                 assignments[head].copy_(torch.from_numpy(result.assignments))
                 previous = self.assignments[head].cpu().numpy()
-                labels = self.sample_labels.cpu().numpy()
                 metrics.update(
                     epoch_clustering_metrics(
                         result.assignments,
@@ -188,17 +195,16 @@ class DeepClusterV2(RuntimeShapedBuffers, Method):
                         prefix=f"clustering/head{head}/",
                     )
                 )
-            collectives.broadcast_(centroids)
-        collectives.broadcast_(assignments)
+            return metrics
+
+        cluster_on_rank_zero(ctx, cluster, [*self.prototypes, assignments])
         self.assignments = assignments
-        if ctx.rank == 0:
-            ctx.log_metrics(metrics)
 
     # ----------------------------------------------------------------------------------------- forward
 
-    def forward(self, batch: Batch) -> LossOutput:
+    def forward(self, batch: Batch, ctx: TrainContext) -> LossOutput:
         cfg = self.cfg
-        if not bool(self.memory_filled):
+        if not self.memory_ready:
             raise ModelError(
                 "deepcluster_v2 has no clustering yet: on_train_start and on_epoch_start must run first"
             )
@@ -222,7 +228,7 @@ class DeepClusterV2(RuntimeShapedBuffers, Method):
             agreement = (scores.argmax(dim=1) == targets[0]).logical_and(
                 counted
             ).sum() / counted.sum().clamp_min(1)
-        return LossOutput(loss=loss, metrics=to_floats({"assignment_agreement": agreement}))
+        return LossOutput(loss=loss, metrics=scalar_metrics({"assignment_agreement": agreement}))
 
     @torch.no_grad()
     def _update_memory(self, index: Tensor, embeddings: Tensor) -> None:

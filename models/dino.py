@@ -9,7 +9,6 @@ dominating, sharpening keeps the output from going uniform: together they avoid 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -21,11 +20,11 @@ from torch import Tensor, nn
 from clusterssl.errors import ModelError
 from clusterssl.models import collectives
 from clusterssl.models.backbones import embed_views, without_stochastic_depth
-from clusterssl.models.ema import ema_update_
+from clusterssl.models.ema import ema_update_, frozen_copy
 from clusterssl.models.heads import DINOHead
 from clusterssl.models.losses import cross_entropy_to_other_views
 from clusterssl.models.method import Method, MethodConfig, TrainContext
-from clusterssl.models.metrics import to_floats
+from clusterssl.models.metrics import scalar_metrics
 from clusterssl.models.schedules import cosine_schedule, linear_warmup
 from clusterssl.models.types import Batch, LossOutput
 
@@ -203,24 +202,17 @@ class DINO(Method):
         )
         # The teacher sees whole networks: the original builds it without stochastic depth, and a copy
         # of a student with drop_path_rate > 0 would otherwise drop paths too (it runs in train mode).
-        self.teacher_backbone = without_stochastic_depth(copy.deepcopy(backbone)).requires_grad_(False)
-        self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
+        self.teacher_backbone = without_stochastic_depth(frozen_copy(backbone))
+        self.teacher_head = frozen_copy(self.head)
         self.loss_fn = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
-        self._epoch = 0
 
     # ------------------------------------------------------------------------------------------- hooks
-
-    def on_train_start(self, ctx: TrainContext) -> None:
-        self._epoch = ctx.epoch
-
-    def on_epoch_start(self, ctx: TrainContext) -> None:
-        self._epoch = ctx.epoch
 
     def on_step_end(self, ctx: TrainContext) -> None:
         """Teacher ← m·teacher + (1 − m)·student with m the cosine momentum at this step."""
         momentum = self.cfg.teacher_momentum(ctx.step, ctx.epochs * ctx.steps_per_epoch)
-        ema_update_(self.teacher_backbone, self.backbone, momentum, copy_buffers=False)
-        ema_update_(self.teacher_head, self.head, momentum, copy_buffers=False)
+        teacher, student = (self.teacher_backbone, self.teacher_head), (self.backbone, self.head)
+        ema_update_(teacher, student, momentum, copy_buffers=False)
 
     def frozen_parameters(self, ctx: TrainContext) -> Iterable[nn.Parameter]:
         """The head's last layer during the first ``freeze_last_layer`` epochs."""
@@ -231,7 +223,7 @@ class DINO(Method):
 
     # ----------------------------------------------------------------------------------------- forward
 
-    def forward(self, batch: Batch) -> LossOutput:
+    def forward(self, batch: Batch, ctx: TrainContext) -> LossOutput:
         if len(batch.views) < 2:
             raise ModelError(f"dino needs at least 2 views per sample, got {len(batch.views)}")
         size = batch.size
@@ -240,7 +232,7 @@ class DINO(Method):
             teacher_views = batch.global_views
             teacher = self.teacher_head(embed_views(self.teacher_backbone, teacher_views))
             teacher = teacher.view(len(teacher_views), size, -1)
-        teacher_temp = self.cfg.teacher_temperature(self._epoch)
+        teacher_temp = self.cfg.teacher_temperature(ctx.epoch)
 
         valid = batch.valid
         metrics = collapse_metrics(
@@ -251,5 +243,6 @@ class DINO(Method):
             teacher_temp,
         )
         loss = self.loss_fn(list(student), list(teacher), teacher_temp, update_center=self.training)
-        metrics["teacher_temp"] = torch.tensor(teacher_temp, device=loss.device)
-        return LossOutput(loss=loss, metrics=to_floats(metrics))
+        # torch.full writes the value on the device; torch.tensor(value, device=…) would copy it over and wait
+        metrics["teacher_temp"] = torch.full((), teacher_temp, device=loss.device)
+        return LossOutput(loss=loss, metrics=scalar_metrics(metrics))

@@ -1,9 +1,10 @@
 """The Method contract: what the trainer calls, and what a method may ask of the run.
 
 A method is an ``nn.Module`` holding its backbone, heads and buffers (queues, centres, teachers), so that
-its ``state_dict`` is everything a checkpoint needs. The trainer drives it through ``forward`` and four
-hooks; everything a method needs from the run (the epoch, the step, the world size, an extraction pass)
-reaches it through the ``TrainContext`` handed to those hooks.
+its ``state_dict`` is everything a checkpoint needs. The trainer drives it through ``forward(batch, ctx)``
+and four hooks; everything a method needs from the run (the epoch, the step, the world size, an
+extraction pass) reaches it through the ``TrainContext`` handed to ``forward`` and to every hook, never
+through state a hook stashes for a later call. Every attribute of a method is set in its ``__init__``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ class MethodConfig:
 
 
 class TrainContext(Protocol):
-    """What the trainer tells a method about the run. Implemented by ``clusterssl.pipeline.train.trainer``."""
+    """What the trainer tells a method about the run, at the call it is handed to.
+
+    Implemented by ``clusterssl.pipeline.train.trainer.RunContext``; ``epoch`` and ``step`` are current
+    whenever ``forward`` or a hook receives the context.
+    """
 
     epoch: int
     """Current epoch, 0-based."""
@@ -67,8 +72,14 @@ class TrainContext(Protocol):
 
 
 class Method(nn.Module):
-    """Base class of the four methods. Subclasses set ``name`` and ``config_class`` and implement
-    ``forward``; the hooks default to doing nothing."""
+    """Base class of the methods. Subclasses set ``name`` and ``config_class`` and implement
+    ``forward``; the hooks default to doing nothing.
+
+    ``forward`` and the hooks run once per step: they must not read tensors back to the host
+    (``.item()``, ``bool(tensor)``, ``.cpu()``, …), which would make the CPU wait for the GPU every step.
+    Decisions a step needs come from the context (epoch, step) or from tensor shapes; metrics stay on the
+    device. ``on_train_start`` and ``on_epoch_start`` run once per epoch and may read freely.
+    """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]]
@@ -77,7 +88,9 @@ class Method(nn.Module):
         super().__init__()
         self.backbone = backbone
 
-    def forward(self, batch: Batch) -> LossOutput:  # pragma: no cover - abstract
+    def forward(self, batch: Batch, ctx: TrainContext) -> LossOutput:  # pragma: no cover - abstract
+        """The step's loss and metrics (``scalar_metrics``: detached 0-dim tensors) for ``batch`` at the
+        run position ``ctx`` gives (epoch, step)."""
         raise NotImplementedError
 
     def on_train_start(self, ctx: TrainContext) -> None:

@@ -1,4 +1,4 @@
-"""Turning a method's tensor metrics into the ``dict[str, float]`` that ``LossOutput.metrics`` holds."""
+"""A method's metrics as ``LossOutput.metrics`` holds them: detached 0-dim float tensors on the device."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ from torch import Tensor
 
 
 @torch.no_grad()
-def to_floats(metrics: Mapping[str, Tensor]) -> dict[str, float]:
-    """0-dim (or one-element) tensors → Python floats with one device-to-host copy for all of them.
+def scalar_metrics(metrics: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """0-dim (or one-element) tensors → detached 0-dim float32 tensors, left on their device.
 
-    Calling ``.item()`` per metric would synchronise the GPU once per metric every step.
+    Nothing is read back to the host here: converting to Python floats every step would make the CPU
+    wait for the GPU to finish the step. The trainer sums them on the device and reads the sums once per
+    logging interval.
     """
-    if not metrics:
-        return {}
-    stacked = torch.stack([value.detach().float().reshape(()) for value in metrics.values()])
-    return dict(zip(metrics, stacked.tolist(), strict=True))
+    return {name: value.detach().float().reshape(()) for name, value in metrics.items()}

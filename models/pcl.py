@@ -14,7 +14,6 @@ copy of a real one: counting it would weight that sample twice).
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,10 +34,11 @@ from clusterssl.models.clustering import (
     epoch_clustering_metrics,
     multi_kmeans,
 )
-from clusterssl.models.ema import ema_update_
+from clusterssl.models.ema import ema_update_, frozen_copy
 from clusterssl.models.heads import NormalizedEmbedding, projection_head
 from clusterssl.models.method import Method, MethodConfig, TrainContext
-from clusterssl.models.metrics import to_floats
+from clusterssl.models.metrics import scalar_metrics
+from clusterssl.models.rank_zero import cluster_on_rank_zero
 from clusterssl.models.types import PADDING_INDEX, Batch, LossOutput
 
 # ------------------------------------------------------------------------------------------ concentration
@@ -257,15 +257,14 @@ def pcl_loss(
     logits, targets = info_nce_logits(q, k, queue, temperature)
     info_nce = F.cross_entropy(logits, targets)
     per_clustering: list[Tensor] = []
-    has_real_sample = bool((index != PADDING_INDEX).any())
     for clustering in clusterings:
-        if not has_real_sample:
-            per_clustering.append(q.sum() * 0.0)
-            continue
         proto_logits, proto_targets = proto_nce_logits(
             q, index, clustering.cluster_ids, clustering.centroids, clustering.phi, num_negatives, generator
         )
-        per_clustering.append(F.cross_entropy(proto_logits, proto_targets))
+        # Sum over the real samples divided by their count (at least 1): the mean cross-entropy, and 0 for a
+        # batch of padding only, decided without reading the padding mask back to the host.
+        summed = F.cross_entropy(proto_logits, proto_targets, reduction="sum")
+        per_clustering.append(summed / max(proto_targets.shape[0], 1))
     proto_nce = torch.stack(per_clustering).mean() if per_clustering else q.new_zeros(())
     total = info_nce + proto_nce
     return PCLLoss(
@@ -399,8 +398,9 @@ class PCL(RuntimeShapedBuffers, Method):
     Buffers that checkpoint with the module: ``queue`` (rows, feat_dim) newest first (sized by the global
     batch at the first step), and per clustering j ``cluster_ids_{j}`` (N,), ``centroids_{j}`` (k_j,
     feat_dim) unit rows and ``phi_{j}`` (k_j,); ``clustering_ready`` says whether they hold a clustering
-    (False during the warm-up); ``steps_done`` counts optimizer steps and seeds the step's random draws
-    (negative prototypes, the key shuffle), so that a resumed run draws what an uninterrupted one does. The feature extractor is the query encoder's backbone, the one the paper
+    (False during the warm-up); ``steps_done`` counts optimizer steps. The step's random draws (negative
+    prototypes, the key shuffle) are seeded by the context's global step, so that a resumed run draws what
+    an uninterrupted one does. The feature extractor is the query encoder's backbone, the one the paper
     evaluates (its linear probe loads ``encoder_q``).
     """
 
@@ -418,8 +418,7 @@ class PCL(RuntimeShapedBuffers, Method):
         self.projection = projection_head(
             in_dim, cfg.hidden_dim, cfg.feat_dim, batch_norm=cfg.head_batch_norm
         )
-        self.key_encoder = NormalizedEmbedding(copy.deepcopy(backbone), copy.deepcopy(self.projection))
-        self.key_encoder.requires_grad_(False)
+        self.key_encoder = frozen_copy(NormalizedEmbedding(backbone, self.projection))
         self.register_buffer("queue", torch.zeros(0, cfg.feat_dim))
         self.register_buffer("clustering_ready", torch.zeros((), dtype=torch.bool))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
@@ -433,8 +432,13 @@ class PCL(RuntimeShapedBuffers, Method):
         return ("queue", *(f"cluster_ids_{j}" for j in range(len(self.cfg.num_clusters))))
 
     def clusterings(self) -> list[ClusterPrototypes]:
-        """The current clusterings, one per k (empty during the warm-up)."""
-        if not bool(self.clustering_ready):
+        """The current clusterings, one per k (empty during the warm-up).
+
+        Whether there is one is read from the shape of ``cluster_ids_0`` (no rows before the first
+        clustering), not from ``clustering_ready``: reading a tensor's value every step would stall the
+        GPU. ``clustering_ready`` is kept in step with it for the checkpoint.
+        """
+        if self.cluster_ids_0.numel() == 0:
             return []
         return [
             ClusterPrototypes(
@@ -455,8 +459,8 @@ class PCL(RuntimeShapedBuffers, Method):
         ids = [torch.zeros(num_samples, dtype=torch.long, device=ctx.device) for _ in cfg.num_clusters]
         centroids = [getattr(self, f"centroids_{j}") for j in range(len(cfg.num_clusters))]
         phis = [getattr(self, f"phi_{j}") for j in range(len(cfg.num_clusters))]
-        if ctx.rank == 0:
-            # One rank clusters and broadcasts: the banks are identical, the k-means need not be.
+
+        def cluster() -> dict[str, float]:
             results = multi_kmeans(
                 bank.features,
                 list(cfg.num_clusters),
@@ -485,18 +489,19 @@ class PCL(RuntimeShapedBuffers, Method):
                 )
                 metrics[f"clustering/k{k}/phi_min"] = float(prototypes.phi.min())
                 metrics[f"clustering/k{k}/phi_max"] = float(prototypes.phi.max())
-            ctx.log_metrics(metrics)
+            return metrics
+
+        cluster_on_rank_zero(
+            ctx, cluster, [t for j in range(len(ids)) for t in (ids[j], centroids[j], phis[j])]
+        )
         for j in range(len(cfg.num_clusters)):
-            for tensor in (ids[j], centroids[j], phis[j]):
-                collectives.broadcast_(tensor)
             setattr(self, f"cluster_ids_{j}", ids[j].to(centroids[j].device))
         self.clustering_ready.fill_(True)
 
     def on_step_end(self, ctx: TrainContext) -> None:
         """Momentum encoder ← m · momentum encoder + (1 − m) · query encoder (BatchNorm statistics are its
         own, from its forward passes, as in MoCo)."""
-        ema_update_(self.key_encoder.backbone, self.backbone, self.cfg.momentum, copy_buffers=False)
-        ema_update_(self.key_encoder.head, self.projection, self.cfg.momentum, copy_buffers=False)
+        ema_update_(self.key_encoder, (self.backbone, self.projection), self.cfg.momentum, copy_buffers=False)
         self.steps_done += 1
 
     # ----------------------------------------------------------------------------------------- forward
@@ -505,7 +510,7 @@ class PCL(RuntimeShapedBuffers, Method):
         """The first global crop, plus the local crops with ``use_local_views``; the key is view 1."""
         return [batch.views[0], *(batch.local_views if self.cfg.use_local_views else [])]
 
-    def forward(self, batch: Batch) -> LossOutput:
+    def forward(self, batch: Batch, ctx: TrainContext) -> LossOutput:
         cfg = self.cfg
         if len(batch.views) < 2 or batch.num_global < 2:
             raise ModelError(
@@ -514,7 +519,7 @@ class PCL(RuntimeShapedBuffers, Method):
         views = self.query_views(batch)
         queries = F.normalize(self.projection(embed_views(self.backbone, views)), dim=1)
         queries = queries.view(len(views), batch.size, -1)
-        generator = torch.Generator().manual_seed(cfg.kmeans_seed * 1_000_003 + int(self.steps_done))
+        generator = torch.Generator().manual_seed(cfg.kmeans_seed * 1_000_003 + ctx.step)
         with torch.no_grad():
             if cfg.shuffle_bn and collectives.is_distributed():
                 keys = shuffled_key_forward(self.key_encoder, batch.views[1], generator)
@@ -542,7 +547,7 @@ class PCL(RuntimeShapedBuffers, Method):
         }
         if self.training:
             self._enqueue(keys[batch.valid], batch.valid)
-        return LossOutput(loss=loss, metrics=to_floats(metrics))
+        return LossOutput(loss=loss, metrics=scalar_metrics(metrics))
 
     # ------------------------------------------------------------------------------------------- queue
 

@@ -43,11 +43,14 @@ def warmup_cosine_schedule(
 
 
 def linear_warmup(start: float, end: float, epoch: int, warmup_epochs: int) -> float:
-    """``start`` at epoch 0 rising linearly to ``end`` at epoch ``warmup_epochs - 1``, then ``end``.
+    """``start`` at epoch 0 rising linearly to ``end`` at epoch ``warmup_epochs - 1``, then ``end``
+    (a one-epoch warm-up is ``start`` in epoch 0; no warm-up is ``end`` throughout).
 
     The same values as DINO's ``np.linspace(start, end, warmup_epochs)`` followed by constant ``end``
     (the teacher-temperature schedule: 0.04 → 0.07 over 30 epochs).
     """
-    if warmup_epochs <= 1 or epoch >= warmup_epochs - 1:
+    if epoch >= warmup_epochs:
         return end
+    if warmup_epochs == 1:  # np.linspace(start, end, 1) is [start]: one warm-up epoch at ``start``
+        return start
     return start + (end - start) * max(epoch, 0) / (warmup_epochs - 1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from clusterssl.models.buffers import RuntimeShapedBuffers
 from clusterssl.models.heads import Prototypes, projection_head
 from clusterssl.models.losses import cross_entropy_to_other_views
 from clusterssl.models.method import Method, MethodConfig, TrainContext
-from clusterssl.models.metrics import to_floats
+from clusterssl.models.metrics import scalar_metrics
 from clusterssl.models.sinkhorn import sinkhorn
 from clusterssl.models.types import Batch, LossOutput
 
@@ -105,11 +105,13 @@ def code_metrics(codes: Tensor) -> dict[str, Tensor]:
     """
     entropy = -(codes * torch.log(codes.clamp_min(1e-12))).sum(dim=1).mean()
     sharpness = codes.max(dim=1).values.mean()
-    used = torch.unique(codes.argmax(dim=1)).numel()
+    # A mask of the argmaxes counted on the device: torch.unique would need the count on the host.
+    used = torch.zeros(codes.shape[1], dtype=torch.bool, device=codes.device)
+    used[codes.argmax(dim=1)] = True
     return {
         "code_entropy": entropy,
         "code_sharpness": sharpness,
-        "prototypes_used": torch.tensor(float(used), device=codes.device),
+        "prototypes_used": used.sum().float(),
     }
 
 
@@ -135,15 +137,17 @@ class SwAV(RuntimeShapedBuffers, Method):
         self.prototypes = Prototypes(cfg.feat_dim, cfg.num_prototypes)
         self.register_buffer("queue", torch.zeros(len(cfg.crops_for_assign), 0, cfg.feat_dim))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
-        self._epoch = 0
+        # ``queue_filled`` as a Python int, so that the step decides whether to use the queue without
+        # reading the buffer back from the GPU; restored with the buffer when a checkpoint is loaded.
+        self.queue_rows_filled = 0
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        saved = state_dict.get(prefix + "queue_filled")
+        if isinstance(saved, Tensor):
+            self.queue_rows_filled = int(saved)
 
     # ------------------------------------------------------------------------------------------- hooks
-
-    def on_train_start(self, ctx: TrainContext) -> None:
-        self._epoch = ctx.epoch
-
-    def on_epoch_start(self, ctx: TrainContext) -> None:
-        self._epoch = ctx.epoch
 
     def frozen_parameters(self, ctx: TrainContext) -> Iterable[nn.Parameter]:
         """The prototypes during the first ``freeze_prototypes_niters`` optimizer steps."""
@@ -155,7 +159,7 @@ class SwAV(RuntimeShapedBuffers, Method):
         """(views·batch, feat_dim) L2-normalised embeddings, view-major."""
         return F.normalize(self.projection(embed_views(self.backbone, views)), dim=1)
 
-    def forward(self, batch: Batch) -> LossOutput:
+    def forward(self, batch: Batch, ctx: TrainContext) -> LossOutput:
         cfg = self.cfg
         self._check_views(batch)
         self.prototypes.normalize_()
@@ -172,9 +176,9 @@ class SwAV(RuntimeShapedBuffers, Method):
             prototypes = self.prototypes.weight.detach().float()
             assign_embeddings = embeddings[list(cfg.crops_for_assign)].float()  # (A, B, D)
             assign_scores = assign_embeddings @ prototypes.t()  # (A, B, K)
-            if self.training and self._queue_active():
+            if self.training and self._queue_active(ctx.epoch):
                 self._ensure_queue(size)
-            use_queue = self._queue_ready()
+            use_queue = self._queue_ready(ctx.epoch)
             if use_queue:
                 # Past embeddings scored with the *current* prototypes, placed before the batch; the
                 # queue rows only widen Sinkhorn's equipartition, so only the batch's codes are kept.
@@ -183,7 +187,7 @@ class SwAV(RuntimeShapedBuffers, Method):
             codes = torch.stack(
                 [sinkhorn(s, cfg.epsilon, cfg.sinkhorn_iterations)[-size:] for s in assign_scores]
             )  # (A, B, K)
-            if self.training and self._queue_active():
+            if self.training and self._queue_active(ctx.epoch):
                 self._push_to_queue(assign_embeddings[:, batch.valid])
 
         loss = swav_loss(scores, codes, cfg.crops_for_assign, cfg.temperature)
@@ -199,20 +203,20 @@ class SwAV(RuntimeShapedBuffers, Method):
                 f"(it has {num_views}); use the global crops, e.g. (0, 1)"
             )
 
-    def _metrics(self, codes: Tensor, used_queue: bool) -> dict[str, float]:
+    def _metrics(self, codes: Tensor, used_queue: bool) -> dict[str, Tensor]:
         with torch.no_grad():
             values = code_metrics(codes.reshape(-1, codes.shape[-1]))
-            values["queue_in_use"] = torch.tensor(float(used_queue), device=codes.device)
-        return to_floats(values)
+            values["queue_in_use"] = torch.full((), float(used_queue), device=codes.device)
+        return scalar_metrics(values)
 
     # ------------------------------------------------------------------------------------------- queue
 
-    def _queue_active(self) -> bool:
-        return self.cfg.queue_length > 0 and self._epoch >= self.cfg.epoch_queue_starts
+    def _queue_active(self, epoch: int) -> bool:
+        return self.cfg.queue_length > 0 and epoch >= self.cfg.epoch_queue_starts
 
-    def _queue_ready(self) -> bool:
+    def _queue_ready(self, epoch: int) -> bool:
         rows = self.queue.shape[1]
-        return self._queue_active() and rows > 0 and int(self.queue_filled) >= rows
+        return self._queue_active(epoch) and rows > 0 and self.queue_rows_filled >= rows
 
     def local_queue_length(self, local_batch: int) -> int:
         """Rows of this rank's queue: ``queue_length`` rounded down to a multiple of the global batch,
@@ -238,13 +242,15 @@ class SwAV(RuntimeShapedBuffers, Method):
                     stacklevel=3,
                 )
             self.queue = self.queue.new_zeros(len(self.cfg.crops_for_assign), rows, self.cfg.feat_dim)
+            self.queue_rows_filled = 0
             self.queue_filled.zero_()
 
     def _push_to_queue(self, embeddings: Tensor) -> None:
         """FIFO: (A, n, D) newest embeddings go to the front, the oldest n rows drop off the end."""
         rows = self.queue.shape[1]
         self.queue.copy_(torch.cat([embeddings, self.queue], dim=1)[:, :rows])
-        self.queue_filled.fill_(min(int(self.queue_filled) + embeddings.shape[1], rows))
+        self.queue_rows_filled = min(self.queue_rows_filled + embeddings.shape[1], rows)
+        self.queue_filled.fill_(self.queue_rows_filled)
 
 
 def _device_type(scores: Tensor | Sequence[Tensor]) -> str:

@@ -64,10 +64,11 @@ class Batch:
 
 @dataclass
 class LossOutput:
-    """What a method's forward returns: the scalar loss to back-propagate and detached scalar metrics."""
+    """What a method's forward returns: the scalar loss to back-propagate and its metrics, detached
+    0-dim float tensors left on the device (the trainer reads them at its logging interval)."""
 
     loss: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,2 +1,2 @@
-"""Everything that moves data at run time: readers, multi-crop spec, DALI and torch backends, loader,
-extraction pass, trainer, tracking."""
+"""Run time, by stage: ``data`` (stream and augment), ``train`` (the trainer), ``features`` (extraction, the
+feature store, clustering reports, evaluation) and ``tracking`` (MLflow, plots); ``runner`` stages them."""

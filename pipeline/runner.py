@@ -137,12 +137,15 @@ class PipelineSummary:
     interrupted: bool = False
     tracking_uri: str | None = None
     """The MLflow store the pipeline run went to (None: not tracked)."""
+    tracking_error: str | None = None
+    """Why tracking of the pipeline run stopped early (None: its MLflow record is complete)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "run_id": self.run_id,
             "tracking_uri": self.tracking_uri,
+            "tracking_error": self.tracking_error,
             "seconds": round(self.seconds, 2),
             "interrupted": self.interrupted,
             "stages": {
@@ -280,6 +283,7 @@ class PipelineRunner:
             time.perf_counter() - started,
             interrupted,
             tracking_uri=self.parent.tracking_uri,
+            tracking_error=self.parent.error,
         )
 
     # -- stages -------------------------------------------------------------------------------------
@@ -531,8 +535,11 @@ class PipelineRunner:
 
 def run_pipeline(config: PipelineConfig, *, progress: bool = True) -> PipelineSummary:
     """Run the stages in one process (refused under torchrun: the runner is not rank-aware)."""
+    from clusterssl.pipeline.train.lock import lock_directory
+
     check_single_process()
-    return PipelineRunner(config, progress=progress).run()
+    with lock_directory(config.workdir, owner="pipeline run", hint="choose another --set workdir=…"):
+        return PipelineRunner(config, progress=progress).run()
 
 
 def check_single_process() -> None:

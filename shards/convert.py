@@ -23,7 +23,8 @@ from clusterssl.errors import ShardsError
 from clusterssl.shards.format import FORMAT_VERSION, MANIFEST_NAME, dali_index_path, shard_file_name
 from clusterssl.shards.images import PrepareOptions
 from clusterssl.shards.journal import Journal, journal_path, read_journal
-from clusterssl.shards.manifest import Manifest, ShardEntry, Skipped, load_manifest
+from clusterssl.shards.jpeg import LARGE_SIDE
+from clusterssl.shards.manifest import LargeImages, Manifest, ShardEntry, Skipped, load_manifest
 from clusterssl.shards.parallel import TaskRunner
 from clusterssl.shards.plan import ShardPlan, listing_hash, plan_shards, shuffled, stratified_holdout
 from clusterssl.shards.sources import InputItem, Listing, Source
@@ -160,6 +161,7 @@ def _params(source: Source, listing: Listing, subset: str, options: ConvertOptio
         "subset": subset or None,
         "check": options.prepare.check,
         "max_side": options.prepare.max_side,
+        "max_pixels": options.prepare.max_pixels,
         "jpeg_quality": options.prepare.jpeg_quality,
     }
 
@@ -191,7 +193,11 @@ def _make_output_dir(out: Path) -> None:
 
 @contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
-    """Hold ``OUT/.convert.lock`` so two conversions never write into the same directory at once."""
+    """Hold ``OUT/.convert.lock`` so two conversions never write into the same directory at once.
+
+    The lock file stays when the conversion ends: removing it while locked would let a conversion that
+    opened it meanwhile lock the removed file while the next one creates and locks a new one, two
+    writers at once."""
     path = out / LOCK_NAME
     try:
         handle = open(path, "a")  # noqa: SIM115 - closed below
@@ -201,7 +207,6 @@ def _exclusive(out: Path) -> Iterator[None]:
         if not _lock(handle, LOCK_GRACE_SECONDS):
             raise ShardsError(f"another conversion is writing into {out}")
         yield
-        path.unlink(missing_ok=True)
     finally:
         handle.close()
 
@@ -266,6 +271,7 @@ class _SetJob:
     """Shuffled: position = planned global index."""
     plans: list[ShardPlan]
     classes: list[str]
+    notes: list[str]
     params: dict[str, Any]
     status: SetStatus
     completed: dict[int, ShardResult]
@@ -288,7 +294,7 @@ class _SetJob:
         """Decide between no-op, resume and fresh start; refuse to mix with another conversion's files."""
         params = _normalised(params)
         plans = plan_shards(items, *options.shard_limits())
-        job = cls(name, directory, items, plans, listing.classes, params, "written", {}, None)
+        job = cls(name, directory, items, plans, listing.classes, listing.notes, params, "written", {}, None)
         directory.mkdir(parents=True, exist_ok=True)
         if (directory / MANIFEST_NAME).exists():
             existing = _load_existing(directory, options.overwrite)
@@ -398,11 +404,12 @@ class _SetJob:
         if self.status == "unchanged":
             assert self.existing is not None
             return SetOutcome(self.name, self.directory, self.existing, "unchanged", 0, 0)
-        entries, skipped, labels = [], [], Counter[int]()
+        entries, skipped, labels, large_sides = [], [], Counter[int](), []
         start = 0
         for result in self._results():
             skipped.extend(Skipped(ref, reason) for ref, reason in result.skipped)
             labels.update(result.label_counts)
+            large_sides.extend(result.large_sides)
             if result.count == 0:  # every input of this shard was bad: no empty tar in the set
                 for path in (self.directory / result.file, self.directory / result.index_file):
                     path.unlink(missing_ok=True)
@@ -430,6 +437,8 @@ class _SetJob:
             skipped=skipped,
             params=self.params,
             class_counts=[labels.get(i, 0) for i in range(len(self.classes))],
+            notes=list(self.notes),
+            large_images=LargeImages(LARGE_SIDE, len(large_sides), max(large_sides, default=0)),
             root=self.directory.resolve(),
         )
         fsync_directory(self.directory)  # every shard's rename is durable before the manifest exists

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import io
 import re
-import struct
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from PIL import Image
+
+from clusterssl.shards.jpeg import DEFAULT_MAX_PIXELS, SOI, ends_properly, pixel_limit_reason, walk_header
 
 if TYPE_CHECKING:
     import numpy as np
@@ -26,11 +27,6 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )
 """File extensions (lower-cased) that sources treat as images."""
-
-_JPEG_SOI = b"\xff\xd8"
-_JPEG_EOI = b"\xff\xd9"
-_TRAILING_PADDING = b"\0\r\n\t "
-"""Bytes some writers append after the end-of-image marker; they do not make a JPEG truncated."""
 
 _MODES_KEPT_AS_IS = frozenset({"RGB", "L"})
 """JPEG colour modes every downstream decoder reads alike; CMYK/YCCK JPEGs are re-encoded to RGB."""
@@ -47,6 +43,17 @@ class PrepareOptions:
     check: CheckMode = "cheap"
     max_side: int | None = None
     jpeg_quality: int = 95
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    """Inputs whose header declares more pixels are skipped (decompression bombs); None: no limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """What is stored for one input: the ``jpg`` bytes and the image's size."""
+
+    data: bytes
+    width: int
+    height: int
 
 
 def is_image_file(name: str) -> bool:
@@ -54,100 +61,55 @@ def is_image_file(name: str) -> bool:
     return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
-def jpeg_ends_properly(data: bytes) -> bool:
-    """True when the last marker is EOI (``FF D9``), ignoring zero/whitespace padding after it.
-
-    ``FF D9`` cannot occur inside entropy-coded data (a data ``FF`` is always followed by ``00`` or a
-    restart marker), so a file cut short almost never ends with it.
-    """
-    return data.rstrip(_TRAILING_PADDING).endswith(_JPEG_EOI)
-
-
 def prepare_jpeg(data: bytes, options: PrepareOptions) -> bytes:
-    """The bytes to store as ``jpg`` for one input's encoded bytes; raises ``BadInput``.
+    """The bytes to store as ``jpg`` for one input's encoded bytes; raises ``BadInput``."""
+    return prepare_image(data, options).data
 
-    ``cheap`` check: non-empty, PIL identifies it from its header, and a JPEG starts with SOI and ends with
-    EOI. ``decode`` check: additionally decodes kept JPEGs (in PIL's draft mode, which still entropy-decodes
-    every block but skips most of the inverse DCT, so truncation and broken data are still caught).
-    Re-encoded inputs are always fully decoded.
+
+def prepare_image(data: bytes, options: PrepareOptions) -> Prepared:
+    """The ``jpg`` to store for one input's encoded bytes, with its size; raises ``BadInput``.
+
+    ``cheap`` check: non-empty, PIL identifies it from its header, its declared size is within
+    ``max_pixels``, and a JPEG starts with SOI and ends with EOI. ``decode`` check: additionally decodes
+    kept JPEGs (in PIL's draft mode, which still entropy-decodes every block but skips most of the
+    inverse DCT, so truncation and broken data are still caught). Re-encoded inputs are always fully
+    decoded.
     """
     if not data:
         raise BadInput("empty file")
-    frame = jpeg_frame(data)
-    if frame is not None:
+    header = walk_header(data)
+    if header.kept_as_is:
         # The common case, decided without PIL: an 8-bit Huffman-coded JPEG (baseline or progressive)
         # with 1 or 3 components whose segments are intact up to the start of the scan.
-        if not jpeg_ends_properly(data):
+        if not ends_properly(data):
             raise BadInput("JPEG without an end-of-image marker (truncated?)")
-        width, height, _ = frame
-        if options.max_side is None or max(width, height) <= options.max_side:
+        _check_pixels(header.width, header.height, options)
+        if options.max_side is None or max(header.width, header.height) <= options.max_side:
             if options.check == "decode":
                 image = _identify(data)
                 image.draft(image.mode, (1, 1))
                 _load(image)
-            return data
+            return Prepared(data, header.width, header.height)
     image = _identify(data)
+    _check_pixels(*image.size, options)  # from the header: nothing is decoded yet
     is_jpeg = image.format == "JPEG"
-    if is_jpeg and not data.startswith(_JPEG_SOI):
+    if is_jpeg and not data.startswith(SOI):
         raise BadInput("JPEG without a start-of-image marker")
-    if is_jpeg and not jpeg_ends_properly(data):
+    if is_jpeg and not ends_properly(data):
         raise BadInput("JPEG without an end-of-image marker (truncated?)")
     too_big = options.max_side is not None and max(image.size) > options.max_side
     if is_jpeg and image.mode in _MODES_KEPT_AS_IS and not too_big:
         if options.check == "decode":
             image.draft(image.mode, (1, 1))
             _load(image)
-        return data
+        return Prepared(data, *image.size)
     return _reencode(image, options)
 
 
-_SOF_KEPT = frozenset({0xC0, 0xC1, 0xC2})
-"""Frame types every JPEG decoder reads (baseline, extended and progressive Huffman). Lossless,
-hierarchical and arithmetic-coded frames go the slow way (PIL), which re-encodes or rejects them."""
-_SOF_ANY = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
-_SEGMENT_HEAD = struct.Struct(">BBH").unpack_from
-"""``FF``, the marker and the segment length, read in one call (the walk runs once per input)."""
-_FRAME_HEAD = struct.Struct(">BHHB").unpack_from
-"""Precision, height, width and number of components at the start of a frame header."""
-
-
-def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
-    """``(width, height, components)`` of a JPEG that can be stored as it is, else None.
-
-    Walks the marker segments from SOI to the start of scan (what an "identify" reads) and accepts only
-    an 8-bit frame of a type in ``_SOF_KEPT`` with 1 (grey) or 3 (colour) components; CMYK/YCCK, 12-bit,
-    malformed and non-JPEG data return None and are left to PIL.
-    """
-    if not data.startswith(_JPEG_SOI):
-        return None
-    frame = None
-    position, end = 2, len(data)
-    while position + 4 <= end:
-        fill, marker, length = _SEGMENT_HEAD(data, position)
-        if fill != 0xFF:
-            return None
-        if marker == 0xFF:  # fill byte before a marker
-            position += 1
-            continue
-        if marker in _STANDALONE:
-            position += 2
-            continue
-        if marker in (0xD8, 0xD9):
-            return None
-        if length < 2 or position + 2 + length > end:
-            return None
-        if marker in _SOF_ANY:
-            if frame is not None or marker not in _SOF_KEPT or length < 8:
-                return None
-            precision, height, width, components = _FRAME_HEAD(data, position + 4)
-            if precision != 8 or width == 0 or height == 0 or components not in (1, 3):
-                return None
-            frame = (width, height, components)
-        elif marker == 0xDA:  # start of scan: the header is complete
-            return frame
-        position += 2 + length
-    return None
+def _check_pixels(width: int, height: int, options: PrepareOptions) -> None:
+    reason = pixel_limit_reason(width, height, options.max_pixels)
+    if reason:
+        raise BadInput(f"{reason}; raise --max-pixels to accept it (with --max-side to store it smaller)")
 
 
 def _identify(data: bytes) -> Image.Image:
@@ -168,7 +130,7 @@ def _load(image: Image.Image) -> None:
         raise BadInput(f"does not decode: {_describe(error)}") from None
 
 
-def _reencode(image: Image.Image, options: PrepareOptions) -> bytes:
+def _reencode(image: Image.Image, options: PrepareOptions) -> Prepared:
     if options.max_side is not None and image.format == "JPEG":
         # Let libjpeg decode at a reduced scale when the target is much smaller (the result stays >= 2x
         # the target, so the final resize still has enough pixels to filter from).
@@ -177,7 +139,7 @@ def _reencode(image: Image.Image, options: PrepareOptions) -> bytes:
     rgb = to_rgb(image)
     if options.max_side is not None and max(rgb.size) > options.max_side:
         rgb.thumbnail((options.max_side, options.max_side), Image.Resampling.BICUBIC)
-    return encode_jpeg(rgb, options.jpeg_quality)
+    return Prepared(encode_jpeg(rgb, options.jpeg_quality), *rgb.size)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

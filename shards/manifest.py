@@ -8,6 +8,8 @@
   "shards": [{"file": "shard-000000.tar", "index_file": "shard-000000.idx", "count": 1000,
               "bytes": 52428800, "sha256": "…", "index_range": [0, 1000]}, …],   # index_range is [start, stop)
   "skipped": [{"input": "train/cat/x.jpg", "reason": "not an image: cannot identify image file"}],
+  "notes": ["2 duplicate input(s) in the list were written once"],   # what else a user should know
+  "large_images": {"side_above": 4096, "count": 3, "largest_side": 12000},  # absent in older manifests
   "params": {...}                   # the conversion's parameters (source, seed, shard size, …)
 }
 """
@@ -42,6 +44,15 @@ class Skipped:
     reason: str
 
 
+@dataclass(frozen=True)
+class LargeImages:
+    """How many stored images have a side above ``side_above`` pixels, and the longest such side."""
+
+    side_above: int
+    count: int
+    largest_side: int
+
+
 @dataclass
 class Manifest:
     count: int
@@ -51,6 +62,9 @@ class Manifest:
     params: dict[str, Any] = field(default_factory=dict)
     class_counts: list[int] = field(default_factory=list)
     """Samples per class id, aligned with ``classes``; empty when not recorded."""
+    notes: list[str] = field(default_factory=list)
+    large_images: LargeImages | None = None
+    """None when not recorded (manifests written before it was)."""
     format_version: int = FORMAT_VERSION
     root: Path | None = field(default=None, compare=False)
     """The directory the manifest was loaded from (not stored)."""
@@ -109,8 +123,8 @@ class Manifest:
                 classes=[str(c) for c in data["classes"]],
                 shards=[
                     ShardEntry(
-                        file=s["file"],
-                        index_file=s["index_file"],
+                        file=_plain_file_name(s["file"]),
+                        index_file=_plain_file_name(s["index_file"]),
                         count=int(s["count"]),
                         bytes=int(s["bytes"]),
                         sha256=s["sha256"],
@@ -121,11 +135,35 @@ class Manifest:
                 skipped=[Skipped(str(s["input"]), str(s["reason"])) for s in data.get("skipped", [])],
                 params=dict(data.get("params", {})),
                 class_counts=[int(c) for c in data.get("class_counts", [])],
+                notes=[str(note) for note in data.get("notes", [])],
+                large_images=_large_images(data.get("large_images")),
                 format_version=version,
                 root=root,
             )
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise ShardsError(f"malformed manifest: {error!r}") from None
+
+
+def _plain_file_name(name: Any) -> str:
+    """A shard or index file name as the manifest gives it, refused unless it names a file inside the
+    set's directory: the names become paths, and a manifest from elsewhere must not reach outside."""
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or "/" in name
+        or "\\" in name
+        or any(not character.isprintable() for character in name)
+    ):
+        raise ShardsError(
+            f"manifest names the file {name!r}, which is not a plain file name in the set's directory"
+        )
+    return name
+
+
+def _large_images(data: Any) -> LargeImages | None:
+    if data is None:
+        return None
+    return LargeImages(int(data["side_above"]), int(data["count"]), int(data["largest_side"]))
 
 
 def manifest_path(location: str | Path) -> Path:

@@ -17,12 +17,14 @@ in Python; ``CLUSTERSSL_NATIVE=0`` turns it off (to compare the two, or to rule 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
 
 from clusterssl.shards.format import COMPONENT_ORDER
 from clusterssl.shards.images import PrepareOptions
+from clusterssl.shards.jpeg import LARGE_SIDE
 from clusterssl.shards.tario import BLANK_HEADER
 
 try:
@@ -82,7 +84,7 @@ class FilePacker:
             return None
         if options.max_side is not None and options.max_side < 1:
             return None  # not a size the C loop can compare with; the Python path says what it does
-        return cls(root, options.max_side)
+        return cls(root, native_side_bound(options))
 
     def pack(
         self,
@@ -105,6 +107,19 @@ class FilePacker:
             COMPONENT_ORDER, BLANK_HEADER,
         )  # fmt: skip
         return Packed(used, blob, lines, refused)
+
+
+def native_side_bound(options: PrepareOptions) -> int:
+    """The longest side the C loop may keep as it is: ``max_side``, and never above ``LARGE_SIDE`` nor
+    the side of a square of ``max_pixels``. The C loop compares sides only, so every image that could
+    break the pixel limit (whose longer side is then above ``isqrt(max_pixels)``), and every large one
+    that ``shards info`` counts, goes back to the Python path, which decides and measures it."""
+    bounds = [LARGE_SIDE]
+    if options.max_side is not None:
+        bounds.append(options.max_side)
+    if options.max_pixels is not None:
+        bounds.append(max(1, math.isqrt(options.max_pixels)))
+    return min(bounds)
 
 
 def jpeg_kept_as_is(data: bytes, max_side: int | None) -> bool:

@@ -13,7 +13,7 @@ import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -22,6 +22,8 @@ from clusterssl.shards.format import UNLABELLED
 from clusterssl.shards.images import IMAGE_EXTENSIONS, is_image_file, render_digit
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import numpy as np
 
 
@@ -40,6 +42,8 @@ class Listing:
     items: list[InputItem]
     classes: list[str]
     """Class id ``i`` is ``classes[i]``; empty when no input is labelled."""
+    notes: list[str] = field(default_factory=list)
+    """What the listing changed that the user should hear about (kept in the manifest's ``notes``)."""
 
 
 class InputReader(Protocol):
@@ -104,7 +108,7 @@ class ImageFolderSource(Source):
         if not root.is_dir():
             raise ShardsError(f"imagefolder source is not a directory: {root}")
         entries = _scan(root)
-        class_dirs = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        class_dirs = sorted(e.name for e in entries if _is_dir(e) and not e.name.startswith("."))
         stray = sorted(e.name for e in entries if e.is_file() and is_image_file(e.name))
         if stray:
             raise ShardsError(
@@ -112,8 +116,12 @@ class ImageFolderSource(Source):
                 "folder; imagefolder expects DIR/<class>/<image>"
             )
         items = []
+        # The root and the class folders count as walked from the start: a link back to one of them
+        # (``cat/loop -> ..``, ``cat/more -> ../dog``) is not walked again under another name.
+        visited = {_directory_key(root)} | {_directory_key(root / name) for name in class_dirs}
         for class_id, name in enumerate(class_dirs):
-            items.extend(InputItem(ref, class_id, size) for ref, size in _walk_images(root / name, name))
+            images = _walk_images(root / name, name, visited)
+            items.extend(InputItem(ref, class_id, size) for ref, size in images)
         if not items:
             raise ShardsError(f"no images found in {root} (looked for {_EXTENSIONS_TEXT} in class folders)")
         return Listing(items, class_dirs)
@@ -157,17 +165,44 @@ def _scan(directory: Path) -> list[os.DirEntry[str]]:
         raise ShardsError(f"cannot list {directory}: {error.strerror or error}") from None
 
 
-def _walk_images(directory: Path, prefix: str) -> list[tuple[str, int]]:
-    """``(ref, size)`` of every image below ``directory``, sorted by ref; refs are ``prefix/…`` posix paths."""
+def _walk_images(directory: Path, prefix: str, visited: set[tuple[int, int]]) -> list[tuple[str, int]]:
+    """``(ref, size)`` of every image below ``directory``, sorted by ref; refs are ``prefix/…`` posix paths.
+
+    Links to directories are followed, each directory at most once (``visited`` holds the
+    ``(st_dev, st_ino)`` of those walked), so a link loop ends instead of nesting 40 levels deep. An
+    image-named entry that cannot even be stat'ed (a link to itself) is listed all the same: reading it
+    fails, and it is skipped with that reason like any unreadable input.
+    """
     found = []
-    for entry in _scan(directory):
+    # in name order, so which of two links to one folder is walked does not depend on the file system
+    for entry in sorted(_scan(directory), key=lambda e: e.name):
         ref = f"{prefix}/{entry.name}"
-        if entry.is_dir():
-            if not entry.name.startswith("."):
-                found.extend(_walk_images(Path(entry.path), ref))
+        if _is_dir(entry):
+            if entry.name.startswith("."):
+                continue
+            key = _directory_key(Path(entry.path))
+            if key not in visited:
+                visited.add(key)
+                found.extend(_walk_images(Path(entry.path), ref, visited))
         elif is_image_file(entry.name):
             found.append((ref, _size(entry)))
     return sorted(found)
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    """Whether ``entry`` is a directory or a link to one; False for a link that cannot be resolved."""
+    try:
+        return entry.is_dir()
+    except OSError:  # a link loop (ELOOP) or an unreadable target: not a directory to walk
+        return False
+
+
+def _directory_key(directory: Path) -> tuple[int, int]:
+    try:
+        status = directory.stat()
+    except OSError as error:
+        raise ShardsError(f"cannot list {directory}: {error.strerror or error}") from None
+    return status.st_dev, status.st_ino
 
 
 def _size(entry: os.DirEntry[str] | Path) -> int:
@@ -182,7 +217,11 @@ class ListSource(Source):
 
     Relative paths are resolved against the list file's folder. Labels are optional: all-integer labels
     are kept as class ids (``-1`` or a missing label means unlabelled), any other labels are names whose
-    sorted order gives the ids. References are the paths as written in the list.
+    sorted order gives the ids; a list that mixes the two kinds is refused (``10`` among names would
+    silently become a name sorted as text). Integer ids name the classes ``0..max``, so an id above
+    ``max_class_id(inputs)`` is refused rather than turned into millions of empty classes: sparse or huge
+    ids belong in the list as names. References are the paths as written in the list; an entry naming
+    the same file as an earlier one (after resolving links and ``..``) is left out, with a note.
     """
 
     kind = "list"
@@ -207,12 +246,19 @@ class ListSource(Source):
             raise ShardsError(f"list file must end in .csv or .jsonl: {self.path}")
         if not rows:
             raise ShardsError(f"list file has no entries: {self.path}")
-        labels, classes = _label_ids([label for _, label in rows], self.path)
+        rows, duplicates = _first_of_each_file(rows, self._resolve)
+        labels, classes = _label_ids(rows, self.path)
         items = [
             InputItem(ref, label, _size(self._resolve(ref)))
             for ref, label in sorted(zip((r for r, _ in rows), labels, strict=True))
         ]
-        return Listing(items, classes)
+        notes = []
+        if duplicates:
+            notes.append(
+                f"{duplicates} entr{'y' if duplicates == 1 else 'ies'} of {self.path.name} named a file listed "
+                "before (after resolving links and '..') and were left out; the first entry of each is kept"
+            )
+        return Listing(items, classes, notes)
 
     def read(self, ref: str) -> bytes:
         return read_file(self._resolve(ref))
@@ -260,20 +306,79 @@ class ListSource(Source):
         return rows
 
 
-def _label_ids(raw: list[object], where: Path) -> tuple[list[int], list[str]]:
-    """Class ids and class names for a list's raw labels (None = unlabelled)."""
-    for label in raw:
+def _first_of_each_file(
+    rows: list[tuple[str, object]], resolve: Callable[[str], Path]
+) -> tuple[list[tuple[str, object]], int]:
+    """The rows whose file was not named by an earlier row, and how many were dropped: a file written
+    twice counts twice in training and, with a hold-out, can land in both train and val."""
+    seen: set[str] = set()
+    kept = []
+    for ref, label in rows:
+        key = os.path.realpath(resolve(ref))
+        if key not in seen:
+            seen.add(key)
+            kept.append((ref, label))
+    return kept, len(rows) - len(kept)
+
+
+CLASS_IDS_PER_INPUT = 10
+MIN_CLASS_ID_SPACE = 100_000
+"""Integer labels are class ids ``0..max``: ``max`` may reach ``max(MIN_CLASS_ID_SPACE,
+CLASS_IDS_PER_INPUT × inputs) − 1`` (ImageNet-21k's 21,841 classes fit, sparse ids from a large
+taxonomy mostly do); beyond that they would only make empty classes (10^12 of them exhaust memory)."""
+
+
+def max_class_id(inputs: int) -> int:
+    """The largest integer label a list of ``inputs`` entries may use (and never above 2^31 − 1)."""
+    return min(max(MIN_CLASS_ID_SPACE, CLASS_IDS_PER_INPUT * inputs), 2**31) - 1
+
+
+def _label_ids(rows: list[tuple[str, object]], where: Path) -> tuple[list[int], list[str]]:
+    """Class ids and class names for a list's ``(ref, raw label)`` rows (None = unlabelled)."""
+    first_int: tuple[str, object] | None = None
+    first_name: tuple[str, object] | None = None
+    parsed: list[int | None] = []
+    for ref, label in rows:
         if label is not None and (isinstance(label, bool) or not isinstance(label, int | str)):
-            raise ShardsError(f"{where}: labels must be integers or strings, got {label!r}")
-    parsed = [None if label is None else _as_int(label) for label in raw]
-    if all(value is not None for value, label in zip(parsed, raw, strict=True) if label is not None):
-        ids = [UNLABELLED if value is None else value for value in parsed]
-        if any(i < UNLABELLED for i in ids):
-            raise ShardsError(f"{where}: integer labels must be >= 0 (or -1 for unlabelled)")
-        return ids, [str(i) for i in range(max(ids) + 1)]
-    names = sorted({str(label) for label in raw if label is not None})
+            raise ShardsError(f"{where}: labels must be integers or strings, got {label!r} for {ref}")
+        value = None if label is None else _as_int(label)
+        if label is not None and value is None:
+            first_name = first_name or (ref, label)
+        elif value is not None:
+            first_int = first_int or (ref, label)
+        parsed.append(value)
+    if first_int is not None and first_name is not None:
+        raise ShardsError(
+            f"{where}: labels mix integers and names (e.g. {first_int[1]!r} for {first_int[0]} and "
+            f"{first_name[1]!r} for {first_name[0]}); use class ids 0..K-1 everywhere or names everywhere"
+        )
+    if first_name is None:
+        return _integer_ids(rows, parsed, where), _integer_class_names(parsed)
+    names = sorted({str(label) for _, label in rows if label is not None})
     position = {name: i for i, name in enumerate(names)}
-    return [UNLABELLED if label is None else position[str(label)] for label in raw], names
+    return [UNLABELLED if label is None else position[str(label)] for _, label in rows], names
+
+
+def _integer_ids(rows: list[tuple[str, object]], parsed: list[int | None], where: Path) -> list[int]:
+    ids = [UNLABELLED if value is None else value for value in parsed]
+    limit = max_class_id(len(rows))
+    for (ref, _), value in zip(rows, ids, strict=True):
+        if value < UNLABELLED:
+            raise ShardsError(
+                f"{where}: integer labels must be >= 0 (or -1 for unlabelled), got {value} for {ref}"
+            )
+        if value > limit:
+            raise ShardsError(
+                f"{where}: label {value} for {ref} is above {limit}, the largest class id a list of "
+                f"{len(rows)} entries may use (integer labels are class ids 0..K-1); give sparse or large "
+                f"ids as names (e.g. 'n{value}') instead"
+            )
+    return ids
+
+
+def _integer_class_names(parsed: list[int | None]) -> list[str]:
+    labelled = [value for value in parsed if value is not None and value != UNLABELLED]
+    return [str(i) for i in range(max(labelled) + 1)] if labelled else []
 
 
 def _as_int(label: object) -> int | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -372,6 +372,8 @@ def describe(location: str | Path) -> dict[str, Any]:
         "shard_bytes": {"min": min(sizes, default=0), "max": max(sizes, default=0)},
         "shard_samples": {"min": min(counts, default=0), "max": max(counts, default=0)},
         "skipped": len(manifest.skipped),
+        "notes": manifest.notes,
+        "large_images": asdict(manifest.large_images) if manifest.large_images is not None else None,
         "source": params.get("source", {}),
         "seed": params.get("seed"),
         "subset": params.get("subset"),

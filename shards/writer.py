@@ -26,7 +26,8 @@ from clusterssl.shards.format import (
     encode_sample,
     sample_key,
 )
-from clusterssl.shards.images import BadInput, PrepareOptions, prepare_jpeg
+from clusterssl.shards.images import BadInput, PrepareOptions, prepare_image
+from clusterssl.shards.jpeg import LARGE_SIDE
 from clusterssl.shards.native import FilePacker
 from clusterssl.shards.tario import ShardTarWriter, file_sha256, read_dali_index, sample_components
 
@@ -71,6 +72,8 @@ class ShardResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(ref, reason) of the inputs that could not become samples, in planned order."""
     label_counts: dict[int, int] = field(default_factory=dict)
+    large_sides: list[int] = field(default_factory=list)
+    """The longer side of every stored image above ``LARGE_SIDE`` pixels (for ``shards info``)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,6 +87,7 @@ class ShardResult:
             "planned_range": list(self.planned_range),
             "skipped": [list(s) for s in self.skipped],
             "label_counts": {str(k): v for k, v in sorted(self.label_counts.items())},
+            "large_sides": self.large_sides,
         }
 
     @classmethod
@@ -99,6 +103,7 @@ class ShardResult:
             planned_range=(int(data["planned_range"][0]), int(data["planned_range"][1])),
             skipped=[(str(ref), str(reason)) for ref, reason in data["skipped"]],
             label_counts={int(k): int(v) for k, v in data["label_counts"].items()},
+            large_sides=[int(side) for side in data.get("large_sides", [])],  # absent in older journals
         )
 
 
@@ -127,13 +132,14 @@ def _write_shard(task: ShardTask) -> ShardResult:
     idx_path = dali_index_path(tar_path)
     skipped: list[tuple[str, str]] = []
     labels: Counter[int] = Counter()
+    large_sides: list[int] = []
     try:
         with ShardTarWriter(temporary_path(tar_path), write_behind=WRITE_BEHIND, direct=True) as writer:
             packer = FilePacker.for_task(task.source.file_root(), task.options)
             if packer is None:
-                _write_in_python(task, task.inputs, writer, skipped, labels)
+                _write_in_python(task, task.inputs, writer, skipped, labels, large_sides)
             else:
-                _write_natively(task, packer, writer, skipped, labels)
+                _write_natively(task, packer, writer, skipped, labels, large_sides)
             # written and synced while the writer thread still writes the tar's last chunks
             writer.write_dali_index(temporary_path(idx_path), fsync=True)
     except BaseException:  # the writer removed its partial tar; the index goes with it
@@ -156,6 +162,7 @@ def _write_shard(task: ShardTask) -> ShardResult:
         planned_range=planned,
         skipped=skipped,
         label_counts=dict(labels),
+        large_sides=large_sides,
     )
 
 
@@ -165,14 +172,16 @@ def _write_in_python(
     writer: ShardTarWriter,
     skipped: list[tuple[str, str]],
     labels: Counter[int],
+    large_sides: list[int],
 ) -> None:
     """Read, check and append ``inputs`` (laid out ``WRITE_BATCH`` samples at a time); an input that
-    cannot become a sample is added to ``skipped`` with its reason."""
+    cannot become a sample is added to ``skipped`` with its reason, the longer side of an image stored
+    above ``LARGE_SIDE`` to ``large_sides``."""
     batch: list[tuple[str, list[tuple[str, bytes]]]] = []
     reader = task.source.reader_for([ref for ref, _, _ in inputs])
     for ref, label, planned_index in inputs:
         try:
-            jpeg = prepare_jpeg(reader.read(ref), task.options)
+            prepared = prepare_image(reader.read(ref), task.options)
         except BadInput as error:
             skipped.append((ref, str(error)))
             continue
@@ -180,8 +189,10 @@ def _write_in_python(
             skipped.append((ref, f"cannot read: {error.strerror or error}"))
             continue
         key = sample_key(task.number, writer.count + len(batch))
-        batch.append((key, encode_sample(jpeg, label, planned_index, ref)))
+        batch.append((key, encode_sample(prepared.data, label, planned_index, ref)))
         labels[label] += 1
+        if max(prepared.width, prepared.height) > LARGE_SIDE:
+            large_sides.append(max(prepared.width, prepared.height))
         if len(batch) == WRITE_BATCH:
             writer.add_samples(batch)
             batch = []
@@ -194,9 +205,11 @@ def _write_natively(
     writer: ShardTarWriter,
     skipped: list[tuple[str, str]],
     labels: Counter[int],
+    large_sides: list[int],
 ) -> None:
     """The same as ``_write_in_python`` on all of the task's inputs, with the C loop packing the plain
-    JPEG files; each input it refuses goes through the Python path, in its place."""
+    JPEG files; each input it refuses goes through the Python path, in its place (it refuses every image
+    above ``LARGE_SIDE``, so the Python path sees all the large ones)."""
     inputs = task.inputs
     start = 0
     while start < len(inputs):
@@ -210,7 +223,7 @@ def _write_natively(
             labels.update([label for _, label, _ in inputs[start : start + taken]])
             start += taken
         if packed.refused:
-            _write_in_python(task, inputs[start : start + 1], writer, skipped, labels)
+            _write_in_python(task, inputs[start : start + 1], writer, skipped, labels, large_sides)
             start += 1
 
 

@@ -88,6 +88,15 @@ def jpeg_bytes(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE) -> 
     return encode(noise_image(rng, size), "JPEG", quality=90)
 
 
+def with_declared_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """``jpeg`` with its frame header claiming ``width``×``height``: a decompression bomb when large (the
+    markers stay intact, so only the declared size gives it away)."""
+    sof = min(at for marker in (b"\xff\xc0", b"\xff\xc2") if (at := jpeg.find(marker)) > 0)
+    patched = bytearray(jpeg)
+    patched[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(patched)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _temporary_files_under_pytest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """The temporary files of the code under test and of the processes it starts (torchrun's agent

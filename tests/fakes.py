@@ -68,7 +68,7 @@ def optimizer_step(
 ) -> LossOutput:
     """One training step in the trainer's order; returns the step's LossOutput."""
     optimizer.zero_grad(set_to_none=True)
-    output = method(batch)
+    output = method(batch, ctx)
     output.loss.backward()
     method.on_after_backward(ctx)
     for parameter in method.frozen_parameters(ctx):

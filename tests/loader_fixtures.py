@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,21 @@ def spoil_jpeg(directory: Path, index: int) -> None:
     with open(directory / shard.file, "r+b") as handle:
         handle.seek(entry.offset)
         handle.write(garbage)
+
+
+def replace_jpeg(directory: Path, index: int, change: Callable[[bytes], bytes]) -> None:
+    """Rewrite the image of sample ``index`` in place with ``change(image)`` (of the same length)."""
+    manifest = load_manifest(directory)
+    shard = next(s for s in manifest.shards if s.index_range[0] <= index < s.index_range[1])
+    entry = sample_components(read_dali_index(directory / shard.index_file), IMAGE_EXT)[
+        index - shard.index_range[0]
+    ]
+    with open(directory / shard.file, "r+b") as handle:
+        handle.seek(entry.offset)
+        changed = change(handle.read(entry.size))
+        assert len(changed) == entry.size
+        handle.seek(entry.offset)
+        handle.write(changed)
 
 
 def truncate_shard(directory: Path, shard_number: int, keep: int) -> list[int]:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
+from fakes import FakeContext
 
 from clusterssl.errors import ModelError, PipelineError
 from clusterssl.models.backbones import create_backbone
@@ -51,7 +52,7 @@ def test_bare_backbone_loss_is_the_mean_square_of_every_views_features() -> None
     backbone = create_backbone("vit_tiny_p4", **TINY_VIT)
     batch = synthetic_batch(SPEC, 3, torch.device("cpu"), seed=0)
     expected = torch.cat([backbone(view) for view in batch.views]).square().mean()
-    torch.testing.assert_close(BareBackbone(backbone)(batch).loss, expected)
+    torch.testing.assert_close(BareBackbone(backbone)(batch, FakeContext()).loss, expected)
 
 
 def test_time_training_takes_warmup_plus_steps_optimizer_steps_with_the_methods_hooks() -> None:

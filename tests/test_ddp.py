@@ -58,7 +58,7 @@ def run_steps(method: nn.Module, model: nn.Module, batches: list[Batch]) -> list
     losses = []
     for number, batch in enumerate(batches):
         ctx = FakeContext(step=number, epochs=1, steps_per_epoch=STEPS)
-        output = model(batch)
+        output = model(batch, ctx)
         step(output.loss, method, ctx)
         method.on_step_end(ctx)
         losses.append(output.loss.detach())

@@ -219,7 +219,7 @@ def test_per_sample_losses_follow_the_sample_index_under_shuffling() -> None:
     padded = torch.tensor([4, -1, 9, -1])
     with torch.no_grad():
         padded_losses, padded_targets, _ = method.per_sample_losses(_views_of(ctx.images, padded))
-        loss = method(_views_of(ctx.images, padded)).loss
+        loss = method(_views_of(ctx.images, padded), ctx).loss
     assert padded_targets.tolist() == [
         int(method.pseudo_labels[4]),
         IGNORE_LABEL,
@@ -264,7 +264,7 @@ def test_classifier_is_reinitialised_and_its_optimizer_state_dropped_every_clust
 def test_forward_before_any_clustering_is_a_clear_error() -> None:
     method = DeepCluster(TinyBackbone(), DeepClusterConfig(num_clusters=3))
     with pytest.raises(ModelError, match="no clustering yet"):
-        method(random_batch(4, sizes=(8,), num_global=1))
+        method(random_batch(4, sizes=(8,), num_global=1), FakeContext())
 
 
 def test_k_larger_than_the_data_is_a_clear_error() -> None:
@@ -281,4 +281,4 @@ def test_pseudo_labels_come_back_from_a_checkpoint_without_reclustering() -> Non
     fresh.load_state_dict(method.state_dict())
     torch.testing.assert_close(fresh.pseudo_labels, method.pseudo_labels)
     batch = _views_of(ctx.images, torch.arange(10))
-    torch.testing.assert_close(fresh(batch).loss, method(batch).loss)
+    torch.testing.assert_close(fresh(batch, ctx).loss, method(batch, ctx).loss)

@@ -98,7 +98,7 @@ def test_loss_is_the_mean_over_heads_of_the_multicrop_cross_entropy_by_hand() ->
     index = torch.tensor([5, 2, -1, 17])
     batch = _batch(ctx.images, index)
     method.eval()  # no memory update, BatchNorm on running statistics: a pure function to replay by hand
-    loss = method(batch).loss
+    loss = method(batch, ctx).loss
     with torch.no_grad():
         z = [F.normalize(method.projection(method.backbone(view)), dim=1) for view in batch.views]
     expected_heads = []
@@ -138,7 +138,7 @@ def test_training_step_writes_its_embeddings_into_the_memory_by_index() -> None:
     # BatchNorm in train mode: the embeddings come from this very forward, so capture them.
     captured: list[torch.Tensor] = []
     handle = method.projection.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
-    method(batch)
+    method(batch, ctx)
     handle.remove()
     z = F.normalize(captured[0], dim=1).view(3, 4, -1)
     for view in (0, 1):
@@ -159,7 +159,7 @@ def test_buffers_come_back_from_a_checkpoint() -> None:
     method.eval()
     fresh.eval()
     batch = _batch(ctx.images, torch.arange(6))
-    torch.testing.assert_close(fresh(batch).loss, method(batch).loss)
+    torch.testing.assert_close(fresh(batch, ctx).loss, method(batch, ctx).loss)
     # A resumed run does not redo the memory pass.
     fresh.on_train_start(ctx)
     assert ctx.extracted == ["projection"]
@@ -168,7 +168,7 @@ def test_buffers_come_back_from_a_checkpoint() -> None:
 def test_errors_are_clear() -> None:
     method = DeepClusterV2(TinyBackbone(), DeepClusterV2Config(hidden_dim=0, feat_dim=4, num_prototypes=(3,)))
     with pytest.raises(ModelError, match="no clustering yet"):
-        method(_batch(torch.randn(4, 3, 8, 8), torch.arange(4)))
+        method(_batch(torch.randn(4, 3, 8, 8), torch.arange(4)), FakeContext())
     with pytest.raises(ModelError, match="num_prototypes"):
         DeepClusterV2Config(num_prototypes=())
     too_many = DeepClusterV2(

@@ -98,6 +98,20 @@ def test_teacher_temperature_warms_up_like_dinos_linspace() -> None:
     assert replace(cfg, warmup_teacher_temp_epochs=0).teacher_temperature(0) == 0.07
 
 
+@pytest.mark.parametrize("warmup_epochs", [0, 1, 2, 30])
+def test_teacher_temperature_follows_dinos_schedule_for_every_warmup_length(warmup_epochs: int) -> None:
+    """DINO's schedule is np.linspace(warm-up, final, warm-up epochs) then the final value, so a single
+    warm-up epoch runs at the warm-up temperature, not the final one."""
+    cfg = replace(
+        DINOConfig(), warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=warmup_epochs
+    )
+    epochs = 40
+    reference = np.concatenate(
+        (np.linspace(0.04, 0.07, warmup_epochs), np.full(epochs - warmup_epochs, 0.07))
+    )
+    assert [cfg.teacher_temperature(epoch) for epoch in range(epochs)] == pytest.approx(reference.tolist())
+
+
 def test_teacher_momentum_follows_a_cosine_from_0996_to_1() -> None:
     cfg = DINOConfig()
     total = 1000
@@ -197,16 +211,17 @@ def test_forward_equals_the_loss_on_student_all_crops_and_teacher_global_crops()
     with torch.no_grad():
         student = [model.head(model.backbone(view)) for view in batch.views]
         teacher = [model.teacher_head(model.teacher_backbone(view)) for view in batch.global_views]
-    model.on_epoch_start(FakeContext(epoch=10))
+    ctx = FakeContext(epoch=10)
+    model.on_epoch_start(ctx)
     temp = SMALL.teacher_temperature(10)
     expected_loss, expected_center = loop_loss_and_center(student, teacher, center, 0.1, temp, 0.9)
-    output = model(batch)
+    output = model(batch, ctx)
     torch.testing.assert_close(output.loss.double(), expected_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.loss_fn.center.double(), expected_center, rtol=1e-6, atol=1e-7)
-    assert output.metrics["teacher_temp"] == pytest.approx(temp)
+    assert output.metrics["teacher_temp"].item() == pytest.approx(temp)
     # KL(teacher ‖ student) over the pairs is the loss minus the teacher entropy.
-    assert output.metrics["kl_teacher_student"] == pytest.approx(
-        output.loss.item() - output.metrics["teacher_entropy"], rel=1e-5
+    assert output.metrics["kl_teacher_student"].item() == pytest.approx(
+        output.loss.item() - output.metrics["teacher_entropy"].item(), rel=1e-5
     )
 
 
@@ -290,12 +305,12 @@ def test_config_errors_and_factory() -> None:
     with pytest.raises(ModelError, match=r"config key 'method\.norm_last_layer' must be bool, got 'yes'"):
         build_method("dino", "vit_tiny_p4", {"norm_last_layer": "yes"})
     with pytest.raises(ModelError, match="at least 2 views"):
-        make_dino()(random_batch(2, sizes=(8,), num_global=1))
+        make_dino()(random_batch(2, sizes=(8,), num_global=1), FakeContext())
     model = build_method(
         "dino", "vit_tiny_p4", {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}, {"depth": 1}
     )
     assert isinstance(model, DINO) and model.head.last_layer.direction.shape == (64, 16)
-    output = model(random_batch(2, sizes=(32, 32, 16)))
+    output = model(random_batch(2, sizes=(32, 32, 16)), FakeContext())
     assert torch.isfinite(output.loss) and output.loss.item() > 0
 
 
@@ -304,9 +319,9 @@ def test_bf16_autocast_gives_the_float32_loss_within_bf16_precision() -> None:
     batch = random_batch(8, seed=4)
     reference = make_dino()
     reference.load_state_dict(model.state_dict())
-    expected = reference(batch).loss
+    expected = reference(batch, FakeContext()).loss
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        output = model(batch)
+        output = model(batch, FakeContext())
     assert output.loss.dtype == torch.float32
     torch.testing.assert_close(output.loss, expected, rtol=0.03, atol=0)
     torch.testing.assert_close(model.loss_fn.center, reference.loss_fn.center, rtol=0.03, atol=1e-3)

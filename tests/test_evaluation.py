@@ -46,3 +46,21 @@ def test_knn_accuracy_matches_numpy_reference_and_ignores_unlabelled() -> None:
     assert result.num_query == 50
     assert result.top1 == pytest.approx(reference())
     assert result.top5 == 1.0
+
+
+def test_a_label_outside_the_manifest_classes_is_refused_before_voting() -> None:
+    """The vote table is sized by the manifest's class count: one tampered label of 10^12 used to size
+    it instead (terabytes); now it is one clear error."""
+    from clusterssl.errors import PipelineError
+    from clusterssl.models.types import FeatureBank
+    from clusterssl.pipeline.features.evaluation import evaluate_features
+
+    rng = np.random.default_rng(1)
+    train = FeatureBank(rng.normal(size=(6, 4)).astype(np.float32), np.array([0, 1, 2, 0, 1, 10**12]))
+    val = FeatureBank(rng.normal(size=(4, 4)).astype(np.float32), np.array([0, 1, 2, 1]))
+    with pytest.raises(PipelineError, match="label 1000000000000, outside the 3 classes"):
+        evaluate_features(train, val, num_classes=3)
+    with pytest.raises(PipelineError, match="query sample has label 3, outside the 3 classes"):
+        knn_accuracy(
+            val.features, np.array([0, 1, 2, 1]), val.features, np.array([0, 1, 2, 3]), num_classes=3
+        )

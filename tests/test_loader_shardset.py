@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from loader_fixtures import make_shard_set, spoil_jpeg, truncate_shard
+from conftest import with_declared_size
+from loader_fixtures import make_shard_set, replace_jpeg, spoil_jpeg, truncate_shard
 from PIL import Image
 
 from clusterssl.errors import PipelineError
@@ -124,6 +126,30 @@ def test_jpeg_structure_check() -> None:
     assert inspect_jpeg_bytes(big).ok
 
 
+def test_decompression_bombs_are_refused_before_decoding(tmp_path: Path) -> None:
+    """Shards from elsewhere may hold a few hundred bytes that declare 60000x60000 pixels (10.8 GB to
+    decode): the pre-decode check skips them by their declared size, for both backends."""
+    bomb = with_declared_size(_jpeg(), 60000, 60000)
+    info = inspect_jpeg_bytes(bomb)
+    assert not info.ok and "3600.0 MP" in info.reason and "above the limit" in info.reason
+    assert inspect_jpeg_bytes(with_declared_size(_jpeg(), 9000, 9000)).ok  # 81 MP: under Pillow's limit
+    assert inspect_jpeg(bomb, len(bomb), bomb[-32:], max_pixels=None).ok
+    data = make_shard_set(tmp_path / "set", 6, 3)
+    replace_jpeg(data, 4, lambda jpeg: with_declared_size(jpeg, 60000, 60000))
+    first, second = check_shard_set(resolve_shards(data))
+    assert first.status.tolist() == [OK, OK, OK] and second.status.tolist() == [OK, BAD_JPEG, OK]
+    assert "decompression bomb" in second.reasons[1]
+
+
+def test_the_structure_check_refuses_what_decoders_refuse() -> None:
+    """A second start-of-image or frame header inside the header is refused (libjpeg stops on both)."""
+    good = _jpeg()
+    sof = good.index(b"\xff\xc0")
+    frame = good[sof : sof + 2 + int.from_bytes(good[sof + 2 : sof + 4], "big")]
+    assert "two frame headers" in inspect_jpeg_bytes(good[:sof] + frame + good[sof:]).reason
+    assert "second start-of-image" in inspect_jpeg_bytes(good[:2] + good).reason
+
+
 def test_shard_check_is_cached_and_invalidated(tmp_path: Path) -> None:
     data = make_shard_set(tmp_path / "set", 9, 5)  # shards of 5 and 4
     spoil_jpeg(data, 2)
@@ -157,3 +183,36 @@ def test_both_decoders_give_the_same_pixels() -> None:
     for decode in (decode_jpeg, _decode_with_pil):
         with pytest.raises(ValueError):
             decode(b"\xff\xd8 not really a JPEG")
+
+
+def test_a_manifest_that_disagrees_with_its_shards_is_refused(tmp_path: Path) -> None:
+    """A total that is not the sum of the shards (or index ranges that do not tile 0..N-1) would make
+    every epoch length and feature-bank row count wrong without a word."""
+    data = make_shard_set(tmp_path / "set", 6, 3)
+    path = data / "manifest.json"
+    original = json.loads(path.read_text())
+    path.write_text(json.dumps({**original, "count": 7}))
+    with pytest.raises(PipelineError, match="says 7 samples but its shards hold 6"):
+        resolve_shards(data)
+    with pytest.raises(PipelineError, match="says 7 samples"):
+        resolve_shards([str(data / "shard-000000.tar")])
+    shifted = json.loads(json.dumps(original))
+    shifted["shards"][1]["index_range"] = [2, 5]
+    path.write_text(json.dumps(shifted))
+    with pytest.raises(PipelineError, match=r"index range \[2, 5\] instead of \[3, 6\]"):
+        resolve_shards(data)
+
+
+def test_unreadable_sample_reasons_are_one_line() -> None:
+    """Decoders append dozens of C++ frames to their messages; a skipped sample's reason keeps the message."""
+    frames = "".join(f"[frame {i}]: /usr/lib/libdali.so(+0x{i:x}) [0x{i:x}]\n" for i in range(40))
+    error = SampleUnavailable(
+        "shard-000000.tar #3",
+        f"bad JPEG (Error in thread 0:\nnvjpeg error 6\nStacktrace (40 entries):\n{frames})",
+    )
+    assert error.reason == "bad JPEG (Error in thread 0: nvjpeg error 6" and "\n" not in str(error)
+    torch_style = (
+        "bad JPEG (Not a JPEG file\nException raised from decode_jpeg at decode.cpp:97\nframe #0: c10::Error)"
+    )
+    assert SampleUnavailable("s #1", torch_style).reason == "bad JPEG (Not a JPEG file"
+    assert len(SampleUnavailable("s #1", "x" * 1000).reason) == 300

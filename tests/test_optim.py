@@ -84,7 +84,7 @@ class _TwoLayer(Method):
         self.head = nn.Linear(2, 1, bias=False)
         self.after_backward_calls = 0
 
-    def forward(self, batch: Batch) -> LossOutput:
+    def forward(self, batch: Batch, ctx: object) -> LossOutput:  # type: ignore[override]
         return LossOutput(self.head(self.backbone(batch.views[0])).sum())
 
     def on_after_backward(self, ctx) -> None:  # type: ignore[override]
@@ -103,13 +103,13 @@ def test_step_path_clips_then_drops_frozen_grads() -> None:
     optimizer = torch.optim.SGD(method.parameters(), lr=0.1)
     step = OptimizerStep(optimizer, clip_grad=1e-3)
     batch = Batch(views=[torch.ones(4, 2)], labels=None, index=torch.arange(4), num_global=1)
-    out = method(batch)
+    out = method(batch, _Ctx())
     out.loss.backward()
     expected_grad = method.backbone.weight.grad.clone()
     full_norm = torch.cat([method.backbone.weight.grad.flatten(), method.head.weight.grad.flatten()]).norm()
     optimizer.zero_grad()
-    grad_norm = step(method(batch).loss, method, _Ctx())
-    assert grad_norm == pytest.approx(full_norm.item(), rel=1e-6)
+    grad_norm = step(method(batch, _Ctx()).loss, method, _Ctx())
+    assert grad_norm is not None and grad_norm.item() == pytest.approx(full_norm.item(), rel=1e-6)
     assert method.after_backward_calls == 1
     torch.testing.assert_close(method.head.weight.detach(), before_head)
     clipped = expected_grad * (1e-3 / (full_norm + 1e-6))

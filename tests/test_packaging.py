@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -22,26 +23,21 @@ REPO = Path(__file__).resolve().parents[1]
 GENERIC_NAMES = ("models", "tools", "pipeline", "shards", "configs", "tests")
 
 
+# What a build from a copy of the checkout leaves out: environments, build and run outputs.
+NOT_SOURCE = shutil.ignore_patterns(
+    ".git", ".venv", ".pyroot", "build", "dist", "data", "runs", "mlruns", "mlflow.db", "*.so", "*.egg-info",
+    "__pycache__", ".pytest_cache", ".ruff_cache",
+)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Built from a copy: setuptools writes its build/ folder next to the sources it builds.
+    source = tmp_path_factory.mktemp("source") / "clusterssl"
+    shutil.copytree(REPO, source, ignore=NOT_SOURCE)
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(out),
-            str(REPO),
-        ],
-        check=True,
-        cwd=out,
-        env={**os.environ, "PIP_NO_INPUT": "1"},
-    )
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out)]
+    subprocess.run([*build, str(source)], check=True, cwd=out, env={**os.environ, "PIP_NO_INPUT": "1"})
     (found,) = out.glob("clusterssl-*.whl")
     return found
 

@@ -282,16 +282,18 @@ def test_proto_nce_only_after_the_warmup() -> None:
     batch = _two_views(ctx.images, torch.arange(6))
     method.on_epoch_start(ctx)  # epoch 0 < warm-up: no extraction, no clustering
     assert ctx.extracted == [] and method.clusterings() == [] and ctx.logged == []
-    out = method(batch)
+    out = method(batch, ctx)
     assert out.metrics["proto_nce"] == 0.0
-    assert out.loss.item() == pytest.approx(out.metrics["info_nce"], rel=1e-6)
+    assert out.loss.item() == pytest.approx(out.metrics["info_nce"].item(), rel=1e-6)
 
     ctx.epoch = 1
     method.on_epoch_start(ctx)
     assert ctx.extracted == ["momentum"] and len(method.clusterings()) == 2
-    out = method(batch)
+    out = method(batch, ctx)
     assert out.metrics["proto_nce"] > 0.0
-    assert out.loss.item() == pytest.approx(out.metrics["info_nce"] + out.metrics["proto_nce"], rel=1e-5)
+    assert out.loss.item() == pytest.approx(
+        (out.metrics["info_nce"] + out.metrics["proto_nce"]).item(), rel=1e-5
+    )
     assert {"clustering/k3/nmi", "clustering/k5/nmi", "clustering/k5/phi_max"} <= ctx.logged[-1].keys()
 
 
@@ -318,7 +320,7 @@ def test_loss_equals_info_nce_plus_mean_proto_nce_by_hand() -> None:
     index = torch.tensor([3, 11, -1, 25])
     batch = _two_views(ctx.images, index)
     method.eval()  # no queue update: the queue the loss saw is still there to replay with
-    loss = method(batch).loss.detach()
+    loss = method(batch, ctx).loss.detach()
     with torch.no_grad():
         q = F.normalize(method.projection(method.backbone(batch.views[0])), dim=1)
         k = method.key_encoder(batch.views[1])
@@ -350,12 +352,12 @@ def test_queue_is_fifo_of_the_real_keys() -> None:
     index = torch.tensor([0, 1, -1, 3, 4])
     captured: list[torch.Tensor] = []
     handle = method.key_encoder.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
-    method(_two_views(ctx.images, index))
+    method(_two_views(ctx.images, index), ctx)
     first_keys = captured[-1]
     queue = method.queue.clone()
     assert queue.shape == (20, 4)  # 20 is a multiple of the batch of 5
     torch.testing.assert_close(queue[:4], first_keys[[0, 1, 3, 4]])
-    method(_two_views(ctx.images, torch.tensor([5, 6, 7, 8, 9]), seed=2))
+    method(_two_views(ctx.images, torch.tensor([5, 6, 7, 8, 9]), seed=2), ctx)
     handle.remove()
     torch.testing.assert_close(method.queue[:5], captured[-1])
     torch.testing.assert_close(method.queue[5:], queue[:15])  # the oldest 5 rows dropped off the end
@@ -380,7 +382,7 @@ def test_state_comes_back_from_a_checkpoint_and_features_are_the_query_backbone(
     method, ctx = _pcl(warmup_epochs=0)
     assert ctx.images is not None
     method.on_epoch_start(ctx)
-    method(_two_views(ctx.images, torch.arange(5)))
+    method(_two_views(ctx.images, torch.arange(5)), ctx)
     fresh, _ = _pcl(warmup_epochs=0, seed=1)
     fresh.load_state_dict(method.state_dict())
     assert torch.equal(fresh.queue, method.queue) and bool(fresh.clustering_ready)
@@ -395,7 +397,7 @@ def test_queue_shorter_than_the_batch_is_a_clear_error() -> None:
     assert ctx.images is not None
     method.cfg.queue_length = 4
     with pytest.raises(ModelError, match="queue_length 4 is shorter than the global batch 5"):
-        method(_two_views(ctx.images, torch.arange(5)))
+        method(_two_views(ctx.images, torch.arange(5)), ctx)
 
 
 def test_split_shuffled_key_forward_gives_each_sample_its_own_key() -> None:

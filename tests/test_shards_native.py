@@ -20,7 +20,8 @@ from PIL import Image
 from clusterssl.shards import native, sink
 from clusterssl.shards.convert import ConvertOptions, convert
 from clusterssl.shards.format import COMPONENT_ORDER
-from clusterssl.shards.images import PrepareOptions, jpeg_ends_properly, jpeg_frame, prepare_jpeg
+from clusterssl.shards.images import PrepareOptions, prepare_jpeg
+from clusterssl.shards.jpeg import ends_properly, walk_header
 from clusterssl.shards.manifest import load_manifest
 from clusterssl.shards.sources import ImageFolderSource, ListSource, Source
 from clusterssl.shards.tario import BLANK_HEADER
@@ -165,7 +166,9 @@ def test_native_loop_with_max_side_and_a_list(
     (image_folder.root / "big.jpg").write_bytes(encode(smooth_image(rng, (64, 48)), "JPEG"))
     lines = [{"path": ref, "label": image.label} for ref, image in image_folder.inputs.items()]
     lines.append({"path": "big.jpg", "label": 1})
-    lines.append({"path": str(image_folder.root / "cat" / "00.jpg"), "label": 2})
+    # an absolute path (to a file of its own: a second name for a listed file would be left out)
+    (image_folder.root / "elsewhere.jpg").write_bytes(image_folder.inputs["cat/00.jpg"].data)
+    lines.append({"path": str(image_folder.root / "elsewhere.jpg"), "label": 2})
     listing = image_folder.root / "list.jsonl"
     listing.write_text("".join(json.dumps(line) + "\n" for line in lines))
     options = ConvertOptions(samples_per_shard=6, prepare=PrepareOptions(max_side=30))
@@ -240,10 +243,10 @@ def test_pack_rejects_malformed_calls(tmp_path: Path) -> None:
 
 def python_keeps(data: bytes, max_side: int | None) -> bool:
     """The fast path of ``prepare_jpeg`` (check 'cheap'): a kept frame, an end marker, within max_side."""
-    frame = jpeg_frame(data)
-    if frame is None or not jpeg_ends_properly(data):
+    header = walk_header(data)
+    if not header.kept_as_is or not ends_properly(data):
         return False
-    return max_side is None or max(frame[0], frame[1]) <= max_side
+    return max_side is None or max(header.width, header.height) <= max_side
 
 
 def test_the_c_jpeg_check_decides_as_the_python_one() -> None:

@@ -17,7 +17,8 @@ from PIL import Image
 from clusterssl.errors import ShardsError
 from clusterssl.shards import sources
 from clusterssl.shards.convert import ConvertOptions, convert
-from clusterssl.shards.images import BadInput, PrepareOptions, jpeg_ends_properly, prepare_jpeg
+from clusterssl.shards.images import BadInput, PrepareOptions, prepare_jpeg
+from clusterssl.shards.jpeg import ends_properly, walk_header
 from clusterssl.shards.manifest import load_manifest
 from clusterssl.shards.plan import (
     LISTING_HASH_BLOCK,
@@ -134,8 +135,10 @@ def test_list_label_rules(tmp_path: Path) -> None:
         ("d.jpg", -1),
     ]
     assert numeric.classes == ["0", "1", "2"]
-    named = listing("s.jsonl", '{"path": "x.jpg", "label": "zebra"}\n{"path": "y.jpg", "label": 3}\n')
-    assert named.classes == ["3", "zebra"] and [i.label for i in named.items] == [1, 0]
+    named = listing("s.jsonl", '{"path": "x.jpg", "label": "zebra"}\n{"path": "y.jpg", "label": "ant"}\n')
+    assert named.classes == ["ant", "zebra"] and [i.label for i in named.items] == [1, 0]
+    with pytest.raises(ShardsError, match="mix integers and names"):
+        listing("mixed.jsonl", '{"path": "x.jpg", "label": "zebra"}\n{"path": "y.jpg", "label": 3}\n')
     with pytest.raises(ShardsError, match="must be >= 0"):
         listing("neg.csv", "path,label\na.jpg,-2\n")
     with pytest.raises(ShardsError, match="integers or strings"):
@@ -175,8 +178,8 @@ def test_digits_source_renders_labelled_jpegs_and_pickles() -> None:
 
 def test_jpeg_end_marker_rules() -> None:
     data = jpeg_bytes(np.random.default_rng(1), (64, 64))
-    assert jpeg_ends_properly(data) and jpeg_ends_properly(data + b"\0\0\n")
-    assert not jpeg_ends_properly(data[:-1]) and not jpeg_ends_properly(data + b"junk")
+    assert ends_properly(data) and ends_properly(data + b"\0\0\n")
+    assert not ends_properly(data[:-1]) and not ends_properly(data + b"junk")
 
 
 def test_prepare_keeps_rgb_and_grey_jpegs_and_reencodes_the_rest() -> None:
@@ -203,7 +206,10 @@ def test_prepare_keeps_rgb_and_grey_jpegs_and_reencodes_the_rest() -> None:
 def test_manifest_json_has_the_documented_fields(image_folder: ImageFolder, tmp_path: Path) -> None:
     convert(ImageFolderSource(image_folder.root), tmp_path / "out", ConvertOptions(samples_per_shard=8))
     data = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert set(data) == {"format_version", "count", "classes", "class_counts", "shards", "skipped", "params"}
+    assert set(data) == {
+        *("format_version", "count", "classes", "class_counts", "shards", "skipped", "params"),
+        *("notes", "large_images"),
+    }
     assert set(data["shards"][0]) == {"file", "index_file", "count", "bytes", "sha256", "index_range"}
     assert data["params"]["source"]["kind"] == "imagefolder" and data["params"]["seed"] == 0
     assert data["params"]["samples_per_shard"] == 8 and data["params"]["check"] == "cheap"
@@ -211,7 +217,10 @@ def test_manifest_json_has_the_documented_fields(image_folder: ImageFolder, tmp_
 
 def test_jpeg_frame_agrees_with_pil() -> None:
     """The fast header walk decides "keep as is" exactly where PIL would find a 1- or 3-band JPEG."""
-    from clusterssl.shards.images import jpeg_frame
+
+    def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+        header = walk_header(data)
+        return (header.width, header.height, header.components) if header.kept_as_is else None
 
     rng = np.random.default_rng(3)
     rgb = smooth_image(rng, (61, 37))

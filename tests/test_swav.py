@@ -106,7 +106,7 @@ def test_forward_equals_the_view_by_view_computation() -> None:
     reference = make_swav()
     reference.load_state_dict(model.state_dict())
     expected, _ = manual_forward(reference, batch)
-    output = model(batch)
+    output = model(batch, FakeContext())
     torch.testing.assert_close(output.loss.double(), expected, rtol=1e-5, atol=1e-6)
     norms = model.prototypes.weight.norm(dim=1)
     torch.testing.assert_close(norms, torch.ones(SMALL.num_prototypes))
@@ -123,16 +123,16 @@ def test_prototypes_are_renormalised_at_the_start_of_every_step() -> None:
         optimizer_step(model, random_batch(4, seed=step), optimizer, ctx)
         # The step itself moved the prototypes off the sphere; the next forward brings them back.
         assert not torch.allclose(model.prototypes.weight.norm(dim=1), torch.ones(5))
-        model(random_batch(4, seed=10 + step))
+        model(random_batch(4, seed=10 + step), ctx)
         torch.testing.assert_close(model.prototypes.weight.norm(dim=1), torch.ones(5))
 
 
 def test_too_few_views_or_assign_crop_out_of_range_is_a_model_error() -> None:
     model = make_swav(replace(SMALL, crops_for_assign=(0, 3)))
     with pytest.raises(ModelError, match=r"crops_for_assign \(0, 3\) refers to views the batch lacks"):
-        model(random_batch(2, sizes=(8, 8, 4)))
+        model(random_batch(2, sizes=(8, 8, 4)), FakeContext())
     with pytest.raises(ModelError, match="at least 2 views"):
-        make_swav()(random_batch(2, sizes=(8,), num_global=1))
+        make_swav()(random_batch(2, sizes=(8,), num_global=1), FakeContext())
 
 
 # ------------------------------------------------------------------------------------------- freezing
@@ -181,21 +181,23 @@ def embeddings_of(model: SwAV, batch: Batch, crop: int) -> Tensor:
 
 def test_queue_is_not_filled_before_its_epoch() -> None:
     model = make_swav(QUEUED)
-    model.on_train_start(FakeContext(epoch=0))
+    ctx = FakeContext(epoch=0)
+    model.on_train_start(ctx)
     for seed in range(3):
-        output = model(random_batch(4, seed=seed))
+        output = model(random_batch(4, seed=seed), ctx)
         assert output.metrics["queue_in_use"] == 0.0
     assert int(model.queue_filled) == 0
 
 
 def test_queue_fills_fifo_newest_first_and_is_used_only_once_full() -> None:
     model = make_swav(QUEUED)
-    model.on_epoch_start(FakeContext(epoch=2))
+    ctx = FakeContext(epoch=2)
+    model.on_epoch_start(ctx)
     batches = [random_batch(4, seed=seed) for seed in range(3)]
 
-    assert model(batches[0]).metrics["queue_in_use"] == 0.0
+    assert model(batches[0], ctx).metrics["queue_in_use"] == 0.0
     assert model.queue.shape == (2, 8, 6) and int(model.queue_filled) == 4
-    assert model(batches[1]).metrics["queue_in_use"] == 0.0
+    assert model(batches[1], ctx).metrics["queue_in_use"] == 0.0
     assert int(model.queue_filled) == 8
     for a, crop in enumerate(QUEUED.crops_for_assign):
         expected = torch.cat([embeddings_of(model, batches[1], crop), embeddings_of(model, batches[0], crop)])
@@ -209,10 +211,10 @@ def test_queue_fills_fifo_newest_first_and_is_used_only_once_full() -> None:
         queued_codes = sinkhorn(torch.cat([queue_before[0] @ prototypes.t(), scores]))[-4:]
         plain_codes = sinkhorn(scores)
     assert not torch.allclose(queued_codes, plain_codes, atol=1e-3)  # the queue matters here
-    output = model(batches[2])
+    output = model(batches[2], ctx)
     assert output.metrics["queue_in_use"] == 1.0
     torch.testing.assert_close(
-        output.metrics["code_sharpness"], code_sharpness_of(model, batches[2], queue_before)
+        output.metrics["code_sharpness"].item(), code_sharpness_of(model, batches[2], queue_before)
     )
     # FIFO: batch 2 in front, batch 1 behind it, batch 0 dropped.
     torch.testing.assert_close(model.queue[0, :4], embeddings_of(model, batches[2], 0))
@@ -234,9 +236,10 @@ def code_sharpness_of(model: SwAV, batch: Batch, queue: Tensor) -> float:
 
 def test_queued_loss_uses_the_queued_codes() -> None:
     model = make_swav(QUEUED)
-    model.on_epoch_start(FakeContext(epoch=5))
-    model(random_batch(4, seed=0))
-    model(random_batch(4, seed=1))
+    ctx = FakeContext(epoch=5)
+    model.on_epoch_start(ctx)
+    model(random_batch(4, seed=0), ctx)
+    model(random_batch(4, seed=1), ctx)
     batch = random_batch(4, seed=2)
     queue = model.queue.clone()
     reference = make_swav(QUEUED)
@@ -250,21 +253,22 @@ def test_queued_loss_uses_the_queued_codes() -> None:
             for a, crop in enumerate((0, 1))
         ]
     expected = loop_loss(scores, codes, [0, 1], QUEUED.temperature)
-    torch.testing.assert_close(model(batch).loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(batch, ctx).loss.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_queue_skips_padding_and_stays_untouched_in_eval_mode() -> None:
     model = make_swav(QUEUED)
-    model.on_epoch_start(FakeContext(epoch=2))
+    ctx = FakeContext(epoch=2)
+    model.on_epoch_start(ctx)
     batch = random_batch(4, seed=0)
     batch.index[1] = PADDING_INDEX
-    model(batch)
+    model(batch, ctx)
     assert int(model.queue_filled) == 3
     valid = embeddings_of(model, batch, 0)[[0, 2, 3]]
     torch.testing.assert_close(model.queue[0, :3], valid)
     model.eval()
     before = model.queue.clone()
-    model(random_batch(4, seed=1))
+    model(random_batch(4, seed=1), ctx)
     assert torch.equal(model.queue, before) and int(model.queue_filled) == 3
 
 
@@ -278,8 +282,9 @@ def test_queue_length_rounds_down_to_the_global_batch_and_rejects_too_short() ->
 
 def test_queue_travels_with_the_state_dict() -> None:
     model = make_swav(QUEUED)
-    model.on_epoch_start(FakeContext(epoch=2))
-    model(random_batch(4, seed=0))
+    ctx = FakeContext(epoch=2)
+    model.on_epoch_start(ctx)
+    model(random_batch(4, seed=0), ctx)
     restored = make_swav(QUEUED, seed=1)
     assert restored.queue.shape[1] == 0  # allocated lazily...
     restored.load_state_dict(model.state_dict())  # ...and resized by loading
@@ -310,8 +315,8 @@ def test_bf16_autocast_gives_the_float32_loss_within_bf16_precision() -> None:
     batch = random_batch(8, seed=4)
     reference = make_swav(replace(SMALL, num_prototypes=50))
     reference.load_state_dict(model.state_dict())
-    expected = reference(batch).loss
+    expected = reference(batch, FakeContext()).loss
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        output = model(batch)
+        output = model(batch, FakeContext())
     assert output.loss.dtype == torch.float32
     torch.testing.assert_close(output.loss, expected, rtol=0.02, atol=0)

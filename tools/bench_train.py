@@ -39,7 +39,7 @@ from clusterssl.config import apply_overrides, method_config
 from clusterssl.errors import ModelError, PipelineError
 from clusterssl.models.backbones import create_backbone, embed_views
 from clusterssl.models.factory import METHODS, build_method
-from clusterssl.models.method import Method
+from clusterssl.models.method import Method, TrainContext
 from clusterssl.models.types import Batch, FeatureBank, LossOutput
 from clusterssl.pipeline.data.spec import MultiCropSpec
 from clusterssl.pipeline.train.optim import OptimConfig, OptimizerStep, build_optimizer
@@ -57,7 +57,7 @@ class BareBackbone(Method):
 
     name: ClassVar[str] = "bare"
 
-    def forward(self, batch: Batch) -> LossOutput:
+    def forward(self, batch: Batch, ctx: TrainContext) -> LossOutput:
         features = embed_views(self.backbone, batch.views)  # (views·batch, num_features)
         return LossOutput(loss=features.float().square().mean())
 
@@ -153,7 +153,7 @@ def time_training(
 
     def one_step() -> Tensor:
         with autocast(device, precision):
-            output = method(batch)
+            output = method(batch, ctx)
         step_fn(output.loss, method, ctx)
         method.on_step_end(ctx)
         ctx.step += 1

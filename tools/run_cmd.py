@@ -59,4 +59,6 @@ def render_pipeline(summary: Mapping[str, Any]) -> str:
         from clusterssl.pipeline.tracking.runs import ui_hint
 
         lines.append(f"  MLflow parent run {summary['run_id']}  ({ui_hint(summary['tracking_uri'])})")
+        if summary.get("tracking_error"):
+            lines.append(f"  tracking lost: {summary['tracking_error']}; the MLflow record is incomplete")
     return "\n".join(lines)

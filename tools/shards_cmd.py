@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import click
 
 from clusterssl.errors import ShardsError
+from clusterssl.shards.jpeg import DEFAULT_MAX_PIXELS
 from clusterssl.tools.options import emit, json_option
 
 KNOWN_SOURCES = ("digits", "idx", "imagefolder", "list", "parquet")
@@ -107,6 +108,16 @@ def convert_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "as they are). Saves decode time when training only uses small crops.",
         ),
         click.option(
+            "--max-pixels",
+            type=click.IntRange(min=0),
+            default=DEFAULT_MAX_PIXELS,
+            show_default=True,
+            help="Skip inputs whose header declares more pixels (width × height): a few hundred bytes can "
+            "declare a 60000×60000 image that takes 10 GB to decode. The default is Pillow's limit; raise "
+            "it for genuinely huge scans (and add --max-side to store them smaller; the loader skips "
+            "stored images above the default). 0: no limit.",
+        ),
+        click.option(
             "--check",
             type=click.Choice(["cheap", "decode"]),
             default="cheap",
@@ -153,8 +164,10 @@ def convert_imagefolder(directory: Path, out_dir: Path, **options: Any) -> None:
 def convert_list(list_file: Path, out_dir: Path, **options: Any) -> None:
     """A .csv (header `path[,label]`) or .jsonl ({"path": …, "label": …}) list → shards in OUT_DIR.
 
-    Relative paths are resolved against the list's folder; labels are optional (integers are kept as
-    class ids, names get ids in sorted order).
+    Relative paths are resolved against the list's folder; labels are optional: integers are class ids
+    0..K-1 (-1: unlabelled; at most 99999 or 10 per entry, give sparse or huge ids as names), names get
+    ids in sorted order, and a list mixing the two is refused. An entry naming a file listed before is
+    left out (noted in the summary and the manifest).
     """
     from clusterssl.shards.sources import ListSource
 
@@ -254,7 +267,12 @@ def _run_conversion(source: Any, out_dir: Path, **options: Any) -> Any:
             bytes_per_shard=options["bytes_per_shard"],
             seed=options["seed"],
             holdout=options["holdout"],
-            prepare=PrepareOptions(options["check"], options["max_side"], options["jpeg_quality"]),
+            prepare=PrepareOptions(
+                options["check"],
+                options["max_side"],
+                options["jpeg_quality"],
+                options["max_pixels"] or None,
+            ),
             workers=options["workers"],
             overwrite=options["overwrite"],
         ),
@@ -277,6 +295,7 @@ def conversion_summary(outcome: Any) -> dict[str, Any]:
                 "shards": len(manifest.shards),
                 "bytes": sum(s.bytes for s in manifest.shards),
                 "skipped": [{"input": s.input, "reason": s.reason} for s in manifest.skipped],
+                "notes": manifest.notes,
                 "shards_written": result.shards_written,
                 "shards_renumbered": result.shards_renumbered,
             }
@@ -293,6 +312,16 @@ def conversion_summary(outcome: Any) -> dict[str, Any]:
     }
 
 
+def printable(text: str) -> str:
+    """``text`` with every control or unprintable character escaped (``\\n``, ``\\x1b``, ``\\udcff``): an
+    input's name is the user's data, and a newline in it must not fake a line of the summary."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in text
+    )
+
+
 def render_conversion(summary: Mapping[str, Any]) -> str:
     lines = []
     for s in summary["sets"]:
@@ -302,8 +331,9 @@ def render_conversion(summary: Mapping[str, Any]) -> str:
             continue
         note = f", {s['shards_written']} shard(s) written by this run" if s["status"] == "resumed" else ""
         lines.append(f"{s['directory']}: {what}, {len(s['skipped'])} input(s) skipped [{s['status']}{note}]")
+        lines.extend(f"    note: {printable(text)}" for text in s["notes"])
         for skipped in s["skipped"][:5]:
-            lines.append(f"    skipped {skipped['input']}: {skipped['reason']}")
+            lines.append(f"    skipped {printable(skipped['input'])}: {printable(skipped['reason'])}")
         if len(s["skipped"]) > 5:
             lines.append(f"    … {len(s['skipped']) - 5} more in {s['directory']}/manifest.json")
     if summary["images_per_s"] is not None:
@@ -360,6 +390,16 @@ def info_command(directory: Path, as_json: bool) -> None:
     emit({"sets": sets}, as_json, lambda summary: "\n\n".join(render_info(s) for s in summary["sets"]))
 
 
+def _large_images_line(large: Mapping[str, Any] | None) -> list[str]:
+    if not large or not large["count"]:
+        return []
+    return [
+        f"  large     {large['count']} image(s) above {large['side_above']} px on a side (up to "
+        f"{large['largest_side']} px): decoding them costs far more than a crop needs; consider "
+        "converting with --max-side"
+    ]
+
+
 def render_info(info: Mapping[str, Any]) -> str:
     source = info["source"]
     lines = [
@@ -370,6 +410,8 @@ def render_info(info: Mapping[str, Any]) -> str:
         f"({info['shard_samples']['min']}–{info['shard_samples']['max']} samples, "
         f"{info['shard_bytes']['min'] / 1e6:.1f}–{info['shard_bytes']['max'] / 1e6:.1f} MB each)",
         f"  skipped   {info['skipped']} input(s) (listed in manifest.json)",
+        *(f"  note      {note}" for note in info["notes"]),
+        *_large_images_line(info["large_images"]),
         f"  source    {source.get('kind', '?')} {source.get('path', '')}".rstrip() + f", seed {info['seed']}",
         f"  hash      {info['content_hash']}",
     ]

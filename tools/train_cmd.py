@@ -60,6 +60,8 @@ def render_train_summary(summary: Mapping[str, Any]) -> str:
         from clusterssl.pipeline.tracking.runs import ui_hint
 
         lines.append(f"  MLflow run  {summary['run_id']}  ({ui_hint(summary['tracking_uri'])})")
+        if summary.get("tracking_error"):
+            lines.append(f"  tracking lost: {summary['tracking_error']}; the MLflow record is incomplete")
     if summary["interrupted"]:
         lines.append("  continue with: clusterssl train CONFIG --resume (same --set options)")
     return "\n".join(lines)

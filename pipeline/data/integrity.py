@@ -4,10 +4,11 @@ DALI stops the whole pipeline on a JPEG it cannot decode or a sample past the en
 has no option to skip one. So before building a DALI pipeline the loader checks every sample cheaply:
 
 * truncated tar: a sample whose components reach past the end of the file (index offsets vs file size);
-* bad JPEG: a structural walk of the JPEG markers — SOI first, well-formed segments up to the first SOS,
-  a frame header (SOF) with non-zero dimensions, EOI at the end (the converter's own rule,
-  ``shards.images.jpeg_ends_properly``). This reads only the header (usually < 1 KB) and the last bytes
-  of each image, and catches empty, garbage and cut-short images, the failures decoders refuse.
+* bad JPEG: the converter's own structural walk of the JPEG markers (``shards.jpeg``) — SOI first,
+  well-formed segments up to the first SOS, one frame header (SOF) with non-zero dimensions, EOI at the
+  end — and a declared size within the pixel limit (``shards.jpeg.DEFAULT_MAX_PIXELS``, Pillow's), so
+  that a decompression bomb in shards made elsewhere is skipped instead of decoded every epoch. This
+  reads only the header (usually < 1 KB) and the last bytes of each image, and catches empty, garbage and cut-short images, the failures decoders refuse.
   (Damaged entropy-coded data inside an otherwise complete file decodes with a warning in libjpeg-turbo,
   PIL and DALI's CPU decoder alike, so it is not treated as corrupt.)
 
@@ -34,21 +35,19 @@ import numpy as np
 from clusterssl.errors import PipelineError
 from clusterssl.pipeline.data.shardset import REQUIRED_EXTS, ShardInfo, ShardSet
 from clusterssl.shards.format import IMAGE_EXT, current_names
-from clusterssl.shards.images import jpeg_ends_properly
+from clusterssl.shards.jpeg import DEFAULT_MAX_PIXELS, ends_properly, pixel_limit_reason, walk_header
 from clusterssl.shards.tario import read_dali_index
 
 log = logging.getLogger(__name__)
 
 SIDECAR_NAME = "loader-check.npz"
-CHECK_VERSION = 1
+CHECK_VERSION = 2
+"""Part of every cached result's key: raised when the check grows stricter (2: the pixel limit)."""
 HEAD_BYTES = 1 << 16
 TAIL_BYTES = 32
 
 OK, TRUNCATED, BAD_JPEG, MISSING = 0, 1, 2, 3
 STATUS_TEXT = {OK: "ok", TRUNCATED: "truncated tar", BAD_JPEG: "bad JPEG", MISSING: "missing component"}
-
-_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 
 
 @dataclass(frozen=True)
@@ -61,51 +60,26 @@ class JpegInfo:
     """Bytes up to and including the SOS segment (how much ``head`` had to hold)."""
 
 
-def inspect_jpeg(head: bytes, size: int, tail: bytes) -> JpegInfo:
-    """Structural check of a JPEG of ``size`` bytes from its first bytes ``head`` and last bytes ``tail``.
+def inspect_jpeg(
+    head: bytes, size: int, tail: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> JpegInfo:
+    """Check a JPEG of ``size`` bytes from its first bytes ``head`` and last bytes ``tail``: a sound
+    header (``shards.jpeg.walk_header``), an end-of-image marker, and no more than ``max_pixels``.
 
     Returns ``ok=False`` with ``header_end > len(head)`` when ``head`` is too short to decide (the caller
     reads more and asks again).
     """
-    if size < 4 or head[:2] != b"\xff\xd8":
-        return JpegInfo(False, "not a JPEG (no start-of-image marker)")
-    pos, height, width = 2, 0, 0
-    while True:
-        if pos + 4 > size:
-            return JpegInfo(False, "truncated JPEG header")
-        if pos + 4 > len(head):
-            return JpegInfo(False, "header longer than what was read", header_end=pos + 4)
-        if head[pos] != 0xFF:
-            return JpegInfo(False, f"bad JPEG marker at byte {pos}")
-        marker = head[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in _STANDALONE:
-            pos += 2
-            continue
-        if marker == 0xD9:
-            return JpegInfo(False, "end-of-image before any image data")
-        length = int.from_bytes(head[pos + 2 : pos + 4], "big")
-        end = pos + 2 + length
-        if length < 2 or end > size:
-            return JpegInfo(False, "truncated JPEG header")
-        if end > len(head):
-            return JpegInfo(False, "header longer than what was read", header_end=end)
-        if marker in _SOF_MARKERS:
-            if length < 8:
-                return JpegInfo(False, "short frame header")
-            height = int.from_bytes(head[pos + 5 : pos + 7], "big")
-            width = int.from_bytes(head[pos + 7 : pos + 9], "big")
-            if height == 0 or width == 0:
-                return JpegInfo(False, f"frame header gives size {width}x{height}")
-        if marker == 0xDA:  # start of scan: entropy-coded data follows
-            if not height:
-                return JpegInfo(False, "scan before any frame header")
-            if not jpeg_ends_properly(tail):
-                return JpegInfo(False, "truncated JPEG (no end-of-image marker)", height, width, end)
-            return JpegInfo(True, "", height, width, end)
-        pos = end
+    header = walk_header(head, size)
+    if not header.ok:
+        return JpegInfo(False, header.reason, header_end=header.needs)
+    height, width, end = header.height, header.width, header.header_end
+    if not ends_properly(tail):
+        return JpegInfo(False, "truncated JPEG (no end-of-image marker)", height, width, end)
+    too_large = pixel_limit_reason(width, height, max_pixels)
+    if too_large:
+        # a few hundred bytes can declare gigabytes of pixels, which the decoder would allocate every epoch
+        return JpegInfo(False, too_large, height, width, end)
+    return JpegInfo(True, "", height, width, end)
 
 
 def inspect_jpeg_bytes(data: bytes) -> JpegInfo:

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clusterssl.errors import PipelineError
-from clusterssl.errors import ShardsError
+from clusterssl.errors import PipelineError, ShardsError
 from clusterssl.shards.format import (
     IMAGE_EXT,
     INDEX_EXT,
@@ -55,9 +54,24 @@ class SampleUnavailable(Exception):
     """A sample that cannot be read (truncated tar, missing component): skipped and counted by the loader."""
 
     def __init__(self, where: str, reason: str) -> None:
+        reason = one_line(reason)
         super().__init__(f"{where}: {reason}")
         self.where = where
         self.reason = reason
+
+
+_STACK_TRACE = re.compile(
+    r"^\s*(Stacktrace\b|Exception raised from\b|frame #\d|\[frame \d|Traceback \()", re.M
+)
+ONE_LINE_LIMIT = 300
+
+
+def one_line(reason: str) -> str:
+    """A decoder's or reader's message as one line: what comes before a stack trace (DALI and torch
+    append dozens of C++ frames), its lines joined, cut at ``ONE_LINE_LIMIT`` characters."""
+    trace = _STACK_TRACE.search(reason)
+    text = " ".join((reason[: trace.start()] if trace else reason).split())
+    return text if len(text) <= ONE_LINE_LIMIT else text[: ONE_LINE_LIMIT - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -144,6 +158,26 @@ def _manifest_for(urls: Sequence[str], manifest: Manifest | str | Path | None) -
     )
 
 
+def _check_counts(manifest: Manifest) -> None:
+    """Refuse a manifest whose total disagrees with its shards, or whose shards' index ranges do not
+    tile 0..N-1: every count the loader plans with (epoch length, feature bank rows) would be wrong."""
+    where = manifest.root or "the shard set"
+    held = sum(entry.count for entry in manifest.shards)
+    if held != manifest.count:
+        raise PipelineError(
+            f"the manifest of {where} says {manifest.count} samples but its shards hold {held}; "
+            "the set was changed after conversion (`clusterssl shards verify` says where)"
+        )
+    start = 0
+    for entry in manifest.shards:
+        if entry.index_range != (start, start + entry.count):
+            raise PipelineError(
+                f"the manifest of {where} gives {entry.file} the index range {list(entry.index_range)} "
+                f"instead of {[start, start + entry.count]} (`clusterssl shards verify` says more)"
+            )
+        start += entry.count
+
+
 def _file_name(url: str) -> str:
     if not _is_url(url):
         return Path(url).name
@@ -182,6 +216,7 @@ def resolve_shards(
             path = Path(text)
             if not _is_url(text) and "{" not in text and (path.is_dir() or path.suffix == ".json"):
                 found = load_manifest(path) if manifest is None else _manifest_for([], manifest)
+                _check_counts(found)
                 urls = [str(p) for p in found.shard_paths()]
                 return ShardSet([_shard_info(u, found) for u in urls], found)
             if not _is_url(text) and "{" not in text and not path.exists():
@@ -191,6 +226,7 @@ def resolve_shards(
         if not urls:
             raise PipelineError("no shards given")
         found = _manifest_for(urls, manifest)
+        _check_counts(found)
         shards = [_shard_info(u, found) for u in urls]
     except ShardsError as error:
         raise PipelineError(str(error)) from None

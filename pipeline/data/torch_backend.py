@@ -16,6 +16,7 @@ of a good sample of the same batch, marked padding: batch sizes and counts never
 
 from __future__ import annotations
 
+import signal
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ try:  # torchvision's image IO is deprecated in favour of torchcodec (not a depe
 except ImportError:  # pragma: no cover - depends on the installed torchvision
     tv_decode_jpeg = None
 
+from clusterssl.errors import ClusterSSLError, PipelineError
 from clusterssl.pipeline.data.augment import (
     PixelParams,
     ViewParams,
@@ -38,7 +40,6 @@ from clusterssl.pipeline.data.augment import (
     finish_views,
 )
 from clusterssl.pipeline.data.epoch import PADDING_REPEAT, RankPlan
-from clusterssl.errors import PipelineError
 from clusterssl.pipeline.data.integrity import inspect_jpeg_bytes
 from clusterssl.pipeline.data.shardset import (
     IndexedShardReader,
@@ -290,6 +291,47 @@ def _identity(batch: WorkerBatch) -> WorkerBatch:
     return batch
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: leave SIGTERM/SIGINT to the main process.
+
+    Slurm's scancel and preemption signal the whole process group and Ctrl-C the whole foreground group.
+    A worker that died of it first would take the main process down with a DataLoader error before it
+    could checkpoint; ignoring the signals lets the main process stop at a step boundary, save, and shut
+    its workers down itself (they also exit when it dies).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _unwrapping_worker_errors(loader: Iterator[WorkerBatch]) -> Iterator[WorkerBatch]:
+    """The loader's batches; a user error raised in a worker comes back as its own one line.
+
+    The DataLoader re-raises a worker's exception in the main process with the worker's traceback as its
+    message ("Caught PipelineError in DataLoader worker process 0. Original Traceback …"), which the CLI
+    would print whole instead of the one line the error was raised with.
+    """
+    try:
+        yield from loader
+    except ClusterSSLError as error:
+        message = worker_error_message(error)
+        if message is None:
+            raise
+        raise type(error)(message) from None
+
+
+def worker_error_message(error: BaseException) -> str | None:
+    """The original message of an exception a DataLoader worker re-raised, or None for any other one.
+
+    The traceback text ends with ``module.ClassName: message``; the message is what follows the name.
+    """
+    text = str(error)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return None
+    last = next((line for line in reversed(text.splitlines()) if line.strip()), "")
+    _, found, message = last.partition(f"{type(error).__name__}: ")
+    return message if found else None
+
+
 def iterate_torch(
     builder: BatchBuilder,
     *,
@@ -310,9 +352,11 @@ def iterate_torch(
         pin_memory=device.type == "cuda",
         prefetch_factor=2 if num_workers > 0 else None,
         persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,
     )
+    batches = iter(loader)
     try:
-        for batch in loader:
+        for batch in _unwrapping_worker_errors(batches):
             if batch.pixel_params is not None:
                 batch.views = [
                     finish_views(
@@ -328,4 +372,17 @@ def iterate_torch(
                 batch.views = [v.to(device, non_blocking=True) for v in batch.views]
             yield batch
     finally:
+        _stop_workers(batches)
         builder.close()
+
+
+def _stop_workers(batches: Iterator[WorkerBatch]) -> None:
+    """Shut the DataLoader's workers down now, whatever ended the iteration.
+
+    The workers ignore SIGTERM (``ignore_stop_signals``), so they must be told to exit: left to the
+    iterator's garbage collection, a worker still alive when the interpreter exits (an error's traceback
+    keeps the iterator) would survive multiprocessing's terminate() and its join would wait forever.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:  # absent without workers (num_workers=0)
+        shutdown()

@@ -68,18 +68,37 @@ def knn_accuracy(
     *,
     k: int = 20,
     temperature: float = 0.07,
+    num_classes: int | None = None,
 ) -> KnnResult:
-    """Top-1/top-5 accuracy of the weighted k-NN classifier; samples labelled -1 are left out."""
+    """Top-1/top-5 accuracy of the weighted k-NN classifier; samples labelled -1 are left out.
+
+    ``num_classes``: the class count of the data (its manifest's), which sizes the vote table; a label
+    outside it is refused. None: the largest label + 1 (for arrays built in memory).
+    """
     train_f, train_y = _labelled(train_features, train_labels)
     query_f, query_y = _labelled(query_features, query_labels)
     if query_f.shape[0] == 0:
         raise PipelineError("k-NN evaluation needs labelled query samples")
-    num_classes = int(max(train_y.max(), query_y.max())) + 1
+    if num_classes is None:
+        num_classes = int(max(train_y.max(), query_y.max())) + 1
+    for name, labels in (("reference", train_y), ("query", query_y)):
+        _check_labels(labels, num_classes, name)
     scores = knn_predict(train_f, train_y, query_f, num_classes=num_classes, k=k, temperature=temperature)
     ranked = scores.argsort(dim=1, descending=True)
     top1 = (ranked[:, 0] == query_y).float().mean().item()
     top5 = (ranked[:, : min(5, num_classes)] == query_y[:, None]).any(dim=1).float().mean().item()
     return KnnResult(top1=top1, top5=top5, num_train=int(train_f.shape[0]), num_query=int(query_f.shape[0]))
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, name: str) -> None:
+    """Refuse labels outside ``0..num_classes-1``: the vote table has one column per class, and one
+    tampered label of 10^12 would otherwise ask for terabytes."""
+    outside = labels >= num_classes
+    if bool(outside.any()):
+        raise PipelineError(
+            f"a {name} sample has label {int(labels[outside][0])}, outside the {num_classes} classes its "
+            "manifest lists; the shards do not match their manifest (run `clusterssl shards verify`)"
+        )
 
 
 def _labelled(
@@ -147,20 +166,37 @@ def evaluate_features(
     k: int = 20,
     temperature: float = 0.07,
     seed: int = 0,
+    num_classes: int | None = None,
     linear: bool = True,
     device: torch.device | str | None = None,
 ) -> EvalResult:
-    """k-NN, NMI/ARI and (``linear``) the linear probe of ``val`` against ``train``; ``device``: where
-    the probe is solved (default: the CPU)."""
+    """``num_classes``: the class count the manifests give (see ``knn_accuracy``); ``linear``: also fit
+    the linear probe (``linear_probe``), on ``device`` (default: the CPU)."""
     from clusterssl.pipeline.features.linear_probe import linear_probe
 
     if train.labels is None or val.labels is None:
         raise PipelineError("evaluation needs labelled train and val sets (their manifests list no labels)")
-    knn = knn_accuracy(train.features, train.labels, val.features, val.labels, k=k, temperature=temperature)
+    knn = knn_accuracy(
+        train.features,
+        train.labels,
+        val.features,
+        val.labels,
+        k=k,
+        temperature=temperature,
+        num_classes=num_classes,
+    )
     nmi, ari = kmeans_agreement(np.asarray(val.features), val.labels, seed=seed)
     probe = None
     if linear:
-        probe = linear_probe(train.features, train.labels, val.features, val.labels, seed=seed, device=device)
+        probe = linear_probe(
+            train.features,
+            train.labels,
+            val.features,
+            val.labels,
+            num_classes=num_classes,
+            seed=seed,
+            device=device,
+        )
     return EvalResult(
         knn_top1=knn.top1,
         knn_top5=knn.top5,
@@ -231,6 +267,8 @@ def evaluate_checkpoint(
             k=k,
             temperature=temperature,
             seed=config.trainer.seed,
+            # from the manifests, not from the largest label: one tampered label cannot size the votes
+            num_classes=max(len(train.source.classes), len(val.source.classes)),
             device=torch_device,
         )
         return result, val_bank

@@ -30,6 +30,7 @@ from clusterssl.pipeline.data.loader import build_loader
 from clusterssl.pipeline.data.shardset import resolve_shards
 from clusterssl.pipeline.data.spec import MultiCropSpec
 from clusterssl.pipeline.features.store import FeatureStore
+from clusterssl.pipeline.train.lock import lock_directory
 from clusterssl.pipeline.train.precision import autocast
 from clusterssl.pipeline.train.world import DistributedEnv
 from clusterssl.shards.tario import file_sha256
@@ -254,15 +255,18 @@ def extract_checkpoint(
         "manifest_path": str(root / "manifest.json") if root is not None else None,
         "view": spec.describe(),
     }
-    return extract_features(
-        module.to(torch_device),
-        shardset,
-        spec=spec,
-        settings=settings,
-        device=torch_device,
-        env=env,
-        out_dir=out_dir,
-        dtype=dtype,
-        source=source,
-        progress=progress and env.is_main,
-    )
+    with lock_directory(
+        out_dir, owner="extraction", hint="choose another --out", env=env, device=torch_device
+    ):
+        return extract_features(
+            module.to(torch_device),
+            shardset,
+            spec=spec,
+            settings=settings,
+            device=torch_device,
+            env=env,
+            out_dir=out_dir,
+            dtype=dtype,
+            source=source,
+            progress=progress and env.is_main,
+        )

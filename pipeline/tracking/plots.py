@@ -77,6 +77,18 @@ def attention_maps(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return cls_to_patches.reshape(images.shape[0], -1, grid_h, grid_w)
 
 
+def plot_model_attention(vit: nn.Module, images: torch.Tensor, path: str | Path) -> Path:
+    """DINO's picture: the last block's CLS attention per head for ``images`` (batch, 3, H, W), computed
+    in eval mode (the module's mode is restored), written as ``plot_attention_maps`` does."""
+    was_training = vit.training
+    vit.eval()
+    try:
+        maps = attention_maps(vit, images)
+    finally:
+        vit.train(was_training)
+    return plot_attention_maps(images, maps, path)
+
+
 def plot_attention_maps(images: torch.Tensor, maps: torch.Tensor, path: str | Path) -> Path:
     """One row per image: the image (unnormalised to [0, 1]) then each head's map."""
     plt = _pyplot()

@@ -3,7 +3,8 @@
 The trainer talks to a ``Tracker``; ``MlflowTracker`` writes to any MLflow store through an explicit
 ``MlflowClient`` (no fluent global run stack), ``NullTracker`` swallows everything (``--no-track`` and
 ranks other than 0). If the store cannot be reached at start the user gets one clear line; if it fails
-mid-run, training goes on and the failure is reported once.
+mid-run, training goes on, the failure is reported once, and the run is still ended (FINISHED, FAILED or
+KILLED) with the failure as its ``tracking_error`` tag, so no run stays RUNNING in the UI.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ DEFAULT_ARTIFACT_ROOT = "./mlruns"
 _MAX_PARAM_LENGTH = 6000
 _MAX_PARAMS_PER_CALL = 100
 _MAX_METRICS_PER_CALL = 1000
+ERROR_TAG = "tracking_error"
+"""The tag that marks a run whose record stopped early, with the reason."""
 
 
 @dataclass
@@ -54,6 +57,8 @@ class Tracker(Protocol):
     run_id: str | None
     tracking_uri: str | None
     """The store the run is logged to (None when nothing is tracked)."""
+    error: str | None
+    """Why tracking stopped mid-run (None while it works): the run's record is incomplete."""
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
@@ -70,6 +75,7 @@ class NullTracker:
 
     run_id: str | None = None
     tracking_uri: str | None = None
+    error: str | None = None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         pass
@@ -120,7 +126,7 @@ class MlflowTracker:
         self._client = client
         self.run_id: str | None = run_id
         self.tracking_uri: str | None = tracking_uri
-        self._failed = False
+        self.error: str | None = None
         self._monitor = self._start_system_metrics() if system_metrics else None
 
     def _start_system_metrics(self) -> Any:
@@ -135,12 +141,12 @@ class MlflowTracker:
             return None
 
     def _guard(self, what: str, action: Any) -> None:
-        if self._failed:
+        if self.error is not None:
             return
         try:
             action()
         except Exception as error:
-            self._failed = True
+            self.error = f"{what} failed ({type(error).__name__}: {_short(str(error))})"
             log.warning(
                 "MLflow tracking failed while %s (%s: %s); training continues without tracking",
                 what,
@@ -209,8 +215,25 @@ class MlflowTracker:
                 log.warning("stopping MLflow system metrics failed: %s", error)
             self._monitor = None
         if self.run_id is not None:
-            self._guard("closing the run", lambda: self._client.set_terminated(self.run_id, status))
+            self._end_run(self.run_id, status)
         self.run_id = None
+
+    def _end_run(self, run_id: str, status: str) -> None:
+        """End the run even after a failure switched logging off (an artifact store that refused an upload
+        can leave the tracking store itself working), tagged with that failure."""
+        from mlflow.entities import RunTag
+
+        if self.error is None:
+            self._guard("closing the run", lambda: self._client.set_terminated(run_id, status))
+            return
+        for what, action in (
+            ("tagging the run", lambda: self._client.log_batch(run_id, tags=[RunTag(ERROR_TAG, self.error)])),
+            ("ending the run", lambda: self._client.set_terminated(run_id, status)),
+        ):
+            try:
+                action()
+            except Exception as error:
+                log.warning("MLflow tracking: %s %s failed too (%s)", what, run_id, _short(str(error)))
 
 
 def open_tracker(

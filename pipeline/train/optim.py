@@ -186,8 +186,10 @@ class OptimizerStep:
         self.clip_grad = clip_grad
         self.scaler = scaler
 
-    def __call__(self, loss: torch.Tensor, method: Method, ctx: TrainContext) -> float | None:
-        """Back-propagate ``loss`` and take one step; returns the gradient norm before clipping (or None)."""
+    def __call__(self, loss: torch.Tensor, method: Method, ctx: TrainContext) -> torch.Tensor | None:
+        """Back-propagate ``loss`` and take one step; returns the gradient norm before clipping as a 0-dim
+        tensor on the device (None without clipping), not read back, so that the step never waits for
+        the GPU."""
         self.optimizer.zero_grad(set_to_none=True)
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         if self.scaler:
@@ -197,7 +199,7 @@ class OptimizerStep:
             parameters = [
                 p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None
             ]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, self.clip_grad))
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.clip_grad).detach()
         method.on_after_backward(ctx)
         for parameter in method.frozen_parameters(ctx):
             parameter.grad = None

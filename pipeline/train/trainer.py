@@ -3,15 +3,22 @@
     config → data, views, method, optimizer, schedules → (resume) → for each epoch:
         method.on_epoch_start(ctx)            # DeepCluster/PCL: extraction pass + clustering
         for batch in loader:                  # exact epoch, same batch count on every rank
-            loss = method(batch)              # under autocast
+            loss = method(batch, ctx)         # under autocast
             step(loss)                        # scale, backward, unscale, clip, drop frozen grads, step
             method.on_step_end(ctx)           # EMA teacher, queues, centres
+            every log_every steps: read the window, check the loss, log
         checkpoint, evaluate
     → final evaluation, backbone weights, plots, MLflow artifacts
 
 Everything a resume needs is in the checkpoint, and every source of randomness in a step is a function
 of (seed, epoch, sample index, step), so an interrupted and resumed CPU run reproduces the losses of an
 uninterrupted one.
+
+A step never reads a tensor back to the host: losses, metrics and gradient norms stay on the device in
+a ``MetricWindow`` and are read with one copy at each log point, where a non-finite loss is caught. A run
+whose loss turns NaN therefore stops at most ``trainer.log_every`` steps later (and before any
+checkpoint is written), naming the first bad step. Checkpoint files are ``RunCheckpoints``' business,
+pictures ``tracking.plots``'.
 """
 
 from __future__ import annotations
@@ -38,21 +45,14 @@ from clusterssl.models.types import Batch, FeatureBank
 from clusterssl.pipeline.data.datasets import Dataset, resolve_dataset
 from clusterssl.pipeline.data.loader import build_loader
 from clusterssl.pipeline.data.spec import MultiCropSpec
-from clusterssl.pipeline.features.evaluation import EvalResult, evaluate_features, extract_eval_features
-from clusterssl.pipeline.features.extraction import ExtractionSettings, extract_features
-from clusterssl.pipeline.tracking.plots import attention_maps, plot_attention_maps, plot_loss_curve
+from clusterssl.pipeline.features.evaluation import EvalResult
+from clusterssl.pipeline.features.passes import RunPasses
+from clusterssl.pipeline.tracking.plots import plot_loss_curve, plot_model_attention
 from clusterssl.pipeline.tracking.runs import Tracker, git_commit, open_tracker, tracking_run
-from clusterssl.pipeline.train.checkpoint import (
-    BACKBONE_NAME,
-    LAST_NAME,
-    RunPosition,
-    atomic_save,
-    load_checkpoint,
-    make_checkpoint,
-    position_of,
-    restore_rng_state,
-    save_backbone,
-)
+from clusterssl.pipeline.train.checkpoint import BACKBONE_NAME, RunCheckpoints, RunPosition, save_backbone
+from clusterssl.pipeline.train.lock import lock_directory
+from clusterssl.pipeline.train.metric_window import MetricWindow, WindowValues
+from clusterssl.pipeline.train.metrics_log import rewind_metrics
 from clusterssl.pipeline.train.optim import OptimizerStep, build_optimizer, build_schedules
 from clusterssl.pipeline.train.precision import autocast, resolve_precision
 from clusterssl.pipeline.train.train_config import TrainConfig
@@ -61,7 +61,7 @@ from clusterssl.pipeline.train.world import (
     barrier,
     init_distributed,
     resolve_device,
-    same_on_all_ranks,
+    wrap_distributed,
 )
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ CONFIG_FILE = "config.yaml"
 
 @dataclass
 class RunContext:
-    """The ``models.method.TrainContext`` the trainer hands to a method's hooks."""
+    """The ``models.method.TrainContext`` the trainer hands to a method's forward and hooks; the trainer
+    sets ``epoch`` and ``step`` before each call."""
 
     epoch: int
     epochs: int
@@ -84,6 +85,21 @@ class RunContext:
     num_samples: int
     trainer: Trainer = field(repr=False)
     sample_repeats: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, trainer: Trainer) -> RunContext:
+        """The context of ``trainer``'s run at its current position."""
+        return cls(
+            epoch=trainer.position.epoch,
+            epochs=trainer.config.trainer.epochs,
+            step=trainer.position.step,
+            steps_per_epoch=trainer.steps_per_epoch,
+            rank=trainer.env.rank,
+            world_size=trainer.env.world_size,
+            device=trainer.device,
+            num_samples=trainer.data.num_samples,
+            trainer=trainer,
+        )
 
     def extract(self, module: nn.Module, *, name: str) -> FeatureBank:
         return self.trainer.extract(module, name=name)
@@ -116,7 +132,38 @@ class TrainSummary:
     interrupted: bool = False
     tracking_uri: str | None = None
     """The MLflow store the run went to (None: not tracked)."""
+    tracking_error: str | None = None
+    """Why tracking stopped before the run ended (None: the MLflow record is complete)."""
     eval: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        trainer: Trainer,
+        start_time: float,
+        images_seen: int,
+        eval_result: EvalResult | None,
+        *,
+        interrupted: bool = False,
+        backbone: str | None = None,
+    ) -> TrainSummary:
+        """The summary of ``trainer``'s run, started at ``start_time`` (``time.perf_counter``)."""
+        seconds = time.perf_counter() - start_time
+        tracker = trainer.tracker
+        return cls(
+            run_id=tracker.run_id if tracker else None,
+            checkpoint=str(trainer.checkpoint_path),
+            output_dir=str(trainer.output_dir),
+            backbone=backbone,
+            epochs_done=trainer.position.epoch,
+            steps=trainer.position.step,
+            seconds=round(seconds, 2),
+            images_per_s=round(images_seen / seconds, 1) if seconds > 0 else 0.0,
+            last_loss=trainer.losses[-1][1] if trainer.losses else None,
+            interrupted=interrupted,
+            tracking_uri=tracker.tracking_uri if tracker else None,
+            eval=eval_result.metrics() if eval_result else {},
+        )
 
     def to_json(self) -> dict[str, Any]:
         summary = {k: v for k, v in self.__dict__.items() if k != "eval"}
@@ -136,6 +183,16 @@ class _StopRequest:
         self.signal_number = signum
         log.warning("received signal %d: checkpointing after the current step", signum)
 
+    def agreed(self, env: DistributedEnv, device: torch.device) -> bool:
+        """True on every rank when any rank was signalled, so all ranks stop after the same step (a rank
+        that went on alone would wait forever in the next collective)."""
+        flag = self.signal_number is not None
+        if not env.is_distributed:
+            return flag
+        shared = torch.tensor([int(flag)], device=device)
+        torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
+        return bool(shared.item())
+
     @contextlib.contextmanager
     def installed(self) -> Iterator[_StopRequest]:
         previous = {}
@@ -149,6 +206,29 @@ class _StopRequest:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def resolve_run_data(config: TrainConfig, env: DistributedEnv) -> tuple[Dataset, Dataset | None]:
+    """The train and val data sets; rank 0 first, then the others: the built-in digits are converted
+    once, by one process."""
+    if not env.is_main:
+        barrier(env)
+    train = resolve_dataset(config.data, split="train")
+    val = resolve_dataset(config.data, split="val") if config.data.val is not None else None
+    if env.is_main:
+        barrier(env)
+    return train, val
+
+
+def run_tags(config: TrainConfig, manifest_hash: str) -> dict[str, str]:
+    """The MLflow tags of a training run."""
+    return {
+        "method": config.method_name,
+        "backbone": config.model.backbone,
+        "data_manifest_hash": manifest_hash,
+        "git_commit": git_commit(),
+        "stage": "pretrain",
+    }
 
 
 class Trainer:
@@ -171,27 +251,26 @@ class Trainer:
         if config.trainer.threads:
             torch.set_num_threads(config.trainer.threads)
         self.output_dir = Path(config.trainer.output_dir)
-        self.checkpoint_path = self.output_dir / LAST_NAME
-        self.checkpoint = self._load_resume_checkpoint(resume)
+        self.checkpoints = RunCheckpoints(self.output_dir, self.env, self.device)
+        self.checkpoint_path = self.checkpoints.path
+        self.checkpoint = self.checkpoints.load_for_resume(resume)
 
-        self.data, self.val_data = self._resolve_data()
+        self.data, self.val_data = resolve_run_data(config, self.env)
         self.spec: MultiCropSpec = config.augment.to_spec()
-        self.eval_spec: MultiCropSpec = config.augment.eval_spec()
 
         torch.manual_seed(config.trainer.seed)
-        self.method: Method = build_method(
+        method = build_method(
             config.method_name, config.model.backbone, config.method, config.model.backbone_kwargs
         ).to(self.device)
-        self.model: nn.Module = self._wrap_distributed(self.method)
+        self.method: Method
+        self.method, self.model = wrap_distributed(
+            method, self.env, self.device, sync_batchnorm=config.model.sync_batchnorm
+        )
         if config.trainer.compile:
             self.method.backbone.compile()
         self.precision = resolve_precision(config.trainer.precision, self.device)
-        # the training-set passes (clustering, evaluation) read and embed like the standalone extraction
-        self.extraction = ExtractionSettings(
-            batch_size=config.trainer.eval_batch_size,
-            backend=config.data.backend,
-            num_workers=config.data.num_workers,
-            precision=self.precision,
+        self.passes = RunPasses.for_run(
+            config, self.data, self.val_data, self.precision, self.device, self.env, progress=progress
         )
         self.optimizer = build_optimizer(config.optim, self.method)
         scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
@@ -208,67 +287,23 @@ class Trainer:
         self.position = RunPosition(world_size=self.env.world_size, num_workers=config.data.num_workers)
         self.tracker: Tracker | None = None
         self._metrics_file: Path = self.output_dir / METRICS_FILE
+        self._tracked_through = -1
+        """Steps up to this one are in the MLflow run already (logged before a kill); not logged again."""
         self.losses: list[tuple[int, float]] = []
+        self.ctx = RunContext.of(self)
         if self.checkpoint is not None:
-            self._restore(self.checkpoint)
+            self.position = self.checkpoints.restore(
+                self.checkpoint,
+                method=self.method,
+                optimizer=self.optimizer,
+                scaler=self.step_fn.scaler,
+                num_workers=config.data.num_workers,
+            )
+            repeats = self.checkpoint.get("extra", {}).get("sample_repeats")
+            self.ctx.sample_repeats = None if repeats is None else np.asarray(repeats)
+        self.ctx.epoch, self.ctx.step = self.position.epoch, self.position.step
 
     # -- setup helpers ------------------------------------------------------------------------------
-    def _load_resume_checkpoint(self, resume: bool) -> dict[str, Any] | None:
-        found = self.checkpoint_path.exists()
-        checkpoint = load_checkpoint(self.checkpoint_path) if resume and found else None
-        self._check_ranks_see_the_same_checkpoint(found, checkpoint)
-        if resume:
-            if checkpoint is None:
-                log.warning("--resume: no checkpoint in %s yet, starting from scratch", self.output_dir)
-            return checkpoint
-        if found:
-            raise PipelineError(
-                f"{self.output_dir} already holds a checkpoint; continue it with --resume or choose another "
-                "--set trainer.output_dir=…"
-            )
-        return None
-
-    def _check_ranks_see_the_same_checkpoint(self, found: bool, checkpoint: dict[str, Any] | None) -> None:
-        """Every rank reads checkpoint.pt itself: under torchrun across nodes, a rank that does not see
-        it (output_dir on node-local storage) would start from scratch while the others resume."""
-        position = position_of(checkpoint) if checkpoint is not None else None
-        seen = [int(found), *((position.epoch, position.step) if position else (-1, -1))]
-        if same_on_all_ranks(self.env, seen, self.device):
-            return
-        mine = f"epoch {position.epoch}, step {position.step}" if position else ("found" if found else "none")
-        raise PipelineError(
-            f"the ranks do not see the same checkpoint in {self.output_dir} (rank {self.env.rank}: {mine}); "
-            "trainer.output_dir must be on storage all nodes share"
-        )
-
-    def _resolve_data(self) -> tuple[Dataset, Dataset | None]:
-        """Rank 0 first, then the others: the built-in digits are converted once, by one process."""
-        if not self.env.is_main:
-            barrier(self.env)
-        train = resolve_dataset(self.config.data, split="train")
-        val = resolve_dataset(self.config.data, split="val") if self.config.data.val is not None else None
-        if self.env.is_main:
-            barrier(self.env)
-        return train, val
-
-    def _rank_state_path(self) -> Path:
-        """Where rank r > 0 keeps its own buffers (SwAV's queue, BatchNorm statistics) between runs."""
-        return self.output_dir / f"checkpoint.rank{self.env.rank}.pt"
-
-    def _wrap_distributed(self, method: Method) -> nn.Module:
-        if not self.env.is_distributed:
-            return method
-        if self.config.model.sync_batchnorm:
-            if self.device.type != "cuda":
-                raise PipelineError(
-                    "model.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm does not run on CPUs)"
-                )
-            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-            self.method = method
-        # Queues and centres are per rank or all-reduced by the method itself: never broadcast buffers.
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(method, device_ids=device_ids, broadcast_buffers=False)
-
     def _loader(self, *, epoch: int, start_batch: int, repeats: np.ndarray | None) -> Any:
         cfg = self.config
         return build_loader(
@@ -287,92 +322,33 @@ class Trainer:
             start_batch=start_batch,
         )
 
-    def _restore(self, checkpoint: dict[str, Any]) -> None:
-        self.method.load_state_dict(checkpoint["method"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if self.step_fn.scaler is not None and checkpoint.get("scaler"):
-            self.step_fn.scaler.load_state_dict(checkpoint["scaler"])
-        restore_rng_state(checkpoint["rng"])
-        saved = position_of(checkpoint)
-        same_layout = (saved.world_size, saved.num_workers) == (
-            self.env.world_size,
-            self.config.data.num_workers,
-        )
-        if saved.batch_in_epoch and not same_layout:
-            log.warning(
-                "the checkpoint was taken mid-epoch with %d rank(s) × %d worker(s); with a different layout "
-                "the epoch restarts from its first batch",
-                saved.world_size,
-                saved.num_workers,
-            )
-            saved.step -= saved.batch_in_epoch
-            saved.batch_in_epoch = 0
-        if self.env.rank > 0 and saved.world_size == self.env.world_size and self._rank_state_path().exists():
-            buffers = load_checkpoint(self._rank_state_path())["method"]
-            self.method.load_state_dict({**self.method.state_dict(), **buffers})
-        saved.world_size, saved.num_workers = self.env.world_size, self.config.data.num_workers
-        self.position = saved
-        self.sample_repeats = checkpoint.get("extra", {}).get("sample_repeats")
-
     def _save_checkpoint(self) -> None:
-        """Rank 0 writes the checkpoint; under DDP every other rank keeps its own buffers beside it (its
-        queue differs from rank 0's), so a resume on the same world size restores each rank exactly."""
-        if not self.env.is_main:
-            buffers = {name: buffer for name, buffer in self.method.named_buffers()}
-            atomic_save(
-                make_checkpoint(
-                    method_state=buffers,
-                    optimizer_state={},
-                    scaler_state=None,
-                    position=self.position,
-                    config_yaml="",
-                ),
-                self._rank_state_path(),
-            )
-            return
         extra: dict[str, Any] = {"mlflow_run_id": self.tracker.run_id if self.tracker else None}
         if self.ctx.sample_repeats is not None:
             extra["sample_repeats"] = torch.from_numpy(self.ctx.sample_repeats)
-        payload = make_checkpoint(
-            method_state=self.method.state_dict(),
-            optimizer_state=self.optimizer.state_dict(),
-            scaler_state=self.step_fn.scaler.state_dict() if self.step_fn.scaler else None,
+        self.checkpoints.save(
+            method=self.method,
+            optimizer=self.optimizer,
+            scaler=self.step_fn.scaler,
             position=self.position,
             config_yaml=dump_yaml(self.config),
             extra=extra,
         )
-        atomic_save(payload, self.checkpoint_path)
 
     # -- things the method may ask for --------------------------------------------------------------
     def extract(self, module: nn.Module, *, name: str) -> FeatureBank:
         """The extraction pass over the training set (eval view), row i for sample i."""
-        bank = extract_features(
-            module,
-            self.data.source,
-            spec=self.eval_spec,
-            settings=self.extraction,
-            device=self.device,
-            env=self.env,
-            out_dir=self.output_dir / f"bank-{name}",
-            source={
-                "module": name,
-                "epoch": self.position.epoch,
-                "manifest": self.data.manifest_hash,
-                "manifest_path": self.data.manifest_path,
-            },
-            progress=self.progress and self.env.is_main,
-        )
-        return bank.as_feature_bank()
+        return self.passes.extract(module, name=name, epoch=self.position.epoch)
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
-        if self.tracker is not None:
+        if self.tracker is not None and step > self._tracked_through:
             self.tracker.log_metrics(metrics, step=step)
-        self._append_metrics({"step": step, **metrics})
+        self._append_metrics([{"step": step, **metrics}])
 
-    def _append_metrics(self, record: Mapping[str, Any]) -> None:
+    def _append_metrics(self, records: Iterable[Mapping[str, Any]]) -> None:
         if self.env.is_main:
             with open(self._metrics_file, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.writelines(json.dumps(record) + "\n" for record in records)
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> TrainSummary:
@@ -380,6 +356,8 @@ class Trainer:
         if self.env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / CONFIG_FILE).write_text(dump_yaml(cfg), encoding="utf-8")
+            if self.checkpoint is not None:  # steps logged after the checkpoint are about to run again
+                self._tracked_through = rewind_metrics(self._metrics_file, self.position.step)
         resumed_run = (self.checkpoint or {}).get("extra", {}).get("mlflow_run_id")
         self.tracker = open_tracker(
             cfg.tracking,
@@ -387,22 +365,8 @@ class Trainer:
             rank=self.env.rank,
             run_id=resumed_run,
             parent_run_id=self.parent_run_id,
-            tags=self._tags(),
+            tags=run_tags(cfg, self.data.manifest_hash),
         )
-        self.ctx = RunContext(
-            epoch=self.position.epoch,
-            epochs=cfg.trainer.epochs,
-            step=self.position.step,
-            steps_per_epoch=self.steps_per_epoch,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            device=self.device,
-            num_samples=self.data.num_samples,
-            trainer=self,
-        )
-        repeats = getattr(self, "sample_repeats", None)
-        if repeats is not None:
-            self.ctx.sample_repeats = np.asarray(repeats)
         with tracking_run(self.tracker) as outcome, _StopRequest().installed() as stop:
             if resumed_run is None:
                 self.tracker.log_params(flatten(to_dict(cfg)))
@@ -410,17 +374,8 @@ class Trainer:
             summary = self._train(stop)
             if summary.interrupted:  # stopped on a signal: the run is not finished, --resume continues it
                 outcome.status = "KILLED"
-            return summary
-
-    def _tags(self) -> dict[str, str]:
-        cfg = self.config
-        return {
-            "method": cfg.method_name,
-            "backbone": cfg.model.backbone,
-            "data_manifest_hash": self.data.manifest_hash,
-            "git_commit": git_commit(),
-            "stage": "pretrain",
-        }
+        summary.tracking_error = self.tracker.error  # known once the run is closed (closing can fail too)
+        return summary
 
     def _train(self, stop: _StopRequest) -> TrainSummary:
         cfg, ctx, position = self.config, self.ctx, self.position
@@ -435,40 +390,23 @@ class Trainer:
                 epoch=position.epoch, start_batch=position.batch_in_epoch, repeats=ctx.sample_repeats
             )
             self.model.train()
-            window = _MetricWindow()
+            window = MetricWindow(position.epoch)
             fetch_start = time.perf_counter()
             for batch in loader:
-                batch = batch.to(self.device)
                 data_time = time.perf_counter() - fetch_start
-                ctx.step = position.step
-                lr, wd = self.schedules.apply(self.optimizer, position.step)
-                with autocast(self.device, self.precision):
-                    out = self.model(batch)
-                grad_norm = self.step_fn(out.loss, self.method, ctx)
-                self.method.on_step_end(ctx)
-                loss = float(out.loss.detach())
-                if not np.isfinite(loss):
-                    raise PipelineError(
-                        f"the loss became {loss} at step {position.step}; lower optim.lr or check the data"
-                    )
-                position.step += 1
-                position.batch_in_epoch += 1
+                schedule = self._train_step(batch.to(self.device), window)
                 images_seen += batch.size * self.env.world_size
-                step_time = time.perf_counter() - fetch_start
-                self._append_metrics({"step": position.step - 1, "epoch": position.epoch, "loss": loss})
-                self.losses.append((position.step - 1, loss))
-                window.add(
-                    loss, out.metrics, batch.size * self.env.world_size, data_time, step_time, grad_norm
-                )
+                window.add_time(data_time=data_time, step_time=time.perf_counter() - fetch_start)
                 if position.step % cfg.trainer.log_every == 0:
-                    self._log_window(window, lr=lr, wd=wd, step=position.step - 1)
-                    window = _MetricWindow()
-                if self._agree_to_stop(stop):
+                    self._log_window(window, schedule)
+                    window = MetricWindow(position.epoch)
+                if stop.agreed(self.env, self.device):
+                    self._log_window(window, None)  # the steps' records, not a partial window's means
                     self._save_checkpoint()
-                    return self._summary(start_time, images_seen, interrupted=True, eval_result=eval_result)
+                    return TrainSummary.of(self, start_time, images_seen, eval_result, interrupted=True)
                 fetch_start = time.perf_counter()
             if window.count:
-                self._log_window(window, lr=lr, wd=wd, step=position.step - 1)
+                self._log_window(window, schedule)
             position.epoch += 1
             position.batch_in_epoch = 0
             ctx.epoch = position.epoch
@@ -481,42 +419,55 @@ class Trainer:
                 eval_result = self.evaluate()
                 self.log_metrics(eval_result.metrics(), step=position.step)
         backbone_path = self._finish(eval_result)
-        return self._summary(
-            start_time, images_seen, interrupted=False, eval_result=eval_result, backbone=backbone_path
+        return TrainSummary.of(self, start_time, images_seen, eval_result, backbone=backbone_path)
+
+    def _train_step(self, batch: Batch, window: MetricWindow) -> tuple[float, float]:
+        """One optimizer step on ``batch``; its values go to ``window`` unread. Returns (lr, wd)."""
+        ctx, position = self.ctx, self.position
+        ctx.step = position.step
+        lr, wd = self.schedules.apply(self.optimizer, position.step)
+        with autocast(self.device, self.precision):
+            out = self.model(batch, ctx)
+        grad_norm = self.step_fn(out.loss, self.method, ctx)
+        self.method.on_step_end(ctx)
+        images = batch.size * self.env.world_size
+        window.add(position.step, out.loss, out.metrics, grad_norm, images=images)
+        position.step += 1
+        position.batch_in_epoch += 1
+        return lr, wd
+
+    def _log_window(self, window: MetricWindow, schedule: tuple[float, float] | None) -> None:
+        """Read ``window`` (one host copy), write each step's record, stop on a non-finite loss, then
+        log the window's means with the last step's (lr, wd); ``schedule`` None writes the records only."""
+        values = window.read()
+        bad = values.first_nonfinite()
+        self._record_steps(values, end=bad)
+        if bad is not None:
+            raise PipelineError(
+                f"the loss became {values.losses[bad]} at step {values.steps[bad]}; lower optim.lr or check "
+                "the data"
+            )
+        if schedule is not None and values.steps:
+            lr, wd = schedule
+            self.log_metrics({**values.summary, "lr": lr, "weight_decay": wd}, step=values.steps[-1])
+
+    def _record_steps(self, values: WindowValues, *, end: int | None) -> None:
+        steps, losses = values.steps[:end], values.losses[:end]
+        self._append_metrics(
+            {"step": step, "epoch": values.epoch, "loss": loss}
+            for step, loss in zip(steps, losses, strict=True)
         )
-
-    def _agree_to_stop(self, stop: _StopRequest) -> bool:
-        """True on every rank when any rank was signalled, so all ranks stop after the same step (a rank
-        that went on alone would wait forever in the next collective)."""
-        flag = stop.signal_number is not None
-        if not self.env.is_distributed:
-            return flag
-        shared = torch.tensor([int(flag)], device=self.device)
-        torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
-        return bool(shared.item())
-
-    def _log_window(self, window: _MetricWindow, *, lr: float, wd: float, step: int) -> None:
-        self.log_metrics({**window.summary(), "lr": lr, "weight_decay": wd}, step=step)
+        self.losses.extend(zip(steps, losses, strict=True))
 
     # -- evaluation and the end of the run ------------------------------------------------------------
     def evaluate(self) -> EvalResult:
         """k-NN (val against train features) and k-means NMI/ARI (val) of the method's feature extractor."""
-        assert self.val_data is not None
-        extractor = self.method.feature_extractor()
-        common = dict(
-            spec=self.eval_spec,
-            settings=self.extraction,
-            device=self.device,
-            env=self.env,
-        )
-        train = extract_eval_features(extractor, self.data.source, **common)
-        val = extract_eval_features(extractor, self.val_data.source, **common)
-        return evaluate_features(
-            train,
-            val,
-            k=self.config.trainer.knn_k,
-            temperature=self.config.trainer.knn_temperature,
-            seed=self.config.trainer.seed,
+        trainer = self.config.trainer
+        return self.passes.evaluate(
+            self.method.feature_extractor(),
+            knn_k=trainer.knn_k,
+            knn_temperature=trainer.knn_temperature,
+            seed=trainer.seed,
         )
 
     def _finish(self, eval_result: EvalResult | None) -> str | None:
@@ -531,102 +482,30 @@ class Trainer:
         if loss_plot is not None:
             self.tracker.log_artifact(loss_plot, "plots")
         if self.val_data is not None and hasattr(extractor, "last_selfattention"):
-            self.tracker.log_artifact(self._plot_attention(extractor), "plots")
+            images = self.passes.val_images(4)
+            self.tracker.log_artifact(
+                plot_model_attention(extractor, images, self.output_dir / "attention.png"), "plots"
+            )
         return str(backbone_path)
-
-    def _plot_attention(self, vit: nn.Module, num_images: int = 4) -> Path:
-        """DINO's picture: the last block's CLS attention per head, for a few val images."""
-        assert self.val_data is not None
-        loader = build_loader(
-            self.val_data.source,
-            self.eval_spec,
-            num_images,
-            backend="torch",
-            num_workers=0,
-            shuffle=False,
-            device=self.device,
-        )
-        images = next(iter(loader)).views[0].to(self.device)
-        was_training = vit.training
-        vit.eval()
-        maps = attention_maps(vit, images)
-        vit.train(was_training)
-        return plot_attention_maps(images, maps, self.output_dir / "attention.png")
-
-    def _summary(
-        self,
-        start_time: float,
-        images_seen: int,
-        *,
-        interrupted: bool,
-        eval_result: EvalResult | None,
-        backbone: str | None = None,
-    ) -> TrainSummary:
-        seconds = time.perf_counter() - start_time
-        return TrainSummary(
-            run_id=self.tracker.run_id if self.tracker else None,
-            checkpoint=str(self.checkpoint_path),
-            output_dir=str(self.output_dir),
-            backbone=backbone,
-            epochs_done=self.position.epoch,
-            steps=self.position.step,
-            seconds=round(seconds, 2),
-            images_per_s=round(images_seen / seconds, 1) if seconds > 0 else 0.0,
-            last_loss=self.losses[-1][1] if self.losses else None,
-            interrupted=interrupted,
-            tracking_uri=self.tracker.tracking_uri if self.tracker else None,
-            eval=eval_result.metrics() if eval_result else {},
-        )
-
-
-class _MetricWindow:
-    """Averages of the per-step values between two log points."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.loss = 0.0
-        self.images = 0
-        self.data_time = 0.0
-        self.step_time = 0.0
-        self.method_metrics: dict[str, float] = {}
-        self.grad_norms: list[float] = []
-
-    def add(
-        self,
-        loss: float,
-        metrics: Mapping[str, float],
-        images: int,
-        data_time: float,
-        step_time: float,
-        grad_norm: float | None,
-    ) -> None:
-        self.count += 1
-        self.loss += loss
-        self.images += images
-        self.data_time += data_time
-        self.step_time += step_time
-        for key, value in metrics.items():
-            self.method_metrics[key] = self.method_metrics.get(key, 0.0) + float(value)
-        if grad_norm is not None:
-            self.grad_norms.append(grad_norm)
-
-    def summary(self) -> dict[str, float]:
-        summary = {
-            "loss": self.loss / self.count,
-            "images_per_s": self.images / self.step_time if self.step_time > 0 else 0.0,
-            "data_wait_share": self.data_time / self.step_time if self.step_time > 0 else 0.0,
-        }
-        summary.update({key: value / self.count for key, value in self.method_metrics.items()})
-        if self.grad_norms:
-            summary["grad_norm"] = float(np.mean(self.grad_norms))
-        return summary
 
 
 def train(
     config: TrainConfig, *, resume: bool = False, progress: bool = True, parent_run_id: str | None = None
 ) -> TrainSummary:
     """Run (or resume) one training run and return its summary; ``parent_run_id`` nests its MLflow run."""
-    return Trainer(config, resume=resume, progress=progress, parent_run_id=parent_run_id).run()
+    env = DistributedEnv.from_environment()
+    device = resolve_device(config.trainer.device, env)
+    init_distributed(env, device)  # the lock's decision is shared over the process group
+    # claimed before the Trainer looks for a checkpoint, so a run started beside a live one cannot pass
+    # that check, and held until the run has written its last file
+    with lock_directory(
+        config.trainer.output_dir,
+        owner="training",
+        hint="choose another --set trainer.output_dir=…",
+        env=env,
+        device=device,
+    ):
+        return Trainer(config, resume=resume, progress=progress, parent_run_id=parent_run_id).run()
 
 
 __all__ = ["Batch", "RunContext", "TrainSummary", "Trainer", "train"]

@@ -10,11 +10,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from clusterssl.errors import PipelineError
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,36 @@ def same_on_all_ranks(env: DistributedEnv, values: Sequence[int], device: torch.
     return bool(torch.equal(low, high))
 
 
+def follow_main_rank(env: DistributedEnv, flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (the others' own flags are ignored); a plain process keeps its own.
+
+    A collective: every rank must call it.
+    """
+    if not env.is_distributed or not dist.is_initialized():
+        return flag
+    shared = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    dist.broadcast(shared, src=0)
+    return bool(shared.item())
+
+
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap_distributed(
+    method: ModuleT, env: DistributedEnv, device: torch.device, *, sync_batchnorm: bool
+) -> tuple[ModuleT, nn.Module]:
+    """(method, the module the steps call): the method itself in one process; under DDP the method
+    (with SyncBatchNorm layers if asked) and its DistributedDataParallel wrapper."""
+    if not env.is_distributed:
+        return method, method
+    if sync_batchnorm:
+        if device.type != "cuda":
+            raise PipelineError(
+                "model.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm does not run on CPUs)"
+            )
+        method = cast(ModuleT, nn.SyncBatchNorm.convert_sync_batchnorm(method))
+    # Queues and centres are per rank or all-reduced by the method itself: never broadcast buffers.
+    device_ids = [device.index] if device.type == "cuda" else None
+    return method, nn.parallel.DistributedDataParallel(method, device_ids=device_ids, broadcast_buffers=False)

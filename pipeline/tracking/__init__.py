@@ -1,0 +1,1 @@
+"""Tracking: MLflow runs (one per stage, nested under the pipeline run) and the plots logged with them."""
