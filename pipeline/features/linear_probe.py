@@ -119,14 +119,23 @@ def linear_probe(
 def _labelled(
     features: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, device: str | torch.device | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.as_tensor(features).to(device=device, dtype=torch.float32)
-    y = torch.as_tensor(labels).long().to(x.device)
+    # copies: the features may be a read-only memmap (a feature store), which torch will not wrap
+    x = _tensor(features, torch.float32, device)
+    y = _tensor(labels, torch.long, x.device)
     if x.ndim != 2 or y.shape != (x.shape[0],):
         raise PipelineError(
             f"features (N, D) and labels (N,) expected, got {tuple(x.shape)} and {tuple(y.shape)}"
         )
     keep = y >= 0
     return x[keep], y[keep]
+
+
+def _tensor(
+    values: np.ndarray | torch.Tensor, dtype: torch.dtype, device: str | torch.device | None
+) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values.to(device=device, dtype=dtype)
+    return torch.tensor(np.asarray(values), dtype=dtype, device=device)
 
 
 def _standardised(train: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
