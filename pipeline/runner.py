@@ -375,6 +375,7 @@ class PipelineRunner:
                     step=0,
                 )
                 child.log_artifact(Path(s.directory) / "manifest.json", f"manifests/{name}")
+                child.log_shard_set(s.manifest, self._set_name(name), context=name)
             record.run_id = child.run_id
         self._write_record(record)
         return StageResult(record, skipped=False)
@@ -410,6 +411,8 @@ class PipelineRunner:
             summary = train(config, resume=resuming, progress=self.progress, parent_run_id=self.parent.run_id)
             if summary.interrupted:
                 raise _Interrupted
+            if summary.run_id is not None:
+                self._describe_pretrain(summary.run_id, convert, summary.backbone)
             return {
                 "run_dir": str(output_dir),
                 "checkpoint": summary.checkpoint,
@@ -425,8 +428,29 @@ class PipelineRunner:
             every_rank=True,
         )
 
+    def _set_name(self, subset: str) -> str:
+        """How a shard set is named in MLflow's Dataset column: ``<pipeline>/<subset>``."""
+        return f"{self.config.name}/{subset}"
+
+    def _describe_pretrain(self, run_id: str, convert: StageResult, backbone: str) -> None:
+        """Add to the pretraining run what MLflow's runs table shows: the shard sets it read (Dataset
+        column) and the trained backbone as a PyTorch model (Model column, ``runs:/<id>/backbone``)."""
+        from clusterssl.pipeline.train.checkpoint import load_feature_extractor
+        from clusterssl.shards.manifest import load_manifest
+
+        tracking = replace(self.config.tracking, system_metrics=False)  # a few seconds of logging
+        tracker = open_tracker(tracking, run_name="pretrain", run_id=run_id)
+        with tracking_run(tracker):
+            for subset, context in (("train", "training"), ("val", "evaluation")):
+                if subset in convert.record.outputs:
+                    manifest = load_manifest(convert.record.outputs[subset]["dir"])
+                    tracker.log_shard_set(manifest, self._set_name(subset), context)
+            module, _ = load_feature_extractor(backbone)
+            tracker.log_model(module.eval(), "backbone")
+
     def _extract(self, pretrain: StageResult) -> StageResult:
         from clusterssl.pipeline.features.extraction import extract_checkpoint
+        from clusterssl.shards.manifest import load_manifest
 
         section = self.config.extract
         stage_fingerprint = fingerprint(pretrain.record.fingerprint, section)
@@ -454,6 +478,7 @@ class PipelineRunner:
                     progress=self.progress,
                 )
                 child.log_metrics({"rows": float(bank.meta.num_samples), "dim": float(bank.meta.dim)}, step=0)
+                child.log_shard_set(load_manifest(self._train_data()), self._set_name("train"), "extraction")
                 return {
                     "bank": str(bank_dir),
                     "rows": bank.meta.num_samples,
@@ -529,7 +554,8 @@ class PipelineRunner:
             )
             run_id = summary.pop("run_id", None)
             baseline = summary.pop("baseline", None)
-            result = {k: v for k, v in summary.items() if k in ("knn_top1", "knn_top5", "nmi", "ari")}
+            kept = ("knn_top1", "knn_top5", "linear_top1", "nmi", "ari")
+            result = {k: v for k, v in summary.items() if k in kept}
             if baseline:
                 result.update({f"random_init_{k}": v for k, v in baseline.items()})
             return result, run_id

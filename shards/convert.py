@@ -125,6 +125,15 @@ def convert(
     return ConvertOutcome(outcomes, len(listing.items), time.perf_counter() - started)
 
 
+def merge_outcomes(outcomes: list[ConvertOutcome]) -> ConvertOutcome:
+    """One outcome for conversions run one after the other (the splits of an IDX directory)."""
+    return ConvertOutcome(
+        [s for o in outcomes for s in o.sets],
+        sum(o.inputs for o in outcomes),
+        sum(o.seconds for o in outcomes),
+    )
+
+
 def _split(items: list[InputItem], options: ConvertOptions) -> list[tuple[str, list[InputItem]]]:
     if options.holdout is None:
         return [("", items)]

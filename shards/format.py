@@ -2,29 +2,53 @@
 
 A sample is a group of consecutive tar members sharing one key (the name up to its first dot):
 
-    <key>.jpg    the image: the source's own bytes when it is a JPEG, else a re-encoding
-    <key>.cls    the class id as ASCII text (the WebDataset convention); -1 when unlabelled
-    <key>.label  the class id as a little-endian int64 (DALI reads it with dtypes=INT64, no text parsing)
-    <key>.index  the global sample index 0..N-1 as a little-endian int64
-    <key>.src    the input the sample came from (UTF-8), so a bad sample can be traced back
+    <key>.jpg        the image: the source's own bytes when it is a JPEG, else a re-encoding
+    <key>.cls        the class id as ASCII text (the WebDataset convention); -1 when unlabelled
+    <key>.label.i64  the class id as a little-endian int64 (DALI reads it with dtypes=INT64, no text parsing)
+    <key>.index.i64  the global sample index 0..N-1 as a little-endian int64
+    <key>.src        the input the sample came from (UTF-8), so a bad sample can be traced back
 
 Keys never contain dots (they are generated, not taken from file names) and extensions are lowercase.
+The binary components end in ``.i64``, a suffix no webdataset decoder claims, so that webdataset's stock
+``.decode()`` passes them through as bytes (it reads a member by its last suffix, and its default
+decoders parse ``.index`` as text). Format version 1 named them ``label`` and ``index``; sets written
+then are still read (``current_names``, ``stored_ext``).
 """
 
 from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import TypeVar
 
-FORMAT_VERSION = 1
+T = TypeVar("T")
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 
 IMAGE_EXT = "jpg"
 CLASS_EXT = "cls"
-LABEL_EXT = "label"
-INDEX_EXT = "index"
+LABEL_EXT = "label.i64"
+INDEX_EXT = "index.i64"
 SOURCE_EXT = "src"
 COMPONENT_ORDER = (IMAGE_EXT, CLASS_EXT, LABEL_EXT, INDEX_EXT, SOURCE_EXT)
+
+_VERSION_1_NAMES = {LABEL_EXT: "label", INDEX_EXT: "index"}
+_CURRENT_NAMES = {old: new for new, old in _VERSION_1_NAMES.items()}
+
+
+def stored_ext(ext: str, version: int) -> str:
+    """The name a component has in the tars of a set of that format version (DALI's ``ext``)."""
+    return _VERSION_1_NAMES.get(ext, ext) if version == 1 else ext
+
+
+def current_names(components: dict[str, T]) -> dict[str, T]:
+    """A sample's components under the current names, whichever format version wrote them."""
+    if not any(ext in _CURRENT_NAMES for ext in components):
+        return components
+    return {_CURRENT_NAMES.get(ext, ext): data for ext, data in components.items()}
+
 
 UNLABELLED = -1
 """Label value of a sample whose source gave no label."""

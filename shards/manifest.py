@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterssl.errors import ShardsError
-from clusterssl.shards.format import FORMAT_VERSION, MANIFEST_NAME
+from clusterssl.shards.format import FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS
 
 
 @dataclass(frozen=True)
@@ -112,9 +112,10 @@ class Manifest:
     @classmethod
     def from_json(cls, data: dict[str, Any], root: Path | None = None) -> Manifest:
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ShardsError(
-                f"manifest format version {version!r} is not supported (expected {FORMAT_VERSION})"
+                f"manifest format version {version!r} is not supported (this clusterssl reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; it writes {FORMAT_VERSION})"
             )
         try:
             return cls(

@@ -24,6 +24,7 @@ from clusterssl.shards.format import (
     INDEX_EXT,
     LABEL_EXT,
     SOURCE_EXT,
+    current_names,
     dali_index_path,
     decode_int,
 )
@@ -56,6 +57,7 @@ class ShardSample:
 
 def sample_from_components(key: str, components: dict[str, bytes], decode: bool = False) -> ShardSample:
     """Assemble a sample from its ``ext → payload`` members; ShardsError naming what is missing or bad."""
+    components = current_names(components)
     missing = [ext for ext in COMPONENT_ORDER if ext not in components]
     if missing:
         raise ShardsError(f"sample {key} lacks component(s) {', '.join(missing)}")

@@ -12,9 +12,10 @@ import csv
 import json
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from clusterssl.errors import ShardsError
 from clusterssl.shards.format import UNLABELLED
@@ -45,6 +46,10 @@ class Listing:
     """What the listing changed that the user should hear about (kept in the manifest's ``notes``)."""
 
 
+class InputReader(Protocol):
+    def read(self, ref: str) -> bytes: ...
+
+
 class Source(ABC):
     """A dataset to convert. Subclasses must stay picklable (they are sent to the worker processes)."""
 
@@ -61,6 +66,11 @@ class Source(ABC):
     @abstractmethod
     def read(self, ref: str) -> bytes:
         """The encoded bytes of one input; raises ``OSError`` when it cannot be read."""
+
+    def reader_for(self, refs: Sequence[str]) -> InputReader:
+        """What reads the inputs of one shard task, each once, in this order. Sources that read many
+        inputs from one container (a Parquet row group) override it to read each container once."""
+        return self
 
     def walked_directory(self) -> Path | None:
         """The directory tree the listing walks, if any: output written inside it would become input."""

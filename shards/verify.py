@@ -18,12 +18,14 @@ from typing import Any
 from clusterssl.shards.format import (
     CLASS_EXT,
     COMPONENT_ORDER,
+    FORMAT_VERSION,
     IMAGE_EXT,
     INDEX_EXT,
     LABEL_EXT,
     UNLABELLED,
     decode_int,
     sample_key,
+    stored_ext,
 )
 from clusterssl.shards.images import BadInput, decode_rgb
 from clusterssl.shards.manifest import Manifest, ShardEntry, load_manifest
@@ -57,6 +59,7 @@ class _ShardTask:
     entry: ShardEntry
     num_classes: int
     decode: bool
+    format_version: int = FORMAT_VERSION
 
 
 @dataclass
@@ -126,7 +129,7 @@ def verify(
     manifest = load_manifest(location)
     assert manifest.root is not None
     tasks = [
-        _ShardTask(str(tar), str(idx), entry, len(manifest.classes), decode)
+        _ShardTask(str(tar), str(idx), entry, len(manifest.classes), decode, manifest.format_version)
         for entry, tar, idx in zip(
             manifest.shards, manifest.shard_paths(), manifest.index_paths(), strict=True
         )
@@ -298,8 +301,11 @@ def _verify_sample(
         if ext in by_ext:
             problem(f"component {ext} appears twice", key)
         by_ext[ext] = member
-    missing = [ext for ext in COMPONENT_ORDER if ext not in by_ext]
-    extra = sorted(set(by_ext) - set(COMPONENT_ORDER))
+    # the names this set's format version gives the components (``label``/``index`` in version 1)
+    names = {stored_ext(ext, task.format_version): ext for ext in COMPONENT_ORDER}
+    missing = [stored for stored in names if stored not in by_ext]
+    extra = sorted(set(by_ext) - set(names))
+    by_ext = {names.get(ext, ext): member for ext, member in by_ext.items()}
     if missing or extra:
         problem(f"components missing {missing} / unexpected {extra}", key)
         if missing:

@@ -178,9 +178,10 @@ def _write_in_python(
     cannot become a sample is added to ``skipped`` with its reason, the longer side of an image stored
     above ``LARGE_SIDE`` to ``large_sides``."""
     batch: list[tuple[str, list[tuple[str, bytes]]]] = []
+    reader = task.source.reader_for([ref for ref, _, _ in inputs])
     for ref, label, planned_index in inputs:
         try:
-            prepared = prepare_image(task.source.read(ref), task.options)
+            prepared = prepare_image(reader.read(ref), task.options)
         except BadInput as error:
             skipped.append((ref, str(error)))
             continue

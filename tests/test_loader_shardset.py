@@ -30,7 +30,7 @@ from clusterssl.pipeline.data.shardset import (
     StreamShardReader,
     resolve_shards,
 )
-from clusterssl.shards.format import decode_int
+from clusterssl.shards.format import INDEX_EXT, decode_int
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_indexed_and_streamed_readers_return_the_same_samples(shards: Path) -> N
     streamed.want(order)
     for position in order:
         a, b = indexed.read(position), streamed.read(position)
-        assert a == {ext: b[ext] for ext in a} and decode_int(a["index"]) == 6 + position
+        assert a == {ext: b[ext] for ext in a} and decode_int(a[INDEX_EXT]) == 6 + position
     assert not streamed._kept  # nothing held once every wanted sample was served
 
 
@@ -100,7 +100,7 @@ def test_truncated_shards_are_reported_per_sample(tmp_path: Path) -> None:
     shard = resolve_shards(data).shards[0]
     indexed, streamed = IndexedShardReader(shard), StreamShardReader(shard)
     for reader in (indexed, streamed):
-        assert decode_int(reader.read(2)["index"]) == 2
+        assert decode_int(reader.read(2)[INDEX_EXT]) == 2
         with pytest.raises(SampleUnavailable, match="truncated"):
             reader.read(3)
 

@@ -15,11 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import pytest
+import torch
 from trainer_helpers import pipeline_dict
 
 from clusterssl.config import from_dict
 from clusterssl.pipeline.runner import PipelineConfig, run_pipeline
+from clusterssl.pipeline.train.checkpoint import load_feature_extractor
+from clusterssl.shards.manifest import load_manifest
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 STAGES = {"convert", "pretrain", "extract", "cluster", "evaluate"}
@@ -54,7 +58,7 @@ def served_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
                 if time.monotonic() > deadline or server.poll() is not None:
                     pytest.fail("mlflow server did not come up on loopback")
                 time.sleep(0.5)
-        yield {"base": base, "summary": summary, "tmp": tmp_path}
+        yield {"base": base, "summary": summary, "tmp": tmp_path, "uri": config.tracking.uri}
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -95,6 +99,53 @@ def test_rest_api_shows_the_parent_its_stages_and_a_plot(served_pipeline: dict[s
         assert response.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def stage_run(base: str, summary: Any, stage: str) -> str:
+    _, runs = stage_runs(base)
+    return next(
+        run_id
+        for run_id, r in runs.items()
+        if r["tags"].get("stage") == stage and r["tags"].get("mlflow.parentRunId") == summary.run_id
+    )
+
+
+def test_experiment_opens_as_model_training(served_pipeline: dict[str, Any]) -> None:
+    experiment = api(served_pipeline["base"], "experiments/get-by-name?experiment_name=pipe")["experiment"]
+    tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_stages_carry_their_shard_sets_as_datasets(served_pipeline: dict[str, Any]) -> None:
+    base, summary, tmp = served_pipeline["base"], served_pipeline["summary"], served_pipeline["tmp"]
+    train = load_manifest(tmp / "shards" / "train")
+    for stage, contexts in (("convert", {"train", "val"}), ("pretrain", {"training", "evaluation"})):
+        run = api(base, f"runs/get?run_id={stage_run(base, summary, stage)}")["run"]
+        inputs = run["inputs"]["dataset_inputs"]
+        seen = {i["dataset"]["name"]: i for i in inputs}
+        assert {
+            t["value"] for i in inputs for t in i["tags"] if t["key"] == "mlflow.data.context"
+        } == contexts
+        dataset = seen["test/train"]["dataset"]
+        assert dataset["digest"] == train.content_hash()
+        assert json.loads(dataset["source"])["uri"] == str((tmp / "shards" / "train").resolve())
+        profile = json.loads(dataset["profile"])
+        assert profile["num_samples"] == train.count and profile["num_classes"] == 10
+
+
+def test_pretrained_backbone_loads_from_mlflow_and_embeds(
+    served_pipeline: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, summary = served_pipeline["base"], served_pipeline["summary"]
+    run_id = stage_run(base, summary, "pretrain")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", served_pipeline["uri"])
+    loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/backbone").eval()
+    original, _ = load_feature_extractor(summary.stages["pretrain"].record.outputs["backbone"])
+    images = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        embedded = loaded(images)
+        assert embedded.shape[0] == 3 and embedded.ndim == 2
+        assert torch.equal(embedded, original.eval()(images))
+
+
 def chromium_dom(url: str, profile: Path, screenshot: Path | None = None) -> str:
     flags = [
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -133,3 +184,18 @@ def test_chromium_renders_the_runs_and_the_plot(served_pipeline: dict[str, Any])
     assert "test/cluster" in page, "the stage's run page names the nested stage"
     assert "k5_sizes.png" in page and "k5_samples.png" in page, "the plot artifacts are listed"
     assert (tmp / "cluster-run.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package: chromium)")
+def test_chromium_opens_the_runs_with_dataset_and_model(served_pipeline: dict[str, Any]) -> None:
+    """The experiment lands on its runs (not MLflow 3's GenAI overview), whose table names the shard
+    set and the logged backbone; the pretraining run's page lists both too."""
+    base, summary, tmp = served_pipeline["base"], served_pipeline["summary"], served_pipeline["tmp"]
+    experiment, _ = stage_runs(base)
+    landing = chromium_dom(f"{base}/#/experiments/{experiment}", tmp / "profile-landing")
+    assert "pipeline-test" in landing, "the experiment opens on its runs"
+    table = chromium_dom(f"{base}/#/experiments/{experiment}/runs", tmp / "profile-table")
+    assert "test/train" in table, "the Dataset column names the shard set"
+    pretrain = stage_run(base, summary, "pretrain")
+    page = chromium_dom(f"{base}/#/experiments/{experiment}/runs/{pretrain}", tmp / "profile-pretrain")
+    assert "test/train" in page and "backbone" in page, "the run page lists its dataset and its model"

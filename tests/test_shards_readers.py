@@ -14,7 +14,7 @@ from test_shards_convert import corrupt_inputs
 
 from clusterssl.errors import ShardsError
 from clusterssl.shards.convert import ConvertOptions, convert
-from clusterssl.shards.format import decode_int
+from clusterssl.shards.format import IMAGE_EXT, INDEX_EXT, LABEL_EXT, decode_int
 from clusterssl.shards.manifest import load_manifest
 from clusterssl.shards.reader import IndexedReader, iter_samples
 from clusterssl.shards.sources import ImageFolderSource
@@ -41,7 +41,7 @@ def test_dali_webdataset_reader_reads_our_shards_with_our_indexes(shard_set: Pat
         jpegs, labels, indices = fn.readers.webdataset(
             paths=[str(p) for p in manifest.shard_paths()],
             index_paths=[str(p) for p in manifest.index_paths()],
-            ext=["jpg", "label", "index"],
+            ext=[IMAGE_EXT, LABEL_EXT, INDEX_EXT],
             dtypes=[types.UINT8, types.INT64, types.INT64],
             missing_component_behavior="error",
             pad_last_batch=True,
@@ -76,7 +76,7 @@ def test_webdataset_groups_the_same_samples(shard_set: Path) -> None:
         wds.WebDataset([str(p) for p in load_manifest(shard_set).shard_paths()], shardshuffle=False)
     )
     assert [s["__key__"] for s in theirs] == [s.key for s in ours]
-    assert [decode_int(s["index"]) for s in theirs] == [s.index for s in ours] == list(range(15))
+    assert [decode_int(s[INDEX_EXT]) for s in theirs] == [s.index for s in ours] == list(range(15))
     assert [int(s["cls"]) for s in theirs] == [s.label for s in ours]
     assert [s["jpg"] for s in theirs] == [s.jpeg for s in ours]
 
@@ -114,3 +114,23 @@ def test_decoded_stream_matches_the_source_pixels(tmp_path: Path) -> None:
 
     assert sample.image is not None
     assert np.array_equal(np.asarray(sample.image), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+def test_webdataset_stock_decode_reads_every_sample(shard_set: Path) -> None:
+    """`WebDataset(urls).decode("rgb8")`, webdataset's own recipe: images as uint8 arrays, `cls` as an
+    int, and our typed components left as their bytes (no DecodingError)."""
+    import webdataset as wds
+
+    ours = {s.key: s for s in iter_samples(shard_set, decode=True)}
+    urls = [str(p) for p in load_manifest(shard_set).shard_paths()]
+    theirs = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8"))
+    assert len(theirs) == len(ours) == 15
+    for sample in theirs:
+        mine = ours[sample["__key__"]]
+        assert sample["cls"] == mine.label
+        assert decode_int(sample[LABEL_EXT]) == mine.label and decode_int(sample[INDEX_EXT]) == mine.index
+        assert sample["src"] == mine.src.encode()
+        assert sample["jpg"].dtype == np.uint8 and np.array_equal(sample["jpg"], np.asarray(mine.image))
+    # and the usual tuple recipe on top of it
+    pairs = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8").to_tuple("jpg", "cls"))
+    assert sorted(label for _, label in pairs) == sorted(s.label for s in ours.values())

@@ -200,10 +200,26 @@ def _register_extract() -> None:
     bench.add_command(extract_command, "extract")
 
 
+def _register_linear() -> None:
+    """`bench linear` is defined beside its benchmark code (tools/bench_linear.py)."""
+    from clusterssl.tools.bench_linear import main
+
+    bench.add_command(main, "linear")
+
+
+def _register_layout() -> None:
+    """`bench layout` is defined beside its measurement code (tools/bench_layout.py)."""
+    from clusterssl.tools.bench_layout import main
+
+    bench.add_command(main, "layout")
+
+
 _register_kmeans()
 _register_seeding()
 _register_gpu()
 _register_extract()
+_register_linear()
+_register_layout()
 
 
 @bench.command("train")

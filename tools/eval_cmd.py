@@ -1,4 +1,5 @@
-"""``clusterssl eval knn CHECKPOINT --train DATA --val DATA``: k-NN and k-means NMI/ARI of frozen features."""
+"""``clusterssl eval knn|linear CHECKPOINT --train DATA --val DATA``: k-NN, linear probe and k-means NMI/ARI
+of frozen features."""
 
 from __future__ import annotations
 
@@ -102,12 +103,73 @@ def _render(summary: Mapping[str, Any]) -> str:
     ]
     lines.append(
         f"  trained      k-NN top-1 {summary['knn_top1']:.4f}   NMI {summary['nmi']:.4f}   ARI {summary['ari']:.4f}"
+        + _linear_text(summary)
     )
     if "baseline" in summary:
         b = summary["baseline"]
         lines.append(
             f"  random init  k-NN top-1 {b['knn_top1']:.4f}   NMI {b['nmi']:.4f}   ARI {b['ari']:.4f}"
+            + _linear_text(b)
         )
     if summary.get("run_id"):
         lines.append(f"  MLflow run {summary['run_id']}")
     return "\n".join(lines)
+
+
+def _linear_text(metrics: Mapping[str, Any]) -> str:
+    return f"   linear top-1 {metrics['linear_top1']:.4f}" if "linear_top1" in metrics else ""
+
+
+def _linear(map_path: str | None, **options: Any) -> None:
+    """Fit a linear classifier (softmax regression, L-BFGS) on CHECKPOINT's frozen features of --train,
+    its L2 penalty chosen on a hold-out split of --train (never on --val), and report its top-1 on --val,
+    beside k-NN (k = 20) and NMI/ARI. Draws the --val features' t-SNE map (logged with the run; --map
+    keeps a copy). CHECKPOINT is a checkpoint.pt, a backbone.pt or a run directory."""
+    from clusterssl.pipeline.features.evaluation import evaluate_checkpoint
+    from clusterssl.pipeline.features.extraction import ExtractionSettings
+
+    as_json = options.pop("as_json")
+    settings = ExtractionSettings(
+        batch_size=options.pop("batch_size"),
+        backend=options.pop("backend"),
+        num_workers=options.pop("num_workers"),
+    )
+    summary = evaluate_checkpoint(
+        options.pop("checkpoint"),
+        options.pop("train_data"),
+        options.pop("val_data"),
+        settings=settings,
+        track=not options.pop("no_track"),
+        map_path=map_path,
+        **options,
+    )
+    emit(summary, as_json, _render_linear)
+
+
+def _render_linear(summary: Mapping[str, Any]) -> str:
+    probe = summary["linear_probe"]
+    tried = ", ".join(f"{wd}: {acc:.4f}" for wd, acc in probe["holdout_top1"].items())
+    return "\n".join(
+        [
+            f"linear top-1 {summary['linear_top1']:.4f} on {probe['num_val']} val samples "
+            f"(weight decay {probe['weight_decay']:g}, chosen on a hold-out of --train: {tried}; "
+            f"{probe['seconds']:.1f} s)",
+            _render(summary),
+        ]
+    )
+
+
+# `eval linear` takes `eval knn`'s data, loader, device and tracking options (not its vote settings)
+linear = click.Command(
+    "linear",
+    callback=_linear,
+    params=[
+        *(p for p in knn.params if p.name not in ("knn_k", "temperature")),
+        click.Option(
+            ["--map", "map_path"], help="Also save the t-SNE map of the --val features to this PNG."
+        ),
+    ],
+    help=_linear.__doc__,
+    short_help="Linear probe of frozen features (and k-NN, NMI/ARI).",
+)
+eval_group.add_command(linear)

@@ -14,7 +14,7 @@ from clusterssl.errors import ShardsError
 from clusterssl.shards.jpeg import DEFAULT_MAX_PIXELS
 from clusterssl.tools.options import emit, json_option
 
-KNOWN_SOURCES = ("digits", "imagefolder", "list")
+KNOWN_SOURCES = ("digits", "idx", "imagefolder", "list", "parquet")
 
 
 def default_workers() -> int:
@@ -70,7 +70,7 @@ def shards() -> None:
 @shards.group(cls=SourceGroup)
 def convert() -> None:
     """Convert a dataset into shards: `convert imagefolder DIR OUT`, `convert list FILE OUT`,
-    `convert digits OUT`.
+    `convert idx PATH OUT`, `convert parquet PATH… OUT`, `convert digits OUT`.
 
     Samples are shuffled (seeded) at write time, checked (bad inputs are skipped and listed in
     manifest.json), numbered 0..N-1, and written in parallel, one shard per worker task. An interrupted
@@ -187,11 +187,79 @@ def convert_digits(out_dir: Path, image_size: int, **options: Any) -> None:
     _convert(DigitsSource(image_size), out_dir, **options)
 
 
+# Grey 28-px images are small at any quality; 100 keeps the pixels within a grey level or two.
+@convert.command("idx", context_settings={"default_map": {"jpeg_quality": 100}})
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--labels",
+    type=click.Path(path_type=Path),
+    help="The label file of an explicit image file (default: its '*-labels-idx1-ubyte[.gz]' sibling).",
+)
+@convert_options
+def convert_idx(path: Path, out_dir: Path, labels: Path | None, **options: Any) -> None:
+    """MNIST-style IDX files (MNIST, Fashion-MNIST, KMNIST, EMNIST) → shards.
+
+    PATH a directory: its train-* and t10k-* (or test-*) pairs become OUT_DIR/train and OUT_DIR/test.
+    PATH an '*-images-idx3-ubyte[.gz]' file: it and its label file become one set in OUT_DIR. Images are
+    stored as greyscale JPEGs of --jpeg-quality (100 here unless given); labels are the class ids.
+    """
+    from clusterssl.shards.convert import merge_outcomes
+    from clusterssl.shards.idx import IdxSource, find_pairs, labels_for
+
+    quality = options["jpeg_quality"]
+    if path.is_dir():
+        if labels is not None:
+            raise ShardsError("--labels goes with an image file, not with a directory")
+        if options["holdout"] is not None:
+            raise ShardsError("--holdout splits one set; a directory of IDX pairs is already split")
+        pairs = find_pairs(path)
+        as_json = options.pop("as_json")
+        outcomes = [
+            _run_conversion(IdxSource(pair.images, pair.labels, quality), out_dir / split, **options)
+            for split, pair in sorted(pairs.items())
+        ]
+        emit(conversion_summary(merge_outcomes(outcomes)), as_json, render_conversion)
+        return
+    if not path.is_file():
+        raise ShardsError(f"IDX source does not exist: {path}")
+    _convert(IdxSource(path, labels or labels_for(path), quality), out_dir, **options)
+
+
+@convert.command("parquet")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--image-column",
+    default="image",
+    show_default=True,
+    help="The image column: binary, or a struct with a 'bytes' field (Hugging Face's Image feature).",
+)
+@click.option("--label-column", default="label", show_default=True, help="The integer class-id column.")
+@convert_options
+def convert_parquet(
+    paths: tuple[Path, ...], out_dir: Path, image_column: str, label_column: str, **options: Any
+) -> None:
+    """Parquet files (or folders of them) in Hugging Face's layout → shards in OUT_DIR.
+
+    Class names come from the files' 'huggingface' metadata when they carry a ClassLabel, else the ids.
+    Files are read a row group at a time, so memory stays bounded whatever their size; rows without
+    image bytes or with a label out of range are skipped and listed in manifest.json.
+    """
+    from clusterssl.shards.parquet import ParquetSource
+
+    _convert(ParquetSource(paths, image_column, label_column), out_dir, **options)
+
+
 def _convert(source: Any, out_dir: Path, as_json: bool, **options: Any) -> None:
+    emit(conversion_summary(_run_conversion(source, out_dir, **options)), as_json, render_conversion)
+
+
+def _run_conversion(source: Any, out_dir: Path, **options: Any) -> Any:
     from clusterssl.shards.convert import ConvertOptions, convert
     from clusterssl.shards.images import PrepareOptions
 
-    outcome = convert(
+    return convert(
         source,
         out_dir,
         ConvertOptions(
@@ -210,7 +278,6 @@ def _convert(source: Any, out_dir: Path, as_json: bool, **options: Any) -> None:
         ),
         progress=True,
     )
-    emit(conversion_summary(outcome), as_json, render_conversion)
 
 
 def conversion_summary(outcome: Any) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from clusterssl.pipeline.data.integrity import ShardCheck, check_shard_set
 from clusterssl.pipeline.data.shardset import ShardSet
 from clusterssl.pipeline.data.spec import MultiCropSpec, ViewSpec
 from clusterssl.pipeline.data.torch_backend import WorkerBatch
-from clusterssl.shards.format import IMAGE_EXT, INDEX_EXT, LABEL_EXT
+from clusterssl.shards.format import FORMAT_VERSION, IMAGE_EXT, INDEX_EXT, LABEL_EXT, stored_ext
 
 
 def dali_available() -> bool:
@@ -239,8 +239,12 @@ def build_pipeline(
     batch_size: int,
     num_threads: int,
     device: torch.device,
+    format_version: int = FORMAT_VERSION,
 ) -> Any:
+    """``format_version``: the shard set's, which names the typed components in its tars."""
     from nvidia.dali import fn, pipeline_def, types
+
+    exts = [stored_ext(ext, format_version) for ext in (IMAGE_EXT, LABEL_EXT, INDEX_EXT)]
 
     gpu = device.type == "cuda"
 
@@ -249,7 +253,7 @@ def build_pipeline(
         jpeg, label, index = fn.readers.webdataset(
             paths=paths,
             index_paths=index_paths,
-            ext=[IMAGE_EXT, LABEL_EXT, INDEX_EXT],
+            ext=exts,
             dtypes=[types.UINT8, types.INT64, types.INT64],
             random_shuffle=False,
             name="reader",
@@ -316,7 +320,14 @@ def iterate_dali(
         paths, index_paths = write_index_files(shardset, reads, Path(tmp))
         source = _ParamSource(spec, reads, batch_size, seed, epoch, gpu=device.type == "cuda")
         pipe = build_pipeline(
-            spec, paths, index_paths, source, batch_size=batch_size, num_threads=num_threads, device=device
+            spec,
+            paths,
+            index_paths,
+            source,
+            batch_size=batch_size,
+            num_threads=num_threads,
+            device=device,
+            format_version=shardset.manifest.format_version,
         )
         first_index = np.array([s.first_index for s in shardset.shards], np.int64)
         for k in range(source.num_batches):

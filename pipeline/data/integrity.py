@@ -34,7 +34,7 @@ import numpy as np
 
 from clusterssl.errors import PipelineError
 from clusterssl.pipeline.data.shardset import REQUIRED_EXTS, ShardInfo, ShardSet
-from clusterssl.shards.format import IMAGE_EXT
+from clusterssl.shards.format import IMAGE_EXT, current_names
 from clusterssl.shards.jpeg import DEFAULT_MAX_PIXELS, ends_properly, pixel_limit_reason, walk_header
 from clusterssl.shards.tario import read_dali_index
 
@@ -121,7 +121,7 @@ def check_shard(shard: ShardInfo) -> ShardCheck:
     try:
         file_size = os.fstat(fd).st_size
         for position, components in enumerate(samples):
-            by_ext = {c.ext: c for c in components}
+            by_ext = current_names({c.ext: c for c in components})  # version 1 sets too
             missing = [ext for ext in REQUIRED_EXTS if ext not in by_ext]
             if missing:
                 status[position], reasons[position] = MISSING, f"no {', '.join(missing)} component"

@@ -29,11 +29,22 @@ from pathlib import Path
 from typing import Any
 
 from clusterssl.errors import PipelineError, ShardsError
-from clusterssl.shards.format import IMAGE_EXT, INDEX_EXT, LABEL_EXT, MANIFEST_NAME, decode_int
+from clusterssl.shards.format import (
+    IMAGE_EXT,
+    INDEX_EXT,
+    LABEL_EXT,
+    MANIFEST_NAME,
+    READABLE_VERSIONS,
+    current_names,
+    decode_int,
+    stored_ext,
+)
 from clusterssl.shards.manifest import Manifest, load_manifest
 from clusterssl.shards.tario import IndexComponent, TruncatedSample, read_dali_index, read_indexed_sample
 
 REQUIRED_EXTS = (IMAGE_EXT, LABEL_EXT, INDEX_EXT)
+_STORED_EXTS = tuple(sorted({stored_ext(ext, v) for ext in REQUIRED_EXTS for v in READABLE_VERSIONS}))
+"""The required components under the names of every readable format version (read, then renamed)."""
 """The components the loaders read: image, binary label, binary global index."""
 
 _TAR_NAME = re.compile(r"([^/\s'\"]+\.tar)\b")
@@ -275,7 +286,7 @@ class IndexedShardReader:
     def read(self, position: int) -> dict[str, bytes]:
         fd = self._open()
         try:
-            components = read_indexed_sample(fd, self.samples[position], self._size, REQUIRED_EXTS)
+            components = current_names(read_indexed_sample(fd, self.samples[position], self._size, _STORED_EXTS))
         except TruncatedSample:
             raise SampleUnavailable(
                 self.shard.where(position), "truncated tar (sample past the end of the file)"
@@ -383,17 +394,17 @@ def _group_members(members: Iterable[dict[str, Any]]) -> Iterator[tuple[str, dic
             member_key, _, ext = name.partition(".")
             if member_key != key:
                 if key is not None:
-                    yield key, components
+                    yield key, current_names(components)
                 key, components = member_key, {}
             components[ext.lower()] = member["data"]
     except Exception:
         # A damaged stream: the members read so far are whole, so the current sample is usable if it has
         # what the loader needs (the caller checks); the error then ends the shard.
         if key is not None:
-            yield key, components
+            yield key, current_names(components)
         raise
     if key is not None:
-        yield key, components
+        yield key, current_names(components)
 
 
 def open_reader(shard: ShardInfo) -> IndexedShardReader | StreamShardReader:

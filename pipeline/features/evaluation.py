@@ -1,4 +1,5 @@
-"""Evaluation of frozen features: weighted k-NN (DINO's protocol) and k-means NMI/ARI against labels."""
+"""Evaluation of frozen features: weighted k-NN (DINO's protocol), a linear probe and k-means NMI/ARI
+against labels; an evaluation run also logs a 2-D map of the evaluation features."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from clusterssl.models.types import FeatureBank
 
 if TYPE_CHECKING:
     from clusterssl.pipeline.features.extraction import ExtractionSettings
+    from clusterssl.pipeline.features.linear_probe import LinearProbeResult
+    from clusterssl.pipeline.tracking.runs import Tracker
 
 
 @torch.no_grad()
@@ -118,9 +121,18 @@ class EvalResult:
     ari: float
     num_train: int
     num_val: int
+    linear: LinearProbeResult | None = None
+    """The linear probe's result, when it was fit."""
 
     def metrics(self) -> dict[str, float]:
-        return {"knn_top1": self.knn_top1, "knn_top5": self.knn_top5, "nmi": self.nmi, "ari": self.ari}
+        linear = {} if self.linear is None else {"linear_top1": self.linear.top1}
+        return {
+            "knn_top1": self.knn_top1,
+            "knn_top5": self.knn_top5,
+            **linear,
+            "nmi": self.nmi,
+            "ari": self.ari,
+        }
 
 
 def kmeans_agreement(
@@ -155,8 +167,13 @@ def evaluate_features(
     temperature: float = 0.07,
     seed: int = 0,
     num_classes: int | None = None,
+    linear: bool = True,
+    device: torch.device | str | None = None,
 ) -> EvalResult:
-    """``num_classes``: the class count the manifests give (see ``knn_accuracy``)."""
+    """``num_classes``: the class count the manifests give (see ``knn_accuracy``); ``linear``: also fit
+    the linear probe (``linear_probe``), on ``device`` (default: the CPU)."""
+    from clusterssl.pipeline.features.linear_probe import linear_probe
+
     if train.labels is None or val.labels is None:
         raise PipelineError("evaluation needs labelled train and val sets (their manifests list no labels)")
     knn = knn_accuracy(
@@ -169,8 +186,25 @@ def evaluate_features(
         num_classes=num_classes,
     )
     nmi, ari = kmeans_agreement(np.asarray(val.features), val.labels, seed=seed)
+    probe = None
+    if linear:
+        probe = linear_probe(
+            train.features,
+            train.labels,
+            val.features,
+            val.labels,
+            num_classes=num_classes,
+            seed=seed,
+            device=device,
+        )
     return EvalResult(
-        knn_top1=knn.top1, knn_top5=knn.top5, nmi=nmi, ari=ari, num_train=knn.num_train, num_val=knn.num_query
+        knn_top1=knn.top1,
+        knn_top5=knn.top5,
+        nmi=nmi,
+        ari=ari,
+        num_train=knn.num_train,
+        num_val=knn.num_query,
+        linear=probe,
     )
 
 
@@ -198,10 +232,13 @@ def evaluate_checkpoint(
     parent_run_id: str | None = None,
     train_manifest: str | None = None,
     val_manifest: str | None = None,
+    map_path: str | None = None,
 ) -> dict[str, object]:
-    """Evaluate a run's feature extractor (and optionally its random-init twin); logs an MLflow run.
+    """Evaluate a run's feature extractor (and optionally its random-init twin); logs an MLflow run with
+    the metrics and the embedding map (``embedding_map.png``).
 
     train_manifest / val_manifest: the sets' manifest.json when they are given as URLs (``pipe:``, http).
+    map_path: also keep the map's PNG there (it is drawn either way when tracking).
     """
     from dataclasses import replace
 
@@ -221,17 +258,20 @@ def evaluate_checkpoint(
         device=torch_device,
     )
 
-    def run(extractor: torch.nn.Module) -> EvalResult:
+    def run(extractor: torch.nn.Module) -> tuple[EvalResult, FeatureBank]:
         extractor = extractor.to(torch_device)
-        return evaluate_features(
+        val_bank = extract_eval_features(extractor, val.source, **extraction)
+        result = evaluate_features(
             extract_eval_features(extractor, train.source, **extraction),
-            extract_eval_features(extractor, val.source, **extraction),
+            val_bank,
             k=k,
             temperature=temperature,
             seed=config.trainer.seed,
             # from the manifests, not from the largest label: one tampered label cannot size the votes
             num_classes=max(len(train.source.classes), len(val.source.classes)),
+            device=torch_device,
         )
+        return result, val_bank
 
     tracking = replace(
         config.tracking,
@@ -256,7 +296,9 @@ def evaluate_checkpoint(
                 "temperature": temperature,
             }
         )
-        result = run(module)
+        tracker.log_shard_set(train.source.manifest, train.name, "training")
+        tracker.log_shard_set(val.source.manifest, val.name, "evaluation")
+        result, val_bank = run(module)
         summary: dict[str, object] = {
             "checkpoint": checkpoint,
             **result.metrics(),
@@ -264,12 +306,48 @@ def evaluate_checkpoint(
             "num_val": result.num_val,
             "run_id": tracker.run_id,
         }
+        if result.linear is not None:
+            summary["linear_probe"] = result.linear.to_json()
         tracker.log_metrics(result.metrics(), step=0)
+        if tracker.run_id is not None or map_path is not None:
+            summary["embedding_map"] = _log_embedding_map(
+                tracker, val_bank, val.source.classes, map_path, seed=config.trainer.seed
+            )
         if baseline:
             random_module, _ = load_feature_extractor(checkpoint, random_init=True)
-            floor = run(random_module)
+            floor, _ = run(random_module)
             summary["baseline"] = floor.metrics()
             tracker.log_metrics(
                 {f"random_init_{key}": value for key, value in floor.metrics().items()}, step=0
             )
     return summary
+
+
+MAP_ARTIFACT = "embedding_map.png"
+
+
+def _log_embedding_map(
+    tracker: Tracker, bank: FeatureBank, class_names: list[str], map_path: str | None, seed: int
+) -> dict[str, object]:
+    """Draw the map of ``bank``, log it as the run's ``embedding_map.png`` and keep a copy at ``map_path``."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from clusterssl.pipeline.features.embedding_map import embedding_map
+
+    labels = bank.labels if bank.labels is not None else np.full(bank.num_samples, -1)
+    with tempfile.TemporaryDirectory() as scratch:
+        drawn = embedding_map(
+            bank.features, labels, Path(scratch) / MAP_ARTIFACT, class_names=class_names, seed=seed
+        )
+        if tracker.run_id is not None:
+            tracker.log_artifact(drawn.path)
+        if map_path is not None:
+            Path(map_path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(drawn.path, map_path)
+    return {
+        "points": len(drawn.rows),
+        "path": map_path,
+        "artifact": MAP_ARTIFACT if tracker.run_id is not None else None,
+    }

@@ -19,9 +19,14 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from clusterssl.errors import PipelineError
+
+if TYPE_CHECKING:
+    import torch
+
+    from clusterssl.shards.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,8 @@ class Tracker(Protocol):
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
+    def log_shard_set(self, manifest: Manifest, name: str, context: str) -> None: ...
+    def log_model(self, module: torch.nn.Module, name: str) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -83,6 +90,12 @@ class NullTracker:
         pass
 
     def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_shard_set(self, manifest: Manifest, name: str, context: str) -> None:
+        pass
+
+    def log_model(self, module: torch.nn.Module, name: str) -> None:
         pass
 
     def close(self, status: str = "FINISHED") -> None:
@@ -175,6 +188,25 @@ class MlflowTracker:
             f"uploading {artifact_file}", lambda: self._client.log_text(self.run_id, text, artifact_file)
         )
 
+    def log_shard_set(self, manifest: Manifest, name: str, context: str) -> None:
+        """The shard set as a dataset input of the run (the runs table's Dataset column)."""
+        from clusterssl.pipeline.tracking.logged import shard_set_input
+
+        dataset = shard_set_input(manifest, name, context)
+        self._guard(
+            f"logging dataset {name}", lambda: self._client.log_inputs(self.run_id, datasets=[dataset])
+        )
+
+    def log_model(self, module: torch.nn.Module, name: str) -> None:
+        """``module`` with MLflow's PyTorch flavour, loadable from ``runs:/<run id>/<name>``."""
+        from clusterssl.pipeline.tracking.logged import log_pytorch_model
+
+        assert self.run_id is not None and self.tracking_uri is not None
+        run_id, uri = self.run_id, self.tracking_uri
+        self._guard(
+            f"logging model {name}", lambda: log_pytorch_model(self._client, run_id, uri, module, name)
+        )
+
     def close(self, status: str = "FINISHED") -> None:
         if self._monitor is not None:
             try:
@@ -225,6 +257,8 @@ def open_tracker(
     from mlflow import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+    from clusterssl.pipeline.tracking.logged import mark_model_training
+
     _limit_http_retries()
     uri = resolve_tracking_uri(config.uri)
     try:
@@ -237,6 +271,7 @@ def open_tracker(
             experiment_id = client.create_experiment(config.experiment, artifact_location=artifact_location)
         else:
             experiment_id = experiment.experiment_id
+        mark_model_training(client, experiment_id)
         run_tags = {MLFLOW_RUN_NAME: config.run_name or run_name, **(tags or {})}
         if parent_run_id:
             run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
