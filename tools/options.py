@@ -1,9 +1,9 @@
 """What several commands share, defined once so that their names, defaults and help agree: the ``--json``
 option and ``emit`` (every command's final summary), and common click options. Command modules import them
-from here, not from ``tools.cli``, which imports the command modules itself.
+from here, not from ``clusterssl.tools.cli``, which imports the command modules itself.
 
 Extraction options (`clusterssl extract`, `clusterssl eval knn`, `clusterssl bench extract`) become a
-``pipeline.features.extraction.ExtractionSettings``; their defaults are that class's (tests check both agree).
+``clusterssl.pipeline.features.extraction.ExtractionSettings``; their defaults are that class's (tests check both agree).
 Tracking options (`train`, `run`, `eval knn`) become overrides of a config's ``tracking`` section. Crop sides serve the benchmarks
 that build a multi-crop preset (`bench loader`, `bench train`).
 """
