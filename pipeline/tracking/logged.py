@@ -1,8 +1,8 @@
 """What MLflow's UI shows in its own columns: the experiment's kind, dataset inputs and logged models.
 
-MLflow 3 opens an experiment in the view its ``mlflow.experimentKind`` tag names; without the tag it
-guesses from the experiment's content and shows a GenAI overview ("Traces: 0") for ours. The runs
-table's Dataset column lists a run's dataset inputs, its Model column the models logged from it.
+The ``mlflow.experimentKind`` tag is MLflow 3's marker for what an experiment holds; ours are model
+development. (MLflow 3.17.2's UI still lands on its GenAI overview; the runs table is one click away.) The
+runs table's Dataset column lists a run's dataset inputs, its Model column the models logged from it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
-"""The value MLflow's UI reads as "model training": runs, charts, datasets and models, no trace view."""
+"""The kind MLflow gives experiments of trained models (as opposed to GenAI apps)."""
 SOURCE_TYPE = "clusterssl-shards"
 
 
