@@ -55,6 +55,7 @@ from clusterssl.pipeline.train.checkpoint import (
 )
 from clusterssl.pipeline.train.optim import OptimizerStep, build_optimizer, build_schedules
 from clusterssl.pipeline.train.precision import autocast, resolve_precision
+from clusterssl.pipeline.train.progress import EpochProgress, wants_progress
 from clusterssl.pipeline.train.train_config import TrainConfig
 from clusterssl.pipeline.train.world import (
     DistributedEnv,
@@ -436,6 +437,12 @@ class Trainer:
             )
             self.model.train()
             window = _MetricWindow()
+            bar = EpochProgress(
+                epoch=position.epoch,
+                epochs=cfg.trainer.epochs,
+                total=_length(loader),
+                enabled=self.env.is_main and wants_progress(self.progress),
+            )
             fetch_start = time.perf_counter()
             for batch in loader:
                 batch = batch.to(self.device)
@@ -457,6 +464,7 @@ class Trainer:
                 step_time = time.perf_counter() - fetch_start
                 self._append_metrics({"step": position.step - 1, "epoch": position.epoch, "loss": loss})
                 self.losses.append((position.step - 1, loss))
+                bar.update(loss=loss, images=batch.size * self.env.world_size)
                 window.add(
                     loss, out.metrics, batch.size * self.env.world_size, data_time, step_time, grad_norm
                 )
@@ -464,9 +472,11 @@ class Trainer:
                     self._log_window(window, lr=lr, wd=wd, step=position.step - 1)
                     window = _MetricWindow()
                 if self._agree_to_stop(stop):
+                    bar.close()
                     self._save_checkpoint()
                     return self._summary(start_time, images_seen, interrupted=True, eval_result=eval_result)
                 fetch_start = time.perf_counter()
+            bar.close()
             if window.count:
                 self._log_window(window, lr=lr, wd=wd, step=position.step - 1)
             position.epoch += 1
@@ -577,6 +587,14 @@ class Trainer:
             tracking_uri=self.tracker.tracking_uri if self.tracker else None,
             eval=eval_result.metrics() if eval_result else {},
         )
+
+
+def _length(loader: Any) -> int | None:
+    """Batches in the epoch, when the loader knows (the bar then shows a fraction and a time left)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 class _MetricWindow:
