@@ -121,8 +121,8 @@ def resnet_tiny(*, zero_init_residual: bool = False) -> ResNetBackbone:
 
     A 3×3 stride-1 stem of 32 channels at full resolution, then four stages of one BasicBlock each
     (32, 64, 128, 256 channels), every stage halving the resolution (28 px → 14, 7, 4, 2). Against
-    ``resnet18_small`` it has half the widths, half the blocks and a quarter of the positions per stage:
-    about 25× less training time per image on a CPU (docs/training.md#backbones).
+    ``resnet18_small`` it has half the widths, half the blocks and a quarter of the positions per stage,
+    so roughly 1/32 of the multiply-adds (docs/results.md#backbones-on-a-cpu has measured speeds).
     """
     return ResNetBackbone(
         BasicBlock,
