@@ -18,7 +18,7 @@ from clusterssl.tools.options import emit, json_option
 
 DEMO_METHODS = ("swav", "dino", "deepcluster", "pcl")
 DEMO_EPOCHS = {"swav": 8, "dino": 8, "deepcluster": 8, "pcl": 8}
-"""Short schedules so the four methods finish in a few minutes on 2 cores (measured: 556 CPU seconds for
+"""Short schedules so the four methods finish in a few minutes on 2 cores (measured: 609 CPU seconds for
 the four, docs/results.md); the full digits configs (configs/<method>_digits.yaml) train 25-40 epochs."""
 
 
