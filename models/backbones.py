@@ -26,12 +26,19 @@ from clusterssl.models.registry import Registry
 
 # ---------------------------------------------------------------------------------------------- ResNets
 
+TORCHVISION_WIDTHS = (64, 128, 256, 512)
+
 
 class ResNetBackbone(ResNet):
     """A torchvision ResNet without its classifier: forward gives the (batch, num_features) pooled vector.
 
     small_stem: 3×3 stride-1 first convolution and no max-pool (for 32-px inputs; 16× more spatial
                 positions in every stage than the ImageNet stem).
+    widths:     output channels of the stem and of the four stages' blocks before expansion (torchvision:
+                64, 128, 256, 512); narrower widths cut the cost roughly with their square.
+    first_stride: stride of the first stage (torchvision: 1, the stem has already divided by 4). With the
+                small stem, 2 halves the resolution after one full-resolution convolution: 4× fewer
+                positions in every stage, which on a CPU buys twice the widths for the same time.
     zero_init_residual: start each residual branch's last BatchNorm at 0, so blocks begin as identities.
     """
 
@@ -41,15 +48,57 @@ class ResNetBackbone(ResNet):
         layers: Sequence[int],
         *,
         small_stem: bool = False,
+        widths: Sequence[int] = TORCHVISION_WIDTHS,
+        first_stride: int = 1,
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__(block, list(layers), zero_init_residual=zero_init_residual)
-        self.num_features: int = self.fc.in_features
+        if tuple(widths) != TORCHVISION_WIDTHS or first_stride != 1:
+            self._rebuild_stages(block, layers, tuple(widths), first_stride, zero_init_residual)
+        self.num_features: int = widths[-1] * block.expansion
         self.fc = nn.Identity()
         if small_stem:
-            self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
             nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
             self.maxpool = nn.Identity()
+
+    def _rebuild_stages(
+        self,
+        block: type[BasicBlock | Bottleneck],
+        layers: Sequence[int],
+        widths: tuple[int, ...],
+        first_stride: int,
+        zero_init_residual: bool,
+    ) -> None:
+        """Replace the stem and the four stages by ones of other widths or first stride, keeping
+        torchvision's module names (so state-dict keys look the same) and its initialisation."""
+        if len(widths) != 4 or min(widths) < 1:
+            raise ModelError(f"ResNet widths must be 4 positive channel counts, got {list(widths)}")
+        self.inplanes = widths[0]
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.layer1 = self._make_layer(block, widths[0], layers[0], stride=first_stride)
+        self.layer2 = self._make_layer(block, widths[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(block, widths[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(block, widths[3], layers[3], stride=2)
+        _init_resnet_weights(self, zero_init_residual)
+
+
+def _init_resnet_weights(model: nn.Module, zero_init_residual: bool) -> None:
+    """torchvision's ResNet initialisation: He-normal convolutions (fan out), unit-scale BatchNorms, and
+    optionally a zero scale on each residual branch's last BatchNorm."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    if zero_init_residual:
+        for module in model.modules():
+            if isinstance(module, Bottleneck):
+                nn.init.zeros_(module.bn3.weight)
+            elif isinstance(module, BasicBlock):
+                nn.init.zeros_(module.bn2.weight)
 
 
 def resnet18(*, zero_init_residual: bool = False) -> ResNetBackbone:
@@ -65,6 +114,24 @@ def resnet50(*, zero_init_residual: bool = False) -> ResNetBackbone:
 def resnet18_small(*, zero_init_residual: bool = False) -> ResNetBackbone:
     """ResNet-18 with a 3×3 stride-1 stem and no max-pool, for 32-px images; 512 features."""
     return ResNetBackbone(BasicBlock, (2, 2, 2, 2), small_stem=True, zero_init_residual=zero_init_residual)
+
+
+def resnet_tiny(*, zero_init_residual: bool = False) -> ResNetBackbone:
+    """A CPU-sized ResNet for 28–64 px images; 256 features, 1.2 M parameters.
+
+    A 3×3 stride-1 stem of 32 channels at full resolution, then four stages of one BasicBlock each
+    (32, 64, 128, 256 channels), every stage halving the resolution (28 px → 14, 7, 4, 2). Against
+    ``resnet18_small`` it has half the widths, half the blocks and a quarter of the positions per stage,
+    so roughly 1/32 of the multiply-adds (docs/results.md#backbones-on-a-cpu has measured speeds).
+    """
+    return ResNetBackbone(
+        BasicBlock,
+        (1, 1, 1, 1),
+        small_stem=True,
+        widths=(32, 64, 128, 256),
+        first_stride=2,
+        zero_init_residual=zero_init_residual,
+    )
 
 
 def resnet50_small(*, zero_init_residual: bool = False) -> ResNetBackbone:
@@ -282,6 +349,7 @@ BACKBONES: Registry[nn.Module] = Registry(
         "resnet50": resnet50,
         "resnet18_small": resnet18_small,
         "resnet50_small": resnet50_small,
+        "resnet_tiny": resnet_tiny,
         "vit_small": vit_small,
         "vit_tiny": vit_tiny,
         "vit_tiny_p4": vit_tiny_p4,

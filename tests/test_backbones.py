@@ -17,6 +17,7 @@ EXPECTED_FEATURES = {
     "resnet50": 2048,
     "resnet18_small": 512,
     "resnet50_small": 2048,
+    "resnet_tiny": 256,
     "vit_small": 384,
     "vit_tiny": 192,
     "vit_tiny_p4": 192,
@@ -28,6 +29,7 @@ SIZES = {
     "resnet50": [(32, 32)],
     "resnet18_small": [(32, 32), (16, 16)],
     "resnet50_small": [(32, 32), (16, 16)],
+    "resnet_tiny": [(28, 28), (32, 32), (64, 64), (16, 16)],
     "vit_small": [(32, 32), (48, 48), (32, 64)],
     "vit_tiny": [(32, 32), (16, 16)],
     "vit_tiny_p4": [(32, 32), (16, 16), (12, 20)],
@@ -63,7 +65,7 @@ def test_unknown_backbone_lists_the_known_names() -> None:
         create_backbone("resnt50")
     assert str(error.value) == (
         "unknown backbone 'resnt50'; known: resnet18, resnet18_small, resnet50, resnet50_small, "
-        "vit_small, vit_tiny, vit_tiny_p4"
+        "resnet_tiny, vit_small, vit_tiny, vit_tiny_p4"
     )
 
 
@@ -92,6 +94,64 @@ def test_small_stem_keeps_resolution_for_32px_images() -> None:
     small = create_backbone("resnet18_small")
     assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
     assert isinstance(small.maxpool, nn.Identity) and isinstance(small.fc, nn.Identity)
+
+
+def test_tiny_resnet_halves_the_resolution_in_every_stage_after_a_full_resolution_stem() -> None:
+    backbone = create_backbone("resnet_tiny").eval()
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in ("conv1", "layer1", "layer2", "layer3", "layer4"):
+        getattr(backbone, name).register_forward_hook(
+            lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape))
+        )
+    with torch.no_grad():
+        backbone(torch.randn(1, 3, 28, 28))
+    assert shapes == {
+        "conv1": (1, 32, 28, 28),
+        "layer1": (1, 32, 14, 14),
+        "layer2": (1, 64, 7, 7),
+        "layer3": (1, 128, 4, 4),
+        "layer4": (1, 256, 2, 2),
+    }
+    assert isinstance(backbone.maxpool, nn.Identity) and isinstance(backbone.fc, nn.Identity)
+    stages = (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4)
+    assert [len(stage) for stage in stages] == [1, 1, 1, 1]  # one BasicBlock per stage
+    # About a ninth of ResNet-18's parameters: 1,227,488 against 11,176,512 (both without a classifier).
+    assert sum(p.numel() for p in backbone.parameters()) == 1_227_488
+
+
+def test_tiny_resnet_gradients_reach_every_parameter() -> None:
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet_tiny").train()
+    backbone(torch.randn(4, 3, 28, 28)).square().mean().backward()
+    for name, parameter in backbone.named_parameters():
+        assert parameter.grad is not None and torch.count_nonzero(parameter.grad) > 0, name
+
+
+def test_tiny_resnet_state_dict_round_trips_and_keeps_torchvision_names() -> None:
+    torch.manual_seed(0)
+    source = create_backbone("resnet_tiny").eval()
+    torch.manual_seed(1)
+    target = create_backbone("resnet_tiny").eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(source(images), target(images))
+        target.load_state_dict(source.state_dict())
+        torch.testing.assert_close(target(images), source(images))
+    # Module names are torchvision's, so tools that read ResNet checkpoints by key find the same layout.
+    keys = set(source.state_dict())
+    assert {
+        "conv1.weight",
+        "layer1.0.conv1.weight",
+        "layer2.0.downsample.0.weight",
+        "layer4.0.bn2.bias",
+    } <= keys
+    assert "layer1.1.conv1.weight" not in keys and not any(key.startswith("fc.") for key in keys)
+
+
+def test_zero_init_residual_also_applies_to_rebuilt_stages() -> None:
+    backbone = create_backbone("resnet_tiny", zero_init_residual=True)
+    assert all(torch.count_nonzero(layer[0].bn2.weight) == 0 for layer in (backbone.layer1, backbone.layer4))
+    assert torch.count_nonzero(create_backbone("resnet_tiny").layer1[0].bn2.weight) > 0
 
 
 def test_zero_init_residual_zeroes_the_last_norm_of_every_block() -> None:

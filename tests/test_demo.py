@@ -8,6 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from clusterssl.tools.cli import cli
+from clusterssl.tools.demo_cmd import render_demo_summary
 
 
 def test_demo_runs_the_pipeline_and_prints_a_table(tmp_path: Path) -> None:
@@ -29,9 +30,35 @@ def test_demo_runs_the_pipeline_and_prints_a_table(tmp_path: Path) -> None:
 
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0, again.output
-    assert "swav" in again.output and "k-NN top-1" in again.output
-    [floor] = [line for line in again.output.splitlines() if line.startswith("random init")]
-    assert f"{row['random_init_knn_top1']:.4f}" in floor
+    lines = again.output.splitlines()
+    [header] = [line for line in lines if line.startswith("method")]
+    assert header.split() == ["method", "k-NN", "top-1", "NMI", "Δ", "k-NN", "Δ", "NMI", "time"]
+    [swav] = [line.split() for line in lines if line.startswith("swav ")]
+    assert swav[1:3] == [f"{row['knn_top1']:.4f}", f"{row['nmi']:.4f}"]
+    assert swav[3:5] == [
+        f"{row['knn_top1'] - row['random_init_knn_top1']:+.3f}",
+        f"{row['nmi'] - row['random_init_nmi']:+.3f}",
+    ]
+    [floor] = [line.split() for line in lines if line.startswith("random init")]
+    assert floor[2:4] == [f"{row['random_init_knn_top1']:.4f}", f"{row['random_init_nmi']:.4f}"]
+
+
+def test_methods_on_other_backbones_get_their_own_floor_rows() -> None:
+    def row(method: str, floor: float) -> dict[str, object]:
+        return {"method": method, "knn_top1": 0.99, "nmi": 0.8, "random_init_knn_top1": floor,
+                "random_init_nmi": 0.6, "seconds": 10.0}  # fmt: skip
+
+    shared = render_demo_summary({"methods": [row("swav", 0.9), row("dino", 0.9)], "tracking_uri": None})
+    assert [line.split()[:4] for line in shared.splitlines() if line.startswith("random")] == [
+        ["random", "init", "0.9000", "0.6000"]
+    ]
+    split = render_demo_summary({"methods": [row("swav", 0.9), row("pcl", 0.8)], "tracking_uri": None})
+    floors = [line.split()[:5] for line in split.splitlines() if line.startswith("random")]
+    assert floors == [
+        ["random", "init:", "swav", "0.9000", "0.6000"],
+        ["random", "init:", "pcl", "0.8000", "0.6000"],
+    ]
+    assert "+0.190" in split  # pcl's margin is over its own floor
 
 
 def test_unknown_demo_method_is_one_line() -> None:

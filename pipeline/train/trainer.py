@@ -56,6 +56,7 @@ from clusterssl.pipeline.train.metric_window import MetricWindow, WindowValues
 from clusterssl.pipeline.train.metrics_log import rewind_metrics
 from clusterssl.pipeline.train.optim import OptimizerStep, build_optimizer, build_schedules
 from clusterssl.pipeline.train.precision import autocast, resolve_precision
+from clusterssl.pipeline.train.progress import EpochProgress, wants_progress
 from clusterssl.pipeline.train.train_config import TrainConfig
 from clusterssl.pipeline.train.world import (
     DistributedEnv,
@@ -396,20 +397,29 @@ class Trainer:
             )
             self.model.train()
             window = MetricWindow(position.epoch)
+            bar = EpochProgress(
+                epoch=position.epoch,
+                epochs=cfg.trainer.epochs,
+                total=_length(loader),
+                enabled=self.env.is_main and wants_progress(self.progress),
+            )
             fetch_start = time.perf_counter()
             for batch in loader:
                 data_time = time.perf_counter() - fetch_start
                 schedule = self._train_step(batch.to(self.device), window)
                 images_seen += batch.size * self.env.world_size
                 window.add_time(data_time=data_time, step_time=time.perf_counter() - fetch_start)
+                bar.update(images=batch.size * self.env.world_size)
                 if position.step % cfg.trainer.log_every == 0:
-                    self._log_window(window, schedule)
+                    bar.show_loss(self._log_window(window, schedule))  # the loss is read here, not per step
                     window = MetricWindow(position.epoch)
                 if stop.agreed(self.env, self.device):
+                    bar.close()
                     self._log_window(window, None)  # the steps' records, not a partial window's means
                     self._save_checkpoint()
                     return TrainSummary.of(self, start_time, images_seen, eval_result, interrupted=True)
                 fetch_start = time.perf_counter()
+            bar.close()
             if window.count:
                 self._log_window(window, schedule)
             position.epoch += 1
@@ -441,9 +451,10 @@ class Trainer:
         position.batch_in_epoch += 1
         return lr, wd
 
-    def _log_window(self, window: MetricWindow, schedule: tuple[float, float] | None) -> None:
+    def _log_window(self, window: MetricWindow, schedule: tuple[float, float] | None) -> float | None:
         """Read ``window`` (one host copy), write each step's record, stop on a non-finite loss, then
-        log the window's means with the last step's (lr, wd); ``schedule`` None writes the records only."""
+        log the window's means with the last step's (lr, wd); ``schedule`` None writes the records only.
+        Returns the window's last loss (None for an empty window)."""
         values = window.read()
         bad = values.first_nonfinite()
         self._record_steps(values, end=bad)
@@ -455,6 +466,7 @@ class Trainer:
         if schedule is not None and values.steps:
             lr, wd = schedule
             self.log_metrics({**values.summary, "lr": lr, "weight_decay": wd}, step=values.steps[-1])
+        return values.losses[-1] if values.losses else None
 
     def _record_steps(self, values: WindowValues, *, end: int | None) -> None:
         steps, losses = values.steps[:end], values.losses[:end]
@@ -492,6 +504,14 @@ class Trainer:
                 plot_model_attention(extractor, images, self.output_dir / "attention.png"), "plots"
             )
         return str(backbone_path)
+
+
+def _length(loader: Any) -> int | None:
+    """Batches in the epoch, when the loader knows (the bar then shows a fraction and a time left)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def train(
