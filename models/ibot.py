@@ -196,7 +196,8 @@ class IBOT(Method):
     def masks(self, batch: Batch, epoch: int) -> Tensor:
         """(num_global, batch, patches) bool block masks of the global crops in ``epoch``."""
         grid = self.backbone.patch_grid(*batch.views[0].shape[-2:])
-        index = batch.index.detach().cpu().numpy()
+        # the loader's host copy of the indices when there is one: no wait for the device every step
+        index = batch.host_index if batch.host_index is not None else batch.index.detach().cpu().numpy()
         drawn = draw_block_masks(
             self.cfg.mask_spec(), self.cfg.mask_seed, epoch, index, batch.num_global, grid
         )

@@ -29,6 +29,9 @@ class Batch:
     labels: Tensor | None
     index: Tensor
     num_global: int = 2
+    host_index: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """A host copy of ``index``, when the loader had one: methods that draw per-sample randomness on the host
+    (iBOT's masks) read it without waiting for the device."""
 
     def __post_init__(self) -> None:
         if not self.views:
@@ -59,6 +62,7 @@ class Batch:
             labels=None if self.labels is None else self.labels.to(device, non_blocking=non_blocking),
             index=self.index.to(device, non_blocking=non_blocking),
             num_global=self.num_global,
+            host_index=self.host_index,
         )
 
 

@@ -163,7 +163,11 @@ class EpochLoader:
         for batch in self._batches():
             self._count(batch)
             yield Batch(
-                views=batch.views, labels=batch.labels, index=batch.index, num_global=self.spec.num_global
+                views=batch.views,
+                labels=batch.labels,
+                index=batch.index,
+                num_global=self.spec.num_global,
+                host_index=batch.index.numpy() if batch.index.device.type == "cpu" else None,
             )
 
     def _count(self, batch: WorkerBatch) -> None:
