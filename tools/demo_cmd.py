@@ -45,9 +45,6 @@ def demo_pipeline(method: str, data_dir: Path, workdir: Path, epochs: int | None
                 "overrides": [
                     f"trainer.epochs={epochs or DEMO_EPOCHS[method]}",
                     "trainer.eval_every=0",
-                    # One compute thread beside the one loader worker fills two cores; two compute threads
-                    # would fight the worker for them.
-                    "trainer.threads=1",
                 ],
             },
             "cluster": {"k": [10]},
