@@ -22,6 +22,7 @@ def soft_cross_entropy(logits: Tensor, temperature: float, targets: Tensor) -> T
     return -(targets * F.log_softmax(logits.float() / temperature, dim=-1)).sum(dim=-1)
 
 
+@torch.no_grad()
 def loss_gaps(loss: Callable[[bool], Tensor]) -> tuple[float, float]:
     """Mean per-sample |bf16 − fp32| loss with the module as it is, and with its last matmul left to
     autocast (``loss(plain)``: True runs that plain variant)."""
