@@ -71,6 +71,19 @@ def test_resumed_run_logs_into_the_same_mlflow_run(tmp_path: Path) -> None:
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+def test_last_steps_are_where_each_metric_series_ends_in_the_store(tmp_path: Path) -> None:
+    config = TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}", system_metrics=False)
+    tracker = open_tracker(config, run_name="x")
+    assert tracker.last_steps() == {}
+    tracker.log_metrics({"loss": 3.0, "lr": 0.1}, step=4)
+    tracker.log_metrics({"loss": 2.0}, step=9)
+    tracker.log_metrics({"knn/top1": 0.5}, step=7)
+    tracker.log_metrics({"system/cpu_utilization_percentage": 50.0}, step=30)
+    assert tracker.last_steps() == {"loss": 9, "lr": 4, "knn/top1": 7}
+    assert NullTracker().last_steps() == {}
+    tracker.close()
+
+
 class ClosingTracker(NullTracker):
     """Records the status each close() was given."""
 

@@ -37,6 +37,8 @@ _MAX_PARAMS_PER_CALL = 100
 _MAX_METRICS_PER_CALL = 1000
 ERROR_TAG = "tracking_error"
 """The tag that marks a run whose record stopped early, with the reason."""
+SYSTEM_METRIC_PREFIX = "system/"
+"""MLflow's own prefix for the utilisation metrics its monitor logs."""
 
 
 @dataclass
@@ -62,6 +64,10 @@ class Tracker(Protocol):
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def last_steps(self) -> dict[str, int]:
+        """Each metric the run holds, with the highest step logged for it (system metrics left out)."""
+        ...
+
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
@@ -82,6 +88,9 @@ class NullTracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         pass
+
+    def last_steps(self) -> dict[str, int]:
+        return {}
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         pass
@@ -170,6 +179,21 @@ class MlflowTracker:
         for start in range(0, len(items), _MAX_METRICS_PER_CALL):
             chunk = items[start : start + _MAX_METRICS_PER_CALL]
             self._guard("logging metrics", lambda c=chunk: self._client.log_batch(self.run_id, metrics=c))
+
+    def last_steps(self) -> dict[str, int]:
+        """Read from the store itself: the step a killed run last sent may have reached MLflow without
+        reaching the run's own ``metrics.jsonl``, so only the store knows where its series end."""
+        found: dict[str, int] = {}
+
+        def read() -> None:
+            for key in self._client.get_run(self.run_id).data.metrics:
+                if key.startswith(SYSTEM_METRIC_PREFIX):
+                    continue
+                history = self._client.get_metric_history(self.run_id, key)
+                found[key] = max((point.step for point in history), default=-1)
+
+        self._guard("reading the run's metrics", read)
+        return found
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag

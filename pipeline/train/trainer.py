@@ -293,8 +293,8 @@ class Trainer:
         self.position = RunPosition(world_size=self.env.world_size, num_workers=config.data.num_workers)
         self.tracker: Tracker | None = None
         self._metrics_file: Path = self.output_dir / METRICS_FILE
-        self._tracked_through = -1
-        """Steps up to this one are in the MLflow run already (logged before a kill); not logged again."""
+        self._tracked_through: dict[str, int] = {}
+        """Per metric, the last step the resumed MLflow run holds (logged before a kill): not logged again."""
         self.losses: list[tuple[int, float]] = []
         self.ctx = RunContext.of(self)
         if self.checkpoint is not None:
@@ -347,8 +347,12 @@ class Trainer:
         return self.passes.extract(module, name=name, epoch=self.position.epoch)
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
-        if self.tracker is not None and step > self._tracked_through:
-            self.tracker.log_metrics(metrics, step=step)
+        if self.tracker is not None:
+            fresh = {
+                key: value for key, value in metrics.items() if step > self._tracked_through.get(key, -1)
+            }
+            if fresh:
+                self.tracker.log_metrics(fresh, step=step)
         self._append_metrics([{"step": step, **metrics}])
 
     def _append_metrics(self, records: Iterable[Mapping[str, Any]]) -> None:
@@ -363,7 +367,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / CONFIG_FILE).write_text(dump_yaml(cfg), encoding="utf-8")
             if self.checkpoint is not None:  # steps logged after the checkpoint are about to run again
-                self._tracked_through = rewind_metrics(self._metrics_file, self.position.step)
+                rewind_metrics(self._metrics_file, self.position.step)
         resumed_run = (self.checkpoint or {}).get("extra", {}).get("mlflow_run_id")
         self.tracker = open_tracker(
             cfg.tracking,
@@ -374,7 +378,9 @@ class Trainer:
             tags=run_tags(cfg, self.data.manifest_hash),
         )
         with tracking_run(self.tracker) as outcome, _StopRequest().installed() as stop:
-            if resumed_run is None:
+            if resumed_run is not None:
+                self._tracked_through = self.tracker.last_steps()
+            else:
                 self.tracker.log_params(flatten(to_dict(cfg)))
                 self.tracker.log_text(dump_yaml(cfg), CONFIG_FILE)
             summary = self._train(stop)
