@@ -81,3 +81,24 @@ def test_labels_outside_the_classes_are_refused() -> None:
     x = np.zeros((4, 2), np.float32)
     with pytest.raises(PipelineError, match="outside the 2 classes"):
         linear_probe(x, np.array([0, 1, 0, 5]), x, np.array([0, 1, 0, 1]), num_classes=2)
+
+
+def test_written_out_gradients_are_autograds() -> None:
+    """The solver's loss and gradients, written out for speed, equal autograd's on cross-entropy plus
+    weight_decay / 2 * |W|^2."""
+    import torch
+    import torch.nn.functional as F
+
+    from clusterssl.pipeline.features.linear_probe import penalised_cross_entropy
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 7, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 4, (50,), generator=generator)
+    weight = torch.randn(4, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True)
+    expected = F.cross_entropy(x @ weight.t() + bias, y) + 0.15 * weight.pow(2).sum()
+    expected.backward()
+    loss, weight_grad, bias_grad = penalised_cross_entropy(x, y, weight.detach(), bias.detach(), 0.3)
+    torch.testing.assert_close(loss, expected.detach())
+    torch.testing.assert_close(weight_grad, weight.grad)
+    torch.testing.assert_close(bias_grad, bias.grad)
