@@ -408,11 +408,15 @@ class PipelineRunner:
                 shutil.rmtree(output_dir)  # a checkpoint of other settings must not be continued
             barrier(self.env)
             assert self.parent is not None
-            summary = train(config, resume=resuming, progress=self.progress, parent_run_id=self.parent.run_id)
+            summary = train(
+                config,
+                resume=resuming,
+                progress=self.progress,
+                parent_run_id=self.parent.run_id,
+                dataset_prefix=self.config.name,
+            )
             if summary.interrupted:
                 raise _Interrupted
-            if summary.run_id is not None:
-                self._describe_pretrain(summary.run_id, convert, summary.backbone)
             return {
                 "run_dir": str(output_dir),
                 "checkpoint": summary.checkpoint,
@@ -431,22 +435,6 @@ class PipelineRunner:
     def _set_name(self, subset: str) -> str:
         """How a shard set is named in MLflow's Dataset column: ``<pipeline>/<subset>``."""
         return f"{self.config.name}/{subset}"
-
-    def _describe_pretrain(self, run_id: str, convert: StageResult, backbone: str) -> None:
-        """Add to the pretraining run what MLflow's runs table shows: the shard sets it read (Dataset
-        column) and the trained backbone as a PyTorch model (Model column, ``runs:/<id>/backbone``)."""
-        from clusterssl.pipeline.train.checkpoint import load_feature_extractor
-        from clusterssl.shards.manifest import load_manifest
-
-        tracking = replace(self.config.tracking, system_metrics=False)  # a few seconds of logging
-        tracker = open_tracker(tracking, run_name="pretrain", run_id=run_id)
-        with tracking_run(tracker):
-            for subset, context in (("train", "training"), ("val", "evaluation")):
-                if subset in convert.record.outputs:
-                    manifest = load_manifest(convert.record.outputs[subset]["dir"])
-                    tracker.log_shard_set(manifest, self._set_name(subset), context)
-            module, _ = load_feature_extractor(backbone)
-            tracker.log_model(module.eval(), "backbone")
 
     def _extract(self, pretrain: StageResult) -> StageResult:
         from clusterssl.pipeline.features.extraction import extract_checkpoint

@@ -51,6 +51,36 @@ def test_train_summary_names_the_store_it_logged_to(
     assert "(open http://mlflow.internal:5000)" in render_train_summary(server)
 
 
+def test_a_standalone_run_logs_its_shard_set_and_its_backbone(
+    digits16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside a pipeline too, MLflow's runs table gets the Dataset (named by the set's folders) and the
+    Model: ``runs:/<id>/backbone`` loads as a module that embeds like the saved backbone."""
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+
+    from clusterssl.pipeline.train.checkpoint import load_feature_extractor
+    from clusterssl.shards.manifest import load_manifest
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    data = {"train": str(digits16 / "train"), "val": None}
+    config = tiny_config(digits16, tmp_path / "run", trainer={"epochs": 1}, data=data,
+                         tracking={"enabled": True, "experiment": "t", "uri": uri, "system_metrics": False})  # fmt: skip
+    summary = train(build_train_config(config), progress=False)
+    run = MlflowClient(uri).get_run(summary.run_id)
+    (logged,) = run.inputs.dataset_inputs
+    assert logged.dataset.name == f"{digits16.name}/train"
+    assert logged.dataset.digest == load_manifest(digits16 / "train").content_hash()
+    assert [(t.key, t.value) for t in logged.tags] == [("mlflow.data.context", "training")]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    loaded = mlflow.pytorch.load_model(f"runs:/{summary.run_id}/backbone").eval()
+    saved, _ = load_feature_extractor(summary.backbone)
+    images = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), saved.eval()(images))
+
+
 def demo_summary(uri: str | None) -> dict[str, Any]:
     row = {"method": "swav", "knn_top1": 0.9, "nmi": 0.8, "seconds": 10.0, "run_id": "r"}
     return {"methods": [row], "tracking_uri": uri}

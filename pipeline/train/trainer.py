@@ -42,14 +42,20 @@ from clusterssl.errors import PipelineError
 from clusterssl.models.factory import build_method
 from clusterssl.models.method import Method
 from clusterssl.models.types import Batch, FeatureBank
-from clusterssl.pipeline.data.datasets import Dataset, resolve_dataset
+from clusterssl.pipeline.data.datasets import BUILTIN_DIGITS, Dataset, resolve_dataset
 from clusterssl.pipeline.data.loader import build_loader
 from clusterssl.pipeline.data.spec import MultiCropSpec
 from clusterssl.pipeline.features.evaluation import EvalResult
 from clusterssl.pipeline.features.passes import RunPasses
 from clusterssl.pipeline.tracking.plots import plot_loss_curve, plot_model_attention
 from clusterssl.pipeline.tracking.runs import Tracker, git_commit, open_tracker, tracking_run
-from clusterssl.pipeline.train.checkpoint import BACKBONE_NAME, RunCheckpoints, RunPosition, save_backbone
+from clusterssl.pipeline.train.checkpoint import (
+    BACKBONE_NAME,
+    RunCheckpoints,
+    RunPosition,
+    load_feature_extractor,
+    save_backbone,
+)
 from clusterssl.pipeline.train.cuda_runtime import configure_cuda, to_device_layout
 from clusterssl.pipeline.train.lock import lock_directory
 from clusterssl.pipeline.train.metric_window import MetricWindow, WindowValues
@@ -243,10 +249,13 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         parent_run_id: str | None = None,
+        dataset_prefix: str | None = None,
     ) -> None:
         self.config = config
         self.progress = progress
         self.parent_run_id = parent_run_id
+        self.dataset_prefix = dataset_prefix
+        """Names the shard sets ``<prefix>/train`` and ``<prefix>/val`` in MLflow (default: their folders)."""
         self.env = DistributedEnv.from_environment()
         self.device = resolve_device(config.trainer.device, self.env)
         init_distributed(self.env, self.device)
@@ -341,6 +350,25 @@ class Trainer:
             extra=extra,
         )
 
+    def _log_shard_sets(self) -> None:
+        """The shard sets the run reads, as MLflow dataset inputs (the runs table's Dataset column)."""
+        assert self.tracker is not None
+        for split, context, data in (("train", "training", self.data), ("val", "evaluation", self.val_data)):
+            if data is not None:
+                self.tracker.log_shard_set(data.source.manifest, self._shard_set_name(data, split), context)
+
+    def _shard_set_name(self, data: Dataset, split: str) -> str:
+        """``<prefix>/<split>`` when given; else the set's parent and own folder (``fmnist/train``), or
+        ``digits/<split>`` for the built-in set and ``shards/<split>`` for URLs with no folder."""
+        if self.dataset_prefix is not None:
+            return f"{self.dataset_prefix}/{split}"
+        root = data.source.root
+        if data.name == BUILTIN_DIGITS:
+            return f"{BUILTIN_DIGITS}/{split}"
+        if root is None:
+            return f"shards/{split}"
+        return f"{root.parent.name}/{root.name}"
+
     # -- things the method may ask for --------------------------------------------------------------
     def extract(self, module: nn.Module, *, name: str) -> FeatureBank:
         """The extraction pass over the training set (eval view), row i for sample i."""
@@ -383,6 +411,7 @@ class Trainer:
             else:
                 self.tracker.log_params(flatten(to_dict(cfg)))
                 self.tracker.log_text(dump_yaml(cfg), CONFIG_FILE)
+                self._log_shard_sets()
             summary = self._train(stop)
             if summary.interrupted:  # stopped on a signal: the run is not finished, --resume continues it
                 outcome.status = "KILLED"
@@ -500,6 +529,8 @@ class Trainer:
         extractor = self.method.feature_extractor()
         backbone_path = save_backbone(extractor, dump_yaml(self.config), self.output_dir / BACKBONE_NAME)
         self.tracker.log_artifact(backbone_path)
+        if self.tracker.run_id is not None:  # the runs table's Model column, runs:/<id>/backbone
+            self.tracker.log_model(load_feature_extractor(backbone_path)[0].eval(), "backbone")
         self.tracker.log_artifact(self.output_dir / CONFIG_FILE)
         loss_plot = plot_loss_curve(self.losses, self.output_dir / "loss.png")
         if loss_plot is not None:
@@ -521,9 +552,15 @@ def _length(loader: Any) -> int | None:
 
 
 def train(
-    config: TrainConfig, *, resume: bool = False, progress: bool = True, parent_run_id: str | None = None
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    parent_run_id: str | None = None,
+    dataset_prefix: str | None = None,
 ) -> TrainSummary:
-    """Run (or resume) one training run and return its summary; ``parent_run_id`` nests its MLflow run."""
+    """Run (or resume) one training run and return its summary; ``parent_run_id`` nests its MLflow run,
+    ``dataset_prefix`` names its shard sets there (see ``Trainer``)."""
     env = DistributedEnv.from_environment()
     device = resolve_device(config.trainer.device, env)
     init_distributed(env, device)  # the lock's decision is shared over the process group
@@ -536,7 +573,13 @@ def train(
         env=env,
         device=device,
     ):
-        return Trainer(config, resume=resume, progress=progress, parent_run_id=parent_run_id).run()
+        return Trainer(
+            config,
+            resume=resume,
+            progress=progress,
+            parent_run_id=parent_run_id,
+            dataset_prefix=dataset_prefix,
+        ).run()
 
 
 __all__ = ["Batch", "RunContext", "TrainSummary", "Trainer", "train"]
