@@ -78,3 +78,43 @@ def test_the_table_shows_figures_and_skip_reasons() -> None:
     assert lines[0] == "NVIDIA H100 (bf16 peak 989.0 TFLOP/s)"
     assert "images_per_s=812.5" in lines[1] and "tflops=190.1" in lines[1]
     assert "skipped: faiss sees no GPU although CUDA works" in lines[2]
+
+
+def test_every_method_times_its_imagenet_recipe_with_k_within_the_bank() -> None:
+    from clusterssl.tools.bench_gpu import BANK_SAMPLES, METHODS, imagenet_recipe
+
+    recipes = {method: imagenet_recipe(method) for method in METHODS}
+    assert {m: r.backbone for m, r in recipes.items()} == {
+        "swav": "resnet50", "deepcluster": "resnet50", "deepcluster_v2": "resnet50", "pcl": "resnet50",
+        "dino": "vit_small", "ibot": "vit_small",
+    }  # fmt: skip
+    assert view_sizes("dino") == [224, 224] + [96] * 8 and view_sizes("ibot") == [224, 224] + [96] * 10
+    assert max(recipes["pcl"].settings["num_clusters"]) <= BANK_SAMPLES
+    assert max(recipes["deepcluster_v2"].settings["num_prototypes"]) <= BANK_SAMPLES
+    assert recipes["deepcluster"].settings["num_clusters"] <= BANK_SAMPLES
+
+
+@pytest.mark.parametrize(
+    ("method", "backbone", "settings"),
+    [
+        ("deepcluster", "resnet_tiny", {"num_clusters": 6}),
+        ("pcl", "resnet_tiny", {"num_clusters": [4, 6]}),
+        ("ibot", "vit_tiny_p4", {"out_dim": 32, "hidden_dim": 32, "bottleneck_dim": 16}),
+    ],
+)
+def test_a_step_is_timed_for_methods_that_cluster_first_and_for_ibot(
+    method: str, backbone: str, settings: dict
+) -> None:
+    """The clustering methods embed and cluster the synthetic bank before their first step; the timed
+    step runs on the CPU too (figures not checked: benchmarks are not tests)."""
+    from clusterssl.pipeline.data.spec import MultiCropSpec
+    from clusterssl.tools.bench_gpu import Recipe, measure_training
+
+    spec = MultiCropSpec.preset("swav", global_size=16, local_size=8, num_local=1)
+    vit = {"dim": 32, "depth": 1, "num_heads": 2} if backbone.startswith("vit") else {}
+    part = measure_training(
+        method, torch.device("cpu"), 1, 4, None, recipe=Recipe(backbone, spec, settings, vit), bank_samples=16
+    )
+    assert part.name == f"train/{method}" and part.skipped is None
+    assert part.figures["backbone"] == backbone and part.figures["images_per_s"] > 0
+    assert part.figures["peak_memory_gib"] is None  # no CUDA memory on a CPU

@@ -4,9 +4,12 @@ Parts, each measured on generated data (nothing is downloaded) or skipped with t
 
 - **loader**: images/s of the multi-crop loader for the torch and DALI backends (DALI decodes with nvJPEG,
   ``mixed``, when the views go to a GPU), beside the decode-only ceiling of the same run;
-- **train/<method>**: optimizer steps/s and images/s at ResNet-50 224 px (ViT-S/16 for DINO) in bf16, the
-  achieved TFLOP/s (backbone forward and backward, counted with torch's FLOP counter) next to the
-  device's peak, and the peak GPU memory;
+- **train/<method>**: optimizer steps/s and images/s of every method with the backbone and multi-crop views
+  of its ImageNet recipe (``configs/<method>_imagenet.yaml``: ResNet-50 at 224 px, ViT-S/16 for DINO and
+  iBOT) in bf16, the achieved TFLOP/s (backbone forward and backward, counted with torch's FLOP counter)
+  next to the device's peak, and the peak GPU memory. The step is ``bench train``'s (synthetic views, the
+  trainer's optimizer step); the clustering methods first cluster a bank of ``BANK_SAMPLES`` synthetic
+  images, untimed, with their k lowered to fit it (``BANK_SETTINGS``);
 - **faiss**: k-means on the GPU against the CPU on the same points;
 - **ddp**: one DDP training step in a 1-process NCCL group (the collective path, without a second GPU).
 
@@ -39,10 +42,18 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("A10", 125.0),
     ("RTX 4090", 165.0),
 )
-METHOD_BACKBONES = {"swav": "resnet50", "dino": "vit_small"}
-"""The methods a step can be timed for on random images. DeepCluster, DeepCluster-v2 and PCL need a
-clustering of the data before their first step; `smoke` checks of a short epoch cover them."""
-NEEDS_CLUSTERING = ("deepcluster", "deepcluster_v2", "pcl")
+METHODS = ("swav", "deepcluster", "deepcluster_v2", "pcl", "dino", "ibot")
+"""Every method, each timed with its ImageNet recipe's backbone and views."""
+BANK_SAMPLES = 4096
+"""Synthetic images the clustering methods embed and cluster before their first step."""
+BANK_SETTINGS: dict[str, dict[str, Any]] = {
+    "deepcluster": {"num_clusters": 1000},
+    "deepcluster_v2": {"num_prototypes": [1000, 1000, 1000]},
+    "pcl": {"num_clusters": [500, 1000, 2000]},
+}
+"""k within the synthetic bank (the recipes' 3,000 to 100,000 need a real dataset). A step's cost depends
+on k only through the prototype scores, a (batch x k) matmul: DeepCluster-v2's and PCL's figures are for
+these k, DeepCluster's (a linear classifier of k outputs) nearly the same at any k."""
 PARTS = ("loader", "train", "faiss", "ddp")
 
 
@@ -71,12 +82,13 @@ def training_flops(module: nn.Module, view_sizes: Sequence[int], channels: int =
     meta = _to_meta(module)
     total = 0
     for size in view_sizes:
-        images = torch.empty(1, channels, size, size, device="meta")
+        # two images, halved: batch norm in training mode refuses one image on a 1 x 1 map
+        images = torch.empty(2, channels, size, size, device="meta")
         counter = FlopCounterMode(display=False)
         with counter:
             meta(images).float().sum().backward()
         total += counter.get_total_flops()
-    return float(total)
+    return total / 2
 
 
 def _to_meta(module: nn.Module) -> nn.Module:
@@ -87,11 +99,33 @@ def _to_meta(module: nn.Module) -> nn.Module:
     return meta
 
 
-def view_sizes(method: str) -> list[int]:
-    """The multi-crop views of a method's ImageNet preset: 2 × 224 plus its local crops."""
-    from clusterssl.pipeline.data.spec import MultiCropSpec
+@dataclass(frozen=True)
+class Recipe:
+    """What a method's ImageNet config trains: backbone, multi-crop views and method settings."""
 
-    return [view.size for view in MultiCropSpec.preset("dino" if method == "dino" else "swav").views]
+    backbone: str
+    spec: Any  # MultiCropSpec
+    settings: dict[str, Any]
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def imagenet_recipe(method: str) -> Recipe:
+    """The backbone, views and method section of ``configs/<method>_imagenet.yaml``, with the k of a
+    clustering method lowered to fit the synthetic bank."""
+    from clusterssl.config import read_yaml, resolve_config_path
+    from clusterssl.pipeline.train.train_config import build_train_config
+
+    config = read_yaml(resolve_config_path(f"{method}_imagenet"))
+    built = build_train_config(config)
+    settings = {k: v for k, v in config["method"].items() if k != "name"}
+    return Recipe(
+        built.model.backbone, built.augment.to_spec(), {**settings, **BANK_SETTINGS.get(method, {})}
+    )
+
+
+def view_sizes(method: str) -> list[int]:
+    """The sizes of the multi-crop views of a method's ImageNet recipe, globals first."""
+    return list(imagenet_recipe(method).spec.sizes)
 
 
 def no_gpu_parts(reason: str) -> list[Part]:
@@ -120,7 +154,7 @@ def run_benchmark(
     parts: list[Part] = []
     measures: list[tuple[str, Callable[[], list[Part]]]] = [
         ("loader", lambda: measure_loaders(device, loader_images, batch_size, progress)),
-        ("train", lambda: [measure_training(m, device, steps, batch_size, peak) for m in methods]),
+        ("train", lambda: [measure_training(m, device, steps, batch_size, peak, progress) for m in methods]),
         ("faiss", lambda: [measure_faiss()]),
         ("ddp", lambda: [measure_ddp_step(device, batch_size)]),
     ]
@@ -132,9 +166,6 @@ def run_benchmark(
             parts.extend(measure())
         except Exception as error:  # one failing part must not hide the others' figures
             parts.append(Part(part, skipped=f"failed: {type(error).__name__}: {str(error).splitlines()[0]}"))
-    parts.extend(
-        Part(f"train/{m}", skipped="needs a clustering pass before its first step") for m in NEEDS_CLUSTERING
-    )
     return {
         "device": name,
         "peak_bf16_tflops": peak,
@@ -181,62 +212,53 @@ def measure_loaders(device: torch.device, images: int, batch_size: int, progress
 
 
 def measure_training(
-    method: str, device: torch.device, steps: int, batch_size: int, peak: float | None
+    method: str,
+    device: torch.device,
+    steps: int,
+    batch_size: int,
+    peak: float | None,
+    progress: bool = False,
+    *,
+    recipe: Recipe | None = None,
+    bank_samples: int = BANK_SAMPLES,
 ) -> Part:
+    """``bench train``'s timed step for ``method`` under bf16 autocast on ``device``, 2 warm-up steps
+    first; ``recipe`` replaces the ImageNet one (tests use small ones on the CPU)."""
     from clusterssl.models.factory import build_method
-    from clusterssl.models.types import Batch
-    from clusterssl.pipeline.train.optim import OptimizerStep
+    from clusterssl.tools.bench_train import synthetic_batch, time_training
 
-    backbone = METHOD_BACKBONES[method]
-    model = build_method(method, backbone).to(device).to(memory_format=torch.channels_last)
-    optimizer = OptimizerStep(torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
-    sizes = view_sizes(method)
-    views = [
-        torch.randn(batch_size, 3, s, s, device=device).to(memory_format=torch.channels_last) for s in sizes
-    ]
-    batch = Batch(views, None, torch.arange(batch_size, device=device), num_global=2)
-    context = _StepContext(steps_per_epoch=steps + 2, device=device, num_samples=batch_size)
-    torch.cuda.reset_peak_memory_stats(device)
-
-    def step(number: int) -> None:
-        context.step = number
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            output = model(batch, context)
-        optimizer(output.loss, model, context)
-        model.on_step_end(context)
-
-    for number in range(2):  # warm-up: cuDNN algorithm choice, allocator
-        step(number)
-    torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    for number in range(steps):
-        step(2 + number)
-    torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - started
-    flops = training_flops(model.backbone, sizes) * batch_size * steps
+    recipe = recipe or imagenet_recipe(method)
+    model = build_method(method, recipe.backbone, recipe.settings, recipe.backbone_kwargs)
+    batch = synthetic_batch(recipe.spec, batch_size, device, seed=0)
+    eval_size = recipe.spec.sizes[0]
+    generator = torch.Generator().manual_seed(1)
+    bank = torch.randn(bank_samples, 3, eval_size, eval_size, generator=generator).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timing = time_training(
+        model,
+        batch,
+        optimizer_name="sgd",
+        precision="bf16",
+        steps=steps,
+        warmup=2,
+        bank_images=bank,
+        label=method,
+        progress=progress,
+    )
+    flops = training_flops(model.backbone, recipe.spec.sizes) / timing.seconds_per_step * batch_size
     figures = {
-        "backbone": backbone,
-        "steps_per_s": round(steps / seconds, 2),
-        "images_per_s": round(steps * batch_size / seconds, 1),
-        "tflops": round(flops / seconds / 1e12, 1),
+        "backbone": recipe.backbone,
+        "views": recipe.spec.describe(),
+        "steps_per_s": round(1 / timing.seconds_per_step, 2),
+        "images_per_s": round(timing.images_per_s, 1),
+        "tflops": round(flops / 1e12, 1),
         "peak_tflops": peak,
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+        "peak_memory_gib": (
+            round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+        ),
     }
     return Part(f"train/{method}", figures)
-
-
-@dataclass
-class _StepContext:
-    """The run position the methods' hooks read (epoch 0, the step given)."""
-
-    steps_per_epoch: int
-    device: torch.device
-    num_samples: int
-    epoch: int = 0
-    step: int = 0
-    epochs: int = 100
-    rank: int = 0
-    world_size: int = 1
 
 
 def measure_faiss(samples: int = 200_000, dim: int = 128, k: int = 1000) -> Part:
@@ -312,7 +334,7 @@ def render(summary: Mapping[str, Any]) -> str:
 
 @click.command()
 @click.option(
-    "--methods", default="swav,dino", show_default=True, help="Methods whose training step is timed."
+    "--methods", default=",".join(METHODS), show_default=True, help="Methods whose training step is timed."
 )
 @click.option(
     "--steps", default=20, show_default=True, help="Timed training steps per method (after 2 warm-up)."
@@ -327,11 +349,9 @@ def gpu_command(
     """Loader, training, faiss and DDP figures of this machine's first GPU, in one table (a few minutes).
     Without a GPU it says so and exits 0."""
     chosen = [m for m in methods.split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in METHOD_BACKBONES]
+    unknown = [m for m in chosen if m not in METHODS]
     if unknown:
-        raise click.UsageError(
-            f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHOD_BACKBONES)}"
-        )
+        raise click.UsageError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
     summary = run_benchmark(
         methods=chosen,
         steps=steps,
