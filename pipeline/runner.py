@@ -154,6 +154,7 @@ class PipelineSummary:
     interrupted: bool = False
     tracking_uri: str | None = None
     """The MLflow store the pipeline run went to (None: not tracked)."""
+    experiment_id: str | None = None
     tracking_error: str | None = None
     """Why tracking of the pipeline run stopped early (None: its MLflow record is complete)."""
 
@@ -162,6 +163,7 @@ class PipelineSummary:
             "name": self.name,
             "run_id": self.run_id,
             "tracking_uri": self.tracking_uri,
+            "experiment_id": self.experiment_id,
             "tracking_error": self.tracking_error,
             "seconds": round(self.seconds, 2),
             "interrupted": self.interrupted,
@@ -323,6 +325,7 @@ class PipelineRunner:
             time.perf_counter() - started,
             interrupted,
             tracking_uri=self.parent.tracking_uri,
+            experiment_id=self.parent.experiment_id,
             tracking_error=self.parent.error,
         )
 
@@ -421,16 +424,34 @@ class PipelineRunner:
                 "run_dir": str(output_dir),
                 "checkpoint": summary.checkpoint,
                 "backbone": summary.backbone,
+                "model_id": summary.model_id,
                 **summary.eval,
             }, summary.run_id
 
-        return self._stage(
+        result = self._stage(
             "pretrain",
             stage_fingerprint,
             lambda r: bool(r.outputs.get("backbone")) and Path(r.outputs["backbone"]).is_file(),
             run,
             every_rank=True,
         )
+        self._describe_parent(convert, result.record.outputs.get("model_id"))
+        return result
+
+    def _describe_parent(self, convert: StageResult, model_id: str | None) -> None:
+        """The pipeline run's own row in MLflow's runs table, where its stages are folded away: the shard
+        sets it trains on (Dataset column) and the backbone its pretraining logged (Models column)."""
+        from clusterssl.shards.manifest import load_manifest
+
+        assert self.parent is not None
+        if self.parent.run_id is None:
+            return
+        for subset, context in (("train", "training"), ("val", "evaluation")):
+            if subset in convert.record.outputs:
+                manifest = load_manifest(convert.record.outputs[subset]["dir"])
+                self.parent.log_shard_set(manifest, self._set_name(subset), context)
+        if model_id is not None:
+            self.parent.link_model(model_id)
 
     def _set_name(self, subset: str) -> str:
         """How a shard set is named in MLflow's Dataset column: ``<pipeline>/<subset>``."""

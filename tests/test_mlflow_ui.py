@@ -4,6 +4,7 @@ its REST API and in headless Chromium (skipped, with the reason, where Chromium 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -184,3 +185,33 @@ def test_chromium_renders_the_runs_and_the_plot(served_pipeline: dict[str, Any])
     assert "test/cluster" in page, "the stage's run page names the nested stage"
     assert "k5_sizes.png" in page and "k5_samples.png" in page, "the plot artifacts are listed"
     assert (tmp / "cluster-run.png").stat().st_size > 10_000
+
+
+def visible_text(page: str) -> str:
+    """The words of a dumped page, without its markup and styles, spaces collapsed."""
+    text = re.sub(r"<style.*?</style>", " ", page, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package: chromium)")
+def test_the_printed_address_opens_the_runs_table_with_the_dataset_and_the_model(
+    served_pipeline: dict[str, Any],
+) -> None:
+    """The address clusterssl prints (the experiment's ``/runs``) shows the runs table, not MLflow 3's GenAI
+    overview, with the pipeline run's shard sets in its Dataset column; the pipeline run's page lists the
+    backbone its pretraining logged."""
+    from clusterssl.pipeline.tracking.runs import runs_page
+
+    base, summary, tmp = served_pipeline["base"], served_pipeline["summary"], served_pipeline["tmp"]
+    experiment, _ = stage_runs(base)
+    assert summary.experiment_id == experiment
+    page = chromium_dom(runs_page(base, experiment), tmp / "profile-table")
+    assert f"<title>Runs - Experiment {experiment} - MLflow</title>" in page
+    assert "No data available for the selected time range" not in page, "not the GenAI overview"
+    assert 'col-id="attributes.`Dataset`"' in page and 'col-id="attributes.`Models`"' in page
+    digest = load_manifest(tmp / "shards" / "train").content_hash()
+    assert f"test/train ({digest}) training" in visible_text(page), "the shard set in the Dataset column"
+    run_page = visible_text(
+        chromium_dom(f"{base}/#/experiments/{experiment}/runs/{summary.run_id}", tmp / "p2")
+    )
+    assert re.search(r"Logged models \(1\) .* Output 0 \S+ backbone Ready", run_page), "the linked backbone"

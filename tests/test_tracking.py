@@ -28,7 +28,7 @@ class FlakyClient:
 
 def test_a_failing_store_is_reported_once_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     client = FlakyClient(fail_after=2)
-    tracker = MlflowTracker(client, "run", "http://tracking:5000", system_metrics=False)
+    tracker = MlflowTracker(client, "run", "http://tracking:5000", system_metrics=False, experiment_id="0")
     with caplog.at_level(logging.WARNING, logger="clusterssl.pipeline.tracking.runs"):
         tracker.log_params({"a": 1})
         tracker.log_metrics({"loss": 1.0}, step=0)

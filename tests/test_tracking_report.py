@@ -24,6 +24,14 @@ def test_ui_hint_serves_a_local_store_and_opens_a_server() -> None:
     )
     assert ui_hint("http://mlflow.internal:5000") == "open http://mlflow.internal:5000"
     assert ui_hint("https://mlflow.example.org") == "open https://mlflow.example.org"
+    # with the experiment: its runs table, not the GenAI overview MLflow 3's UI opens an experiment on
+    assert (
+        ui_hint("http://mlflow.internal:5000/", "7")
+        == "open http://mlflow.internal:5000/#/experiments/7/runs"
+    )
+    assert ui_hint("sqlite:///mlflow.db", "3") == (
+        "mlflow ui --backend-store-uri sqlite:///mlflow.db, then open http://127.0.0.1:5000/#/experiments/3/runs"
+    )
 
 
 def test_the_environment_uri_is_the_one_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -38,6 +46,8 @@ def test_the_environment_uri_is_the_one_used(tmp_path: Path, monkeypatch: pytest
 def test_train_summary_names_the_store_it_logged_to(
     digits16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from mlflow import MlflowClient
+
     uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     data = {"train": str(digits16 / "train"), "val": None}
@@ -48,7 +58,11 @@ def test_train_summary_names_the_store_it_logged_to(
     text = render_train_summary(summary)
     assert f"mlflow ui --backend-store-uri {uri}" in text and "sqlite:///mlflow.db" not in text
     server = {**summary, "tracking_uri": "http://mlflow.internal:5000"}
-    assert "(open http://mlflow.internal:5000)" in render_train_summary(server)
+    experiment = MlflowClient(uri).get_experiment_by_name("t").experiment_id
+    assert summary["experiment_id"] == experiment
+    assert f"(open http://mlflow.internal:5000/#/experiments/{experiment}/runs)" in render_train_summary(
+        server
+    )
 
 
 def test_a_standalone_run_logs_its_shard_set_and_its_backbone(
@@ -83,14 +97,15 @@ def test_a_standalone_run_logs_its_shard_set_and_its_backbone(
 
 def demo_summary(uri: str | None) -> dict[str, Any]:
     row = {"method": "swav", "knn_top1": 0.9, "nmi": 0.8, "seconds": 10.0, "run_id": "r"}
-    return {"methods": [row], "tracking_uri": uri}
+    return {"methods": [row], "tracking_uri": uri, "experiment_id": "2" if uri else None}
 
 
 def test_demo_and_run_summaries_print_the_uri_they_report() -> None:
     local = render_demo_summary(demo_summary("sqlite:////srv/runs.db"))
-    assert "mlflow ui --backend-store-uri sqlite:////srv/runs.db" in local and "127.0.0.1:5000" in local
+    assert "mlflow ui --backend-store-uri sqlite:////srv/runs.db" in local
+    assert "open http://127.0.0.1:5000/#/experiments/2/runs" in local
     server = render_demo_summary(demo_summary("http://mlflow.internal:5000"))
-    assert "open http://mlflow.internal:5000" in server and "mlflow ui" not in server
+    assert "open http://mlflow.internal:5000/#/experiments/2/runs" in server and "mlflow ui" not in server
     assert "mlflow" not in render_demo_summary(demo_summary(None)).lower()
     pipeline = {"name": "p", "seconds": 1.0, "interrupted": False, "stages": {}, "run_id": "r",
                 "tracking_uri": "https://mlflow.example.org"}  # fmt: skip

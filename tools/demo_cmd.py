@@ -95,7 +95,7 @@ def demo(
             f"unknown demo method(s) {', '.join(unknown) or '(none)'}; known: {', '.join(DEMO_METHODS)}"
         )
     rows = []
-    tracking_uri = None
+    tracking_uri = experiment_id = None
     for method in chosen:
         if not as_json:
             click.echo(f"== {method}", err=True)
@@ -104,7 +104,7 @@ def demo(
         )
         if summary.interrupted:
             raise SystemExit(130)
-        tracking_uri = summary.tracking_uri
+        tracking_uri, experiment_id = summary.tracking_uri, summary.experiment_id
         evaluate = summary.stages["evaluate"].record.outputs
         rows.append(
             {
@@ -117,7 +117,11 @@ def demo(
                 "run_id": summary.run_id,
             }
         )
-    emit({"methods": rows, "tracking_uri": tracking_uri}, as_json, render_demo_summary)
+    emit(
+        {"methods": rows, "tracking_uri": tracking_uri, "experiment_id": experiment_id},
+        as_json,
+        render_demo_summary,
+    )
 
 
 def render_demo_summary(summary: Mapping[str, Any]) -> str:
@@ -142,8 +146,6 @@ def render_demo_summary(summary: Mapping[str, Any]) -> str:
     if uri:
         from clusterssl.pipeline.tracking.runs import ui_hint
 
-        hint = ui_hint(uri)
-        if hint.startswith("mlflow ui"):
-            hint += "   # then open http://127.0.0.1:5000"
+        hint = ui_hint(uri, summary.get("experiment_id"))
         lines += ["", "Browse the runs (one pipeline run per method, a child run per stage):", f"  {hint}"]
     return "\n".join(lines)

@@ -61,7 +61,9 @@ def render_pipeline(summary: Mapping[str, Any]) -> str:
     if summary.get("run_id"):
         from clusterssl.pipeline.tracking.runs import ui_hint
 
-        lines.append(f"  MLflow parent run {summary['run_id']}  ({ui_hint(summary['tracking_uri'])})")
+        lines.append(
+            f"  MLflow parent run {summary['run_id']}  ({ui_hint(summary['tracking_uri'], summary.get('experiment_id'))})"
+        )
         if summary.get("tracking_error"):
             lines.append(f"  tracking lost: {summary['tracking_error']}; the MLflow record is incomplete")
     return "\n".join(lines)

@@ -1,8 +1,11 @@
 """What MLflow's UI shows in its own columns: the experiment's kind, dataset inputs and logged models.
 
-The ``mlflow.experimentKind`` tag is MLflow 3's marker for what an experiment holds; ours are model
-development. (MLflow 3.17.2's UI still lands on its GenAI overview; the runs table is one click away.) The
-runs table's Dataset column lists a run's dataset inputs, its Model column the models logged from it.
+The ``mlflow.experimentKind`` tag is MLflow 3's record of what an experiment holds; ours hold trained
+models. MLflow 3.17's UI does not read it to choose its view: the view follows the UI's workflow setting
+(GenAI by default; ``?workflowType=machine_learning`` in the address, or the sidebar's "Model training"
+switch, remembered per browser), so the addresses clusterssl prints go to ``#/experiments/<id>/runs``,
+the runs table. Its Dataset column lists a run's dataset inputs, its Models column the models logged
+from it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ SOURCE_TYPE = "clusterssl-shards"
 
 
 def mark_model_training(client: Any, experiment_id: str) -> None:
-    """Tag the experiment so that MLflow's UI opens it on its runs; a kind set by the user is kept."""
+    """Tag the experiment as one of trained models; a kind set by the user is kept."""
     experiment = client.get_experiment(experiment_id)
     if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
@@ -57,7 +60,8 @@ def shard_set_input(manifest: Manifest, name: str, context: str) -> Any:
 
 
 def log_pytorch_model(client: Any, run_id: str, tracking_uri: str, module: torch.nn.Module, name: str) -> str:
-    """Log ``module`` with MLflow's PyTorch flavour as a model of the run; returns its ``runs:/`` URI.
+    """Log ``module`` with MLflow's PyTorch flavour as a model of the run (``runs:/<run id>/<name>``);
+    returns its MLflow model id.
 
     The logged model is created in the run's experiment first (MLflow would otherwise file it under the
     globally active one), and the flavour's fluent call runs with this store's URI, restored after.
@@ -79,4 +83,4 @@ def log_pytorch_model(client: Any, run_id: str, tracking_uri: str, module: torch
             # listed, not inferred: inferring them loads the model again in a subprocess
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "clusterssl"],
         )
-    return f"runs:/{run_id}/{name}"
+    return str(logged.model_id)

@@ -57,6 +57,7 @@ class TrackingConfig:
 
 class Tracker(Protocol):
     run_id: str | None
+    experiment_id: str | None
     tracking_uri: str | None
     """The store the run is logged to (None when nothing is tracked)."""
     error: str | None
@@ -72,7 +73,14 @@ class Tracker(Protocol):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_shard_set(self, manifest: Manifest, name: str, context: str) -> None: ...
-    def log_model(self, module: torch.nn.Module, name: str) -> None: ...
+    def log_model(self, module: torch.nn.Module, name: str) -> str | None:
+        """Log ``module`` as an MLflow model of the run; its model id (None when nothing was logged)."""
+        ...
+
+    def link_model(self, model_id: str) -> None:
+        """Record a model logged by another run (a pipeline stage's) as an output of this one."""
+        ...
+
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -80,6 +88,7 @@ class NullTracker:
     """Tracks nothing: for --no-track and for every rank but 0."""
 
     run_id: str | None = None
+    experiment_id: str | None = None
     tracking_uri: str | None = None
     error: str | None = None
 
@@ -104,7 +113,10 @@ class NullTracker:
     def log_shard_set(self, manifest: Manifest, name: str, context: str) -> None:
         pass
 
-    def log_model(self, module: torch.nn.Module, name: str) -> None:
+    def log_model(self, module: torch.nn.Module, name: str) -> str | None:
+        return None
+
+    def link_model(self, model_id: str) -> None:
         pass
 
     def close(self, status: str = "FINISHED") -> None:
@@ -115,11 +127,24 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def ui_hint(uri: str) -> str:
-    """How to look at the runs in ``uri``: open a tracking server's address, or serve a local store."""
+LOCAL_UI = "http://127.0.0.1:5000"
+"""Where ``mlflow ui`` serves by default."""
+
+
+def ui_hint(uri: str, experiment_id: str | None = None) -> str:
+    """How to look at the runs in ``uri``: open a tracking server's address, or serve a local store,
+    with the address of the experiment's runs table when ``experiment_id`` is known."""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
-    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+        return f"open {runs_page(uri.rstrip('/'), experiment_id)}"
+    serve = f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+    return serve if experiment_id is None else f"{serve}, then open {runs_page(LOCAL_UI, experiment_id)}"
+
+
+def runs_page(ui: str, experiment_id: str | None) -> str:
+    """The address of an experiment's runs table. MLflow 3's UI opens a bare experiment address on its
+    GenAI overview (its default workflow, whatever the experiment holds); the ``/runs`` path opens the
+    runs table with its Dataset and Models columns."""
+    return ui if experiment_id is None else f"{ui}/#/experiments/{experiment_id}/runs"
 
 
 def _limit_http_retries() -> None:
@@ -131,9 +156,12 @@ def _limit_http_retries() -> None:
 class MlflowTracker:
     """Logs one MLflow run. Every call after a failure is dropped; the failure is reported once."""
 
-    def __init__(self, client: Any, run_id: str, tracking_uri: str, system_metrics: bool) -> None:
+    def __init__(
+        self, client: Any, run_id: str, tracking_uri: str, system_metrics: bool, experiment_id: str
+    ) -> None:
         self._client = client
         self.run_id: str | None = run_id
+        self.experiment_id: str | None = experiment_id
         self.tracking_uri: str | None = tracking_uri
         self.error: str | None = None
         self._monitor = self._start_system_metrics() if system_metrics else None
@@ -221,14 +249,25 @@ class MlflowTracker:
             f"logging dataset {name}", lambda: self._client.log_inputs(self.run_id, datasets=[dataset])
         )
 
-    def log_model(self, module: torch.nn.Module, name: str) -> None:
+    def log_model(self, module: torch.nn.Module, name: str) -> str | None:
         """``module`` with MLflow's PyTorch flavour, loadable from ``runs:/<run id>/<name>``."""
         from clusterssl.pipeline.tracking.logged import log_pytorch_model
 
         assert self.run_id is not None and self.tracking_uri is not None
         run_id, uri = self.run_id, self.tracking_uri
+        logged: list[str] = []
         self._guard(
-            f"logging model {name}", lambda: log_pytorch_model(self._client, run_id, uri, module, name)
+            f"logging model {name}",
+            lambda: logged.append(log_pytorch_model(self._client, run_id, uri, module, name)),
+        )
+        return logged[0] if logged else None
+
+    def link_model(self, model_id: str) -> None:
+        from mlflow.entities import LoggedModelOutput
+
+        self._guard(
+            f"linking model {model_id}",
+            lambda: self._client.log_outputs(self.run_id, [LoggedModelOutput(model_id, step=0)]),
         )
 
     def close(self, status: str = "FINISHED") -> None:
@@ -288,7 +327,8 @@ def open_tracker(
     try:
         client = MlflowClient(tracking_uri=uri)
         if run_id is not None and _reopen(client, run_id):
-            return MlflowTracker(client, run_id, uri, system_metrics=config.system_metrics)
+            experiment_id = client.get_run(run_id).info.experiment_id
+            return MlflowTracker(client, run_id, uri, config.system_metrics, experiment_id)
         experiment = client.get_experiment_by_name(config.experiment)
         if experiment is None:
             artifact_location = _default_artifact_location(uri, config.experiment)
@@ -305,7 +345,7 @@ def open_tracker(
         raise PipelineError(
             f"cannot reach the MLflow tracking store at {uri} ({message}); fix the URI or run with --no-track"
         ) from None
-    return MlflowTracker(client, run.info.run_id, uri, system_metrics=config.system_metrics)
+    return MlflowTracker(client, run.info.run_id, uri, config.system_metrics, experiment_id)
 
 
 def _reopen(client: Any, run_id: str) -> bool:

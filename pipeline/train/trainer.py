@@ -140,6 +140,9 @@ class TrainSummary:
     interrupted: bool = False
     tracking_uri: str | None = None
     """The MLflow store the run went to (None: not tracked)."""
+    experiment_id: str | None = None
+    model_id: str | None = None
+    """The MLflow model logged from the trained backbone (None: not tracked)."""
     tracking_error: str | None = None
     """Why tracking stopped before the run ended (None: the MLflow record is complete)."""
     eval: dict[str, float] = field(default_factory=dict)
@@ -170,6 +173,8 @@ class TrainSummary:
             last_loss=trainer.losses[-1][1] if trainer.losses else None,
             interrupted=interrupted,
             tracking_uri=tracker.tracking_uri if tracker else None,
+            experiment_id=tracker.experiment_id if tracker else None,
+            model_id=trainer.model_id,
             eval=eval_result.metrics() if eval_result else {},
         )
 
@@ -255,6 +260,7 @@ class Trainer:
         self.progress = progress
         self.parent_run_id = parent_run_id
         self.dataset_prefix = dataset_prefix
+        self.model_id: str | None = None
         """Names the shard sets ``<prefix>/train`` and ``<prefix>/val`` in MLflow (default: their folders)."""
         self.env = DistributedEnv.from_environment()
         self.device = resolve_device(config.trainer.device, self.env)
@@ -529,8 +535,10 @@ class Trainer:
         extractor = self.method.feature_extractor()
         backbone_path = save_backbone(extractor, dump_yaml(self.config), self.output_dir / BACKBONE_NAME)
         self.tracker.log_artifact(backbone_path)
-        if self.tracker.run_id is not None:  # the runs table's Model column, runs:/<id>/backbone
-            self.tracker.log_model(load_feature_extractor(backbone_path)[0].eval(), "backbone")
+        if self.tracker.run_id is not None:  # the runs table's Models column, runs:/<id>/backbone
+            self.model_id = self.tracker.log_model(
+                load_feature_extractor(backbone_path)[0].eval(), "backbone"
+            )
         self.tracker.log_artifact(self.output_dir / CONFIG_FILE)
         loss_plot = plot_loss_curve(self.losses, self.output_dir / "loss.png")
         if loss_plot is not None:
