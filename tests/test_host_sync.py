@@ -1,4 +1,5 @@
-"""A training step reads nothing back from the device: every method, through the real trainer.
+"""A training step reads nothing back from the device: every method, through the real trainer; nor do
+the torch loader's pixel ops when they run on the device.
 
 On a GPU each ``.item()``, ``bool(tensor)``, ``float(tensor)``, ``.tolist()``, ``.cpu()`` or ``.numpy()``
 makes the CPU wait until the GPU has finished the work queued so far. The test counts these host reads
@@ -16,18 +17,25 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from loader_fixtures import make_shard_set
 from trainer_helpers import tiny_config
 
 from clusterssl.errors import PipelineError
 from clusterssl.models.factory import METHODS
+from clusterssl.pipeline.data import torch_backend
+from clusterssl.pipeline.data.loader import build_loader
+from clusterssl.pipeline.data.spec import MultiCropSpec
 from clusterssl.pipeline.train import trainer as trainer_module
 from clusterssl.pipeline.train.train_config import build_train_config
 
 LOG_EVERY = 5
 BATCH = 8
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+TRANSFERS = ("to",)
+"""Tensor methods that send data to the device (``torch.tensor``/``torch.as_tensor`` are counted too)."""
 READS_PER_LOG_POINT = 2
 """What a log point may read: the trainer needs one copy of the window's values."""
 
@@ -168,3 +176,33 @@ def test_a_nonfinite_loss_stops_the_run_at_the_next_log_point_naming_its_step(
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records if "epoch" in record] == list(range(7))
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_the_loaders_device_pixel_ops_read_nothing_back_and_send_each_view_in_two_copies(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The torch backend's pixel ops on the device (here the CPU, standing in for a GPU): per view the
+    uint8 crops and the packed parameters cross once each, the constants (normalisation, luma weights)
+    only in the first batch, and nothing is read back, so the host never waits for the device."""
+    spec = MultiCropSpec.preset("dino", global_size=24, local_size=12, num_local=2)  # blur and solarise
+    shards = make_shard_set(tmp_path / "shards", 24, 8)
+    loader = build_loader(shards, spec, 8, backend="torch", num_workers=0, device="cpu", pixel_ops="device")
+    reads, transfers = HostReads(), HostReads()
+    per_batch: list[tuple[int, int]] = []
+    with monkeypatch.context() as patch:
+        for name in READS:
+            patch.setattr(torch.Tensor, name, reads.counted(getattr(torch.Tensor, name)))
+        for name in TRANSFERS:
+            patch.setattr(torch.Tensor, name, transfers.counted(getattr(torch.Tensor, name)))
+        for name in ("tensor", "as_tensor"):
+            patch.setattr(torch, name, transfers.counted(getattr(torch, name)))
+        finish = torch_backend.finish_on_device
+        patch.setattr(torch_backend, "finish_on_device", reads.counting(transfers.counting(finish)))
+        for _ in loader:
+            per_batch.append((reads.count, transfers.count))
+    views = len(spec.views)
+    assert len(per_batch) == 3 and all(count == 0 for count, _ in per_batch)
+    totals = [0] + [count for _, count in per_batch]
+    sent = list(np.diff(totals))
+    constants = 3  # mean, std and the luma weights, made once for the device
+    assert sent == [2 * views + constants, 2 * views, 2 * views]

@@ -12,13 +12,12 @@ from clusterssl.pipeline.data.augment import (
     LUMA,
     RGB_TO_YIQ,
     YIQ_TO_RGB,
-    PixelParams,
+    PixelOps,
     ViewParams,
     apply_color,
     center_boxes,
     color_matrices,
     draw_view_params,
-    finish_views,
     gaussian_blur,
     random_resized_boxes,
     sample_uniforms,
@@ -189,7 +188,7 @@ def _params(n: int, seed: int = 0) -> ViewParams:
     return draw_view_params(view, u, np.full(n, 30), np.full(n, 30))
 
 
-def test_finish_views_is_colour_then_blur_then_solarise_then_normalise() -> None:
+def test_pixel_ops_are_colour_then_blur_then_solarise_then_normalise() -> None:
     n = 6
     rng = np.random.default_rng(4)
     crops = torch.from_numpy(rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8))
@@ -206,15 +205,30 @@ def test_finish_views_is_colour_then_blur_then_solarise_then_normalise() -> None
         expected[i] = solarize_(expected[i : i + 1])[0]
     expected = (expected / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     for chunk in (1, 4, None):
-        out = finish_views(crops, PixelParams.from_view(params), mean, std, chunk=chunk)
+        out = PixelOps(mean, std).finish(crops, params, chunk=chunk)
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_finish_views_of_the_mean_colour_is_zero() -> None:
+def test_pixel_ops_of_the_mean_colour_is_zero() -> None:
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
     crops = torch.tensor([102, 127.5, 153]).round().to(torch.uint8).view(1, 3, 1, 1).repeat(1, 1, 4, 4)
     identity = draw_view_params(
         ViewSpec(4), sample_uniforms(0, 0, np.zeros(1), np.zeros(1), 1)[:, 0], [4], [4]
     )
-    out = finish_views(crops, PixelParams.from_view(identity), mean, std)
+    out = PixelOps(mean, std).finish(crops, identity)
     assert out.abs().max() < 0.5 / 255 / 0.2 + 1e-6
+
+
+def test_pixel_ops_reproduce_the_recorded_views_of_a_seed() -> None:
+    """Numbers recorded from the pixel ops of a seed (two chunks, each blurring and solarising some of its
+    samples): a rework of where the ops run must leave the views as they were."""
+    n = 6
+    crops = torch.from_numpy(np.random.default_rng(4).integers(0, 256, (n, 3, 16, 16), dtype=np.uint8))
+    out = PixelOps((0.4, 0.5, 0.6), (0.2, 0.25, 0.3)).finish(crops, _params(n, seed=7), chunk=4).double()
+    ramp = torch.arange(16, dtype=torch.float64)
+    sums = out.sum(dim=(1, 2, 3))
+    moments = (out * ramp).sum(dim=(1, 2, 3)) + 0.5 * (out * ramp[:, None]).sum(dim=(1, 2, 3))
+    recorded_sums = [-247.4403, 27.2786, -704.3626, -171.5542, -681.8454, -109.8635]
+    recorded_moments = [-2864.9346, 12.2381, -7966.7011, -1983.525, -7442.1512, -1573.1558]
+    np.testing.assert_allclose(sums.numpy(), recorded_sums, atol=2e-3)
+    np.testing.assert_allclose(moments.numpy(), recorded_moments, atol=2e-2)

@@ -13,8 +13,10 @@ import torch
 from loader_fixtures import labels_by_index, make_shard_set, spoil_jpeg, truncate_shard
 
 from clusterssl.models.types import Batch
+from clusterssl.pipeline.data import integrity
 from clusterssl.pipeline.data.integrity import SIDECAR_NAME
 from clusterssl.pipeline.data.loader import CorruptSampleWarning, build_loader
+from clusterssl.pipeline.data.shardset import ShardInfo
 from clusterssl.pipeline.data.spec import MultiCropSpec
 
 SPEC = MultiCropSpec.preset("dino", global_size=24, local_size=12, num_local=2)
@@ -80,6 +82,50 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     assert "bad JPEG" in reasons["shard-000000.tar #3 (index 3)"]
     assert "truncated tar" in reasons["shard-000002.tar #5 (index 19)"]
     assert (data / SIDECAR_NAME).is_file()  # the check is cached next to the manifest
+
+
+def test_each_rank_checks_only_the_shards_it_reads_and_reports_a_bad_one_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before DALI reads, each rank checks the shards of its own share of the epoch: together the two
+    ranks read every shard once, a later epoch reads none (the sidecar), and a corrupt sample in a rank's
+    share is reported with the message of the full check."""
+    data = make_shard_set(tmp_path / "set", 24, 3)  # 8 shards: the two ranks' shares are disjoint
+    loaders = [
+        build_loader(data, SPEC, 4, backend="dali", rank=r, world_size=2, num_workers=1, device="cpu")
+        for r in range(2)
+    ]
+    shards = loaders[0].shardset.shards
+    shares = [sorted({shards[n].file for n in loader.plan.shard.tolist()}) for loader in loaders]
+    spoiled = next(s for s in shards if s.file == shares[1][0])
+    spoil_jpeg(data, spoiled.first_index + 1)
+    checked: list[str] = []
+    check_shard = integrity.check_shard
+
+    def counting(shard: ShardInfo) -> integrity.ShardCheck:
+        checked.append(shard.file)
+        return check_shard(shard)
+
+    monkeypatch.setattr(integrity, "check_shard", counting)
+    warned: list[list[str]] = []
+    for loader, share in zip(loaders, shares, strict=True):
+        checked.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            list(loader)
+        assert sorted(checked) == share
+        warned.append([str(w.message) for w in caught if issubclass(w.category, CorruptSampleWarning)])
+    assert sorted(shares[0] + shares[1]) == sorted(s.file for s in shards)
+    where = spoiled.where(1)
+    reason = check_shard(spoiled).reasons[1]
+    assert reason.startswith("bad JPEG") and loaders[0].stats.skipped == 0 and warned[0] == []
+    assert loaders[1].stats.skipped_where == [(where, reason)] and len(warned[1]) == 1
+    assert warned[1][0].startswith(f"skipping corrupt sample {where}: {reason}; ")
+    checked.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptSampleWarning)
+        dali(data, rank=1, world_size=2, epoch=1)  # another share, every shard of it checked before
+    assert checked == []
 
 
 def test_without_dali_the_dali_backend_is_refused_in_one_line_and_auto_picks_torch(

@@ -172,6 +172,35 @@ def test_shard_check_is_cached_and_invalidated(tmp_path: Path) -> None:
     assert check_shard_set(shardset)[0].status.tolist() == [OK] * 5
 
 
+def test_some_shards_are_checked_in_parallel_and_merged_into_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checking only some shards (a rank's share), several at a time, gives the results of the full serial
+    check; what two such checks saved is merged, so a later check of every shard reads none."""
+    from clusterssl.pipeline.data import integrity
+
+    reference = check_shard_set(resolve_shards(_spoiled_set(tmp_path / "reference")), threads=1)
+    shardset = resolve_shards(_spoiled_set(tmp_path / "set"))
+    first = check_shard_set(shardset, shards=[3, 1], threads=2)
+    second = check_shard_set(shardset, shards=[0, 2], threads=2)
+    for check, expected in zip(first + second, [reference[n] for n in (3, 1, 0, 2)], strict=True):
+        assert np.array_equal(check.status, expected.status) and check.reasons == expected.reasons
+        assert np.array_equal(check.height, expected.height) and np.array_equal(check.width, expected.width)
+    assert reference[1].status.tolist() == [OK, BAD_JPEG, OK]
+
+    def unexpected(shard: object) -> None:
+        raise AssertionError(f"{shard} was checked again")
+
+    monkeypatch.setattr(integrity, "check_shard", unexpected)
+    assert [c.status.tolist() for c in check_shard_set(shardset)] == [c.status.tolist() for c in reference]
+
+
+def _spoiled_set(directory: Path) -> Path:
+    data = make_shard_set(directory, 12, 3)  # shards of 3
+    spoil_jpeg(data, 4)  # shard 1, position 1
+    return data
+
+
 def test_both_decoders_give_the_same_pixels() -> None:
     from clusterssl.pipeline.data.torch_backend import _decode_with_pil, decode_jpeg
 

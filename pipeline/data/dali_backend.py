@@ -17,7 +17,8 @@ planned order:
 
 Without a GPU the same graph runs on the CPU with ``device_id=None``. Corrupt samples are found before the
 pipeline is built (``pipeline.data.integrity``: truncated tars from the index offsets, bad JPEGs by a
-structural check, cached in a sidecar), because DALI stops on them.
+structural check, cached in a sidecar), because DALI stops on them; each rank checks only the shards its
+share of the epoch reads.
 """
 
 from __future__ import annotations
@@ -64,16 +65,18 @@ class ReadList:
     corrupt: list[list[tuple[str, str]]]  # per batch: (where, reason) of the samples skipped
 
 
-def plan_reads(shardset: ShardSet, plan: RankPlan, checks: list[ShardCheck], start_batch: int) -> ReadList:
-    """Replace corrupt samples by good ones of the same batch and attach the image sizes."""
+def plan_reads(
+    shardset: ShardSet, plan: RankPlan, checks: dict[int, ShardCheck], start_batch: int
+) -> ReadList:
+    """Replace corrupt samples by good ones of the same batch and attach the image sizes.
+
+    ``checks``: the check of every shard the plan reads, by shard number."""
     batch_size = plan.batch_size
     first = start_batch * batch_size
     shard, position = plan.shard[first:].copy(), plan.position[first:].copy()
     aug_index, aug_repeat = plan.index[first:].copy(), plan.repeat[first:].copy()
     padding = plan.padding[first:].copy()
-    starts = np.cumsum([0] + [len(c.status) for c in checks])[:-1]
-    status_all = np.concatenate([c.status for c in checks])
-    status = status_all[starts[shard] + position]
+    status = _per_slot(checks, "status", shard, position)
     fallback = _first_good(plan, checks)
     corrupt: list[list[tuple[str, str]]] = []
     for start in range(0, len(shard), batch_size):
@@ -83,7 +86,7 @@ def plan_reads(shardset: ShardSet, plan: RankPlan, checks: list[ShardCheck], sta
             [
                 (
                     shardset.shards[shard[r]].where(int(position[r])),
-                    checks[shard[r]].reasons.get(int(position[r]), "bad"),
+                    checks[int(shard[r])].reasons.get(int(position[r]), "bad"),
                 )
                 for r in bad
                 if not padding[r]
@@ -96,12 +99,22 @@ def plan_reads(shardset: ShardSet, plan: RankPlan, checks: list[ShardCheck], sta
             else:
                 shard[r], position[r], aug_index[r] = fallback
             aug_repeat[r], padding[r] = PADDING_REPEAT + first + r, True
-    height = np.concatenate([c.height for c in checks]).astype(np.int64)[starts[shard] + position]
-    width = np.concatenate([c.width for c in checks]).astype(np.int64)[starts[shard] + position]
+    height = _per_slot(checks, "height", shard, position).astype(np.int64)
+    width = _per_slot(checks, "width", shard, position).astype(np.int64)
     return ReadList(shard, position, aug_index, aug_repeat, padding, height, width, corrupt)
 
 
-def _first_good(plan: RankPlan, checks: list[ShardCheck]) -> tuple[int, int, int]:
+def _per_slot(
+    checks: dict[int, ShardCheck], name: str, shard: np.ndarray, position: np.ndarray
+) -> np.ndarray:
+    """The check's array ``name`` (status, height or width) at each slot's (shard, position)."""
+    numbers = sorted(checks)
+    starts = np.zeros(numbers[-1] + 1, np.int64)
+    starts[numbers] = np.cumsum([0] + [len(checks[n].status) for n in numbers])[:-1]
+    return np.concatenate([getattr(checks[n], name) for n in numbers])[starts[shard] + position]
+
+
+def _first_good(plan: RankPlan, checks: dict[int, ShardCheck]) -> tuple[int, int, int]:
     for slot in np.flatnonzero(~plan.padding):
         shard, position = int(plan.shard[slot]), int(plan.position[slot])
         if checks[shard].status[position] == 0:
@@ -313,7 +326,11 @@ def iterate_dali(
         raise ValueError("the DALI backend reads the plan as one unit")
     if start_batch >= plan.num_batches:
         return
-    checks = check_shard_set(shardset, cache_dir=cache_dir, progress=True)
+    # Only the shards this rank reads (all of its plan: a resumed epoch must pick the fallback sample an
+    # uninterrupted one would), so the ranks share the first check of a shard set instead of each doing it.
+    numbers = np.unique(plan.shard).tolist()
+    found = check_shard_set(shardset, cache_dir=cache_dir, progress=True, shards=numbers)
+    checks = dict(zip(numbers, found, strict=True))
     reads = plan_reads(shardset, plan, checks, start_batch)
     batch_size = plan.batch_size
     with tempfile.TemporaryDirectory(prefix="clusterssl-dali-") as tmp:

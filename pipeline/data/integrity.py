@@ -14,7 +14,9 @@ has no option to skip one. So before building a DALI pipeline the loader checks 
 
 The result — per sample a status and the image's height and width (DALI's crop boxes need them before
 decoding) — is cached in a sidecar next to the manifest (``loader-check.npz``), keyed per shard by file
-size and modification time, or in the user cache when the shard directory is read-only.
+size and modification time, or in the user cache when the shard directory is read-only. Each rank checks
+only the shards its share of the epoch reads, several shards at a time, and skips those the sidecar
+already holds (another rank's results included: a save merges with what is on disk).
 
 The torch backend applies the same ``inspect_jpeg`` to the bytes it has read, so both backends skip the
 same samples.
@@ -27,7 +29,9 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -158,61 +162,110 @@ def sidecar_path(shardset: ShardSet, cache_dir: str | Path | None = None) -> Pat
     return base / "loader-checks" / f"{digest}.npz"
 
 
-def _load_sidecar(
-    path: Path,
-) -> tuple[dict[str, list[int]], dict[str, dict[str, str]], dict[str, np.ndarray]]:
-    try:
-        with np.load(path, allow_pickle=False) as stored:
-            meta = json.loads(str(stored["meta"]))
-            arrays = {k: stored[k] for k in stored.files if k != "meta"}
-        return meta["signatures"], meta["reasons"], arrays
-    except (OSError, ValueError, KeyError):
-        return {}, {}, {}
+@dataclass
+class _Sidecar:
+    """The cached checks: per shard file its signature, reasons and status/height/width arrays."""
+
+    signatures: dict[str, list[int]] = field(default_factory=dict)
+    reasons: dict[str, dict[str, str]] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> _Sidecar:
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                meta = json.loads(str(stored["meta"]))
+                arrays = {k: stored[k] for k in stored.files if k != "meta"}
+            return cls(meta["signatures"], meta["reasons"], arrays)
+        except (OSError, ValueError, KeyError):
+            return cls()
+
+    def cached(self, shard: ShardInfo, signature: list[int]) -> ShardCheck | None:
+        """The stored check of ``shard`` if it was made of the files as they are now."""
+        keys = _array_keys(shard)
+        if self.signatures.get(shard.file) != signature or not all(k in self.arrays for k in keys):
+            return None
+        stored = {int(p): r for p, r in self.reasons.get(shard.file, {}).items()}
+        return ShardCheck(*(self.arrays[k] for k in keys), stored)
+
+    def store(self, shard: ShardInfo, signature: list[int], check: ShardCheck) -> None:
+        self.signatures[shard.file] = signature
+        self.reasons[shard.file] = {str(p): r for p, r in check.reasons.items()}
+        self.arrays.update(zip(_array_keys(shard), (check.status, check.height, check.width), strict=True))
+
+    def save_merged(self, path: Path, checked: list[tuple[ShardInfo, list[int], ShardCheck]]) -> None:
+        """Add ``checked`` to the sidecar as it is on disk now and write it back atomically.
+
+        Ranks check their own shards at the same time and each saves its results: re-reading just before
+        writing keeps what the others saved meanwhile (a write lost to a race only costs a re-check)."""
+        latest = _Sidecar.load(path)
+        for shard, signature, check in checked:
+            latest.store(shard, signature, check)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            meta = json.dumps({"signatures": latest.signatures, "reasons": latest.reasons})
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
+                np.savez(handle, meta=np.array(meta), **latest.arrays)
+            os.replace(handle.name, path)
+        except OSError as error:  # a cache that cannot be written only costs a re-check next time
+            log.warning("could not cache the sample check in %s: %s", path, error)
 
 
-def _save_sidecar(
-    path: Path,
-    signatures: dict[str, list[int]],
-    reasons: dict[str, dict[str, str]],
-    arrays: dict[str, np.ndarray],
-) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = json.dumps({"signatures": signatures, "reasons": reasons})
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-            np.savez(handle, meta=np.array(meta), **arrays)
-        os.replace(handle.name, path)
-    except OSError as error:  # a cache that cannot be written only costs a re-check next time
-        log.warning("could not cache the sample check in %s: %s", path, error)
+def _array_keys(shard: ShardInfo) -> list[str]:
+    return [f"{shard.file}/{name}" for name in ("status", "height", "width")]
+
+
+CHECK_THREADS = 8
+"""Shards checked at once: each sample costs two small reads, so the waits on storage overlap."""
 
 
 def check_shard_set(
-    shardset: ShardSet, cache_dir: str | Path | None = None, progress: bool = False
+    shardset: ShardSet,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    shards: Sequence[int] | None = None,
+    threads: int = CHECK_THREADS,
 ) -> list[ShardCheck]:
-    """``ShardCheck`` of every shard (in ``shardset.shards`` order), from the sidecar where still valid."""
+    """``ShardCheck`` of the shards numbered ``shards`` (default: all), in that order.
+
+    A shard whose files are unchanged since its last check comes from the sidecar; the others are
+    checked ``threads`` at a time. A rank passes the shards of its own share of the epoch, so no rank
+    reads the shards only the others will read.
+    """
     if not shardset.indexed:
         raise PipelineError("checking samples needs local shards with their DALI index files")
+    numbers = range(len(shardset.shards)) if shards is None else [int(s) for s in shards]
     path = sidecar_path(shardset, cache_dir)
-    signatures, reasons, arrays = _load_sidecar(path)
-    results, changed = [], False
+    sidecar = _Sidecar.load(path)
+    results: dict[int, ShardCheck] = {}
+    unchecked: list[tuple[int, list[int]]] = []
+    for number in numbers:
+        signature = _signature(shardset.shards[number])
+        cached = sidecar.cached(shardset.shards[number], signature)
+        if cached is None:
+            unchecked.append((number, signature))
+        else:
+            results[number] = cached
+    if unchecked:
+        fresh = _check_in_parallel([shardset.shards[number] for number, _ in unchecked], threads, progress)
+        results.update(zip((number for number, _ in unchecked), fresh, strict=True))
+        checked = [(shardset.shards[number], signature, results[number]) for number, signature in unchecked]
+        sidecar.save_merged(path, checked)
+    return [results[number] for number in numbers]
+
+
+def _check_in_parallel(shards: list[ShardInfo], threads: int, progress: bool) -> list[ShardCheck]:
+    """``check_shard`` of each shard, in order, ``threads`` at a time (the first error is raised as is)."""
     from tqdm import tqdm
 
     # The first check of a large set takes a while (two small reads per sample); later runs hit the cache.
-    for shard in tqdm(
-        shardset.shards, desc="checking samples", unit="shard", leave=False, disable=not progress or None
-    ):
-        signature = _signature(shard)
-        keys = [f"{shard.file}/{name}" for name in ("status", "height", "width")]
-        if signatures.get(shard.file) == signature and all(k in arrays for k in keys):
-            stored = {int(p): r for p, r in reasons.get(shard.file, {}).items()}
-            results.append(ShardCheck(arrays[keys[0]], arrays[keys[1]], arrays[keys[2]], stored))
-            continue
-        check = check_shard(shard)
-        results.append(check)
-        signatures[shard.file] = signature
-        reasons[shard.file] = {str(p): r for p, r in check.reasons.items()}
-        arrays.update(dict(zip(keys, (check.status, check.height, check.width), strict=True)))
-        changed = True
-    if changed:
-        _save_sidecar(path, signatures, reasons, arrays)
-    return results
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
+        checks = tqdm(
+            pool.map(check_shard, shards),
+            total=len(shards),
+            desc="checking samples",
+            unit="shard",
+            leave=False,
+            disable=not progress or None,
+        )
+        return list(checks)

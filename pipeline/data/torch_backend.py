@@ -4,8 +4,9 @@
         read samples (seek via the DALI index, or stream the tar) ─► check + decode JPEG (libjpeg-turbo)
         ─► draw parameters (pipeline.data.augment, keyed by sample) ─► per sample and view: box, resize
         (antialiased bilinear, uint8), flip ─► uint8 views (batch, 3, S, S)
-    pixel ops (colour, blur, solarise, normalise; ``augment.finish_views``), batched:
-        on a GPU: in the main process, on the device (workers ship uint8 + parameters)
+    pixel ops (colour, blur, solarise, normalise; ``augment.PixelOps``), batched:
+        on a GPU: in the main process, on the device (workers ship uint8 + parameters; per view the crops
+        and the parameters cross in one copy each, and nothing is read back: the host never waits)
         on a CPU: in the worker right after cropping, in cache-sized chunks (the "device" is these same
         cores, and the worker holds the crops hot in cache), shipping float views (measured: shipping
         uint8 and normalising in the main process costs more than it saves)
@@ -33,12 +34,7 @@ except ImportError:  # pragma: no cover - depends on the installed torchvision
     tv_decode_jpeg = None
 
 from clusterssl.errors import ClusterSSLError, PipelineError
-from clusterssl.pipeline.data.augment import (
-    PixelParams,
-    ViewParams,
-    draw_params,
-    finish_views,
-)
+from clusterssl.pipeline.data.augment import PixelOps, ViewParams, draw_params
 from clusterssl.pipeline.data.epoch import PADDING_REPEAT, RankPlan
 from clusterssl.pipeline.data.integrity import inspect_jpeg_bytes
 from clusterssl.pipeline.data.shardset import (
@@ -139,6 +135,7 @@ class BatchBuilder:
         self.shardset, self.plan, self.spec = shardset, plan, spec
         self.seed, self.epoch = seed, epoch
         self.pixel_ops_here = pixel_ops_here
+        self.pixel_ops = PixelOps(spec.mean, spec.std)
         self._readers: dict[int, IndexedShardReader | StreamShardReader] = {}
         self._units_seen: set[int] = set()
         self._crop_buffers: dict[tuple[int, ...], Tensor] = {}
@@ -246,9 +243,7 @@ class BatchBuilder:
                 crops[i] = crop_resize(image, top[i], left[i], height[i], width[i], size, flip[i])
             if self.pixel_ops_here:
                 out = _new_tensor((n, 3, size, size), torch.float32)
-                views.append(
-                    finish_views(crops, PixelParams.from_view(p), self.spec.mean, self.spec.std, out=out)
-                )
+                views.append(self.pixel_ops.finish(crops, p, out=out))
             else:
                 views.append(crops)
         return views, params
@@ -340,7 +335,8 @@ def iterate_torch(
     device: torch.device,
 ) -> Iterator[WorkerBatch]:
     """The rank's batches from ``start_batch`` on, in order, pixel ops applied, views on ``device``."""
-    plan, spec = builder.plan, builder.spec
+    plan = builder.plan
+    pixel_ops = PixelOps(builder.spec.mean, builder.spec.std)  # its device constants last the epoch
     if num_workers > 0 and plan.num_units != num_workers:
         raise ValueError("the plan's units must be the DataLoader's workers")
     loader = torch.utils.data.DataLoader(
@@ -358,15 +354,7 @@ def iterate_torch(
     try:
         for batch in _unwrapping_worker_errors(batches):
             if batch.pixel_params is not None:
-                batch.views = [
-                    finish_views(
-                        crops.to(device, non_blocking=True),
-                        PixelParams.from_view(p, device),
-                        spec.mean,
-                        spec.std,
-                    )
-                    for crops, p in zip(batch.views, batch.pixel_params, strict=True)
-                ]
+                batch.views = finish_on_device(batch.views, batch.pixel_params, pixel_ops, device)
                 batch.pixel_params = None
             else:
                 batch.views = [v.to(device, non_blocking=True) for v in batch.views]
@@ -374,6 +362,17 @@ def iterate_torch(
     finally:
         _stop_workers(batches)
         builder.close()
+
+
+def finish_on_device(
+    crops: list[Tensor], params: list[ViewParams], pixel_ops: PixelOps, device: torch.device
+) -> list[Tensor]:
+    """The views of a batch whose pixel ops were left to ``device``: the uint8 crops (pinned by the
+    DataLoader on a GPU) are sent without waiting, and the ops are decided from the host's parameters."""
+    return [
+        pixel_ops.finish(view.to(device, non_blocking=True), view_params)
+        for view, view_params in zip(crops, params, strict=True)
+    ]
 
 
 def _stop_workers(batches: Iterator[WorkerBatch]) -> None:
