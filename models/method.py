@@ -53,7 +53,9 @@ class TrainContext(Protocol):
 
     def extract(self, module: nn.Module, *, name: str) -> FeatureBank:
         """Run ``module`` in eval mode over every training sample once (``eval`` view) and return the
-        (N, D) features, row i for global index i, complete on every rank."""
+        (N, D) features, row i for global index i. Every rank must call it (each embeds its share), but
+        under DDP only rank 0 receives the rows; the other ranks get ``FeatureBank.without_rows(N)``
+        and must not read its features or labels (``cluster_on_rank_zero`` reads them on rank 0)."""
         ...
 
     def set_sample_repeats(self, repeats: np.ndarray | None) -> None:
