@@ -105,7 +105,8 @@ class DeepClusterV2(RuntimeShapedBuffers, Method):
     projections, row i for global index i; ``memory_filled`` (whether the pass before training ran);
     ``assignments`` (heads, N), the cluster of each sample per head (IGNORE_LABEL until assigned);
     ``sample_labels`` (N,) class ids from the extraction (for the logged NMI; -1 unknown); and
-    ``prototypes_{h}`` (k_h, feat_dim), the unit centroids of head h.
+    ``prototypes_{h}`` (k_h, feat_dim), the unit centroids of head h. They are the same on every rank, so
+    only rank 0's checkpoint holds them (``replicated_buffers``).
     """
 
     name: ClassVar[str] = "deepcluster_v2"
@@ -138,6 +139,11 @@ class DeepClusterV2(RuntimeShapedBuffers, Method):
     def embedder(self) -> nn.Module:
         """images (batch, 3, H, W) → (batch, feat_dim) unit projections: what the memory bank holds."""
         return NormalizedEmbedding(self.backbone, self.projection)
+
+    def replicated_buffers(self) -> tuple[str, ...]:
+        """Every buffer: the memory takes every rank's rows each step, the clustering comes from rank 0."""
+        heads = tuple(f"prototypes_{head}" for head in range(len(self.cfg.num_prototypes)))
+        return ("memory", "memory_filled", "assignments", "sample_labels", *heads)
 
     # ------------------------------------------------------------------------------------------- hooks
 

@@ -117,6 +117,13 @@ class Method(nn.Module):
         SwAV's prototypes for the first iterations, DINO's last layer during the first epoch."""
         return ()
 
+    def replicated_buffers(self) -> tuple[str, ...]:
+        """Names (as ``named_buffers`` gives them) of the buffers that are the same on every rank: filled
+        on rank 0 and broadcast, or updated with every rank's rows. The checkpoint files of the ranks other
+        than 0 leave them out; a resume restores them on every rank from rank 0's checkpoint. None by
+        default."""
+        return ()
+
     def feature_extractor(self) -> nn.Module:
         """The module evaluation embeds images with, mapping (batch, 3, H, W) to (batch, D) features.
         The student backbone by default; DINO uses the teacher's."""
