@@ -20,11 +20,14 @@ What this module adds to a bare ``faiss.Kmeans`` call, and why:
   ``init="random"`` is faiss's own seeding, as in the DeepCluster and PCL originals.
 - **No empty cluster** when ``N >= k`` (see ``repair_empty_clusters``), so every pseudo-label exists.
 - **Errors a user can cause** (k larger than the bank, empty bank, NaN features) are one ``ModelError`` line.
-- **GPU when there is one.** ``gpu=None`` uses all GPUs faiss sees (faiss-gpu), else the CPU.
+- **This process's GPU when there is one.** ``gpu=None`` clusters on the process's own GPU (torch's
+  current device, the rank's under DDP) when faiss sees one (faiss-gpu), else on the CPU; never on every
+  GPU of the node, which the other ranks are using.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -121,15 +124,15 @@ def _check_k(k: int, num_samples: int) -> int:
 
 
 def _resolve_gpus(gpu: bool | int | None) -> int:
-    """Number of GPUs faiss should use: None = all it sees (0 on faiss-cpu), True = all (at least one
-    required), False = none, an int = that many."""
+    """Number of GPUs faiss should use: None = this process's GPU when faiss sees one (0 on faiss-cpu),
+    True = all (at least one required), False = none, an int = that many (1: this process's)."""
     import faiss
 
     available = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if gpu is None:
         if available == 0:
             _warn_if_cuda_without_faiss_gpu()
-        return available
+        return min(available, 1)
     if gpu is False or gpu == 0:
         return 0
     wanted = available if gpu is True else int(gpu)
@@ -138,6 +141,35 @@ def _resolve_gpus(gpu: bool | int | None) -> int:
             f"gpu={gpu!r} but faiss sees {available} GPU(s); install faiss-gpu or pass gpu=None/False"
         )
     return wanted
+
+
+def process_gpu() -> int:
+    """The GPU this process clusters on: torch's current CUDA device, which is the rank's own once the
+    process group has set it (so the ranks of a node do not all pile onto GPU 0, or onto every GPU)."""
+    import torch
+
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
+def on_gpus(index: Any, num_gpus: int) -> Any:
+    """A CPU faiss ``index`` placed where the clustering runs: left on the CPU (0), on this process's GPU
+    alone (1, ``process_gpu``), or sharded over faiss's first ``num_gpus`` GPUs (an explicit request)."""
+    if num_gpus == 0:
+        return index
+    import faiss
+
+    if num_gpus == 1:
+        return faiss.index_cpu_to_gpu(_gpu_resources(), process_gpu(), index)
+    return faiss.index_cpu_to_all_gpus(index, ngpu=num_gpus)
+
+
+@functools.cache
+def _gpu_resources() -> Any:
+    """faiss's GPU resources, made once per process: each instance reserves scratch memory on the GPUs it
+    serves, so one per index would pile up over the epochs."""
+    import faiss
+
+    return faiss.StandardGpuResources()
 
 
 def _warn_if_cuda_without_faiss_gpu() -> None:
@@ -176,7 +208,8 @@ def kmeans(
                uses ``seed + r``.
     spherical: centroids are L2-normalised after every update (cosine k-means); feed L2-normalised
                features for the usual spherical k-means.
-    gpu:       None = every GPU faiss sees, else the CPU; True/int = that many GPUs (error if absent).
+    gpu:       None = this process's GPU (``process_gpu``) when faiss sees one, else the CPU; True = every
+               GPU faiss sees, an int = that many (1: this process's), an error if absent.
     nredo:     run the whole clustering this many times (seeds ``seed .. seed+nredo-1``) and keep the
                lowest objective on all points.
     max_points_per_centroid: train on a random subsample of at most this many points per centroid
@@ -290,8 +323,8 @@ def _kmeans_once(
         # "please provide at least 39*k points" warning: we checked k <= N ourselves.
         max_points_per_centroid=training.shape[0] // k + 1,
         min_points_per_centroid=1,
-        gpu=num_gpus if num_gpus > 0 else False,
     )
+    clustering.index = on_gpus(clustering.index, num_gpus)  # not faiss's gpu=: that takes every GPU
     clustering.train(training, init_centroids=initial)
     centroids = np.ascontiguousarray(clustering.centroids, dtype=np.float32)
     if spherical:
@@ -324,7 +357,7 @@ def _parallel_seeding(
         rows = np.sort(rng.choice(training.shape[0], size=points_per_centroid * k, replace=False))
     sample = np.ascontiguousarray(training[rows])
     on_gpu = num_gpus > 0 and torch.cuda.is_available()
-    points = torch.from_numpy(sample).to("cuda" if on_gpu else "cpu")
+    points = torch.from_numpy(sample).to(torch.device("cuda", process_gpu()) if on_gpu else "cpu")
     initial = sample[kmeans_parallel_seeds(points, k, rng)]
     return _unit_rows(initial) if spherical else initial
 
@@ -391,9 +424,7 @@ def nearest_centroids(
     the largest inner product, so this serves spherical k-means too."""
     import faiss
 
-    index: Any = faiss.IndexFlatL2(centroids.shape[1])
-    if num_gpus > 0:
-        index = faiss.index_cpu_to_all_gpus(index, ngpu=num_gpus)
+    index = on_gpus(faiss.IndexFlatL2(centroids.shape[1]), num_gpus)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     distances, ids = index.search(features, 1)
     return distances[:, 0], ids[:, 0].astype(np.int64)

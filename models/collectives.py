@@ -58,6 +58,24 @@ def all_gather_cat(tensor: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def gather_cat(tensor: Tensor, dst: int = 0) -> Tensor | None:
+    """(n, ...) per rank → (world_size * n, ...) in rank order on rank ``dst`` only, without gradient; the
+    other ranks get None and keep no copy (unlike ``all_gather_cat``, whose result every rank holds).
+
+    Every rank must pass the same ``n``. Returns ``tensor`` itself in one process.
+    """
+    if not is_distributed():
+        return tensor
+    tensor = tensor.contiguous()
+    if rank() != dst:
+        dist.gather(tensor, None, dst=dst)
+        return None
+    gathered = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.gather(tensor, gathered, dst=dst)
+    return torch.cat(gathered, dim=0)
+
+
+@torch.no_grad()
 def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
     """Overwrite ``tensor`` on every rank with rank ``src``'s values, in place; returns it. Identity in
     one process. Every rank must pass a tensor of the same shape and dtype."""

@@ -105,7 +105,8 @@ class DeepClusterV2(RuntimeShapedBuffers, Method):
     projections, row i for global index i; ``memory_filled`` (whether the pass before training ran);
     ``assignments`` (heads, N), the cluster of each sample per head (IGNORE_LABEL until assigned);
     ``sample_labels`` (N,) class ids from the extraction (for the logged NMI; -1 unknown); and
-    ``prototypes_{h}`` (k_h, feat_dim), the unit centroids of head h.
+    ``prototypes_{h}`` (k_h, feat_dim), the unit centroids of head h. They are the same on every rank, so
+    only rank 0's checkpoint holds them (``replicated_buffers``).
     """
 
     name: ClassVar[str] = "deepcluster_v2"
@@ -139,6 +140,11 @@ class DeepClusterV2(RuntimeShapedBuffers, Method):
         """images (batch, 3, H, W) → (batch, feat_dim) unit projections: what the memory bank holds."""
         return NormalizedEmbedding(self.backbone, self.projection)
 
+    def replicated_buffers(self) -> tuple[str, ...]:
+        """Every buffer: the memory takes every rank's rows each step, the clustering comes from rank 0."""
+        heads = tuple(f"prototypes_{head}" for head in range(len(self.cfg.num_prototypes)))
+        return ("memory", "memory_filled", "assignments", "sample_labels", *heads)
+
     # ------------------------------------------------------------------------------------------- hooks
 
     @property
@@ -149,14 +155,25 @@ class DeepClusterV2(RuntimeShapedBuffers, Method):
         return self.memory.shape[1] > 0
 
     def on_train_start(self, ctx: TrainContext) -> None:
-        """Fill the memory bank with an extraction pass (skipped on resume: the bank is in the checkpoint)."""
+        """Fill the memory bank with an extraction pass (skipped on resume: the bank is in the checkpoint).
+
+        Under DDP the pass gathers the rows to rank 0 alone: rank 0 fills the projections and labels and
+        broadcasts them, so that every rank starts with the same memory."""
         if self.memory_ready:
             return
         bank = ctx.extract(self.embedder(), name="projection")
-        features = torch.as_tensor(np.asarray(bank.features, dtype=np.float32)).to(self.memory.device)
-        self.memory = F.normalize(features, dim=1).unsqueeze(0).repeat(len(self.cfg.crops_for_assign), 1, 1)
-        labels = bank.labels if bank.labels is not None else np.full(bank.num_samples, -1)
-        self.sample_labels = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=self.memory.device)
+        device = self.memory.device
+        projections = torch.zeros(bank.num_samples, self.cfg.feat_dim, device=device)
+        labels = torch.full((bank.num_samples,), -1, dtype=torch.long, device=device)
+        if bank.holds_rows:
+            features = torch.as_tensor(np.asarray(bank.features, dtype=np.float32)).to(device)
+            projections.copy_(F.normalize(features, dim=1))
+            if bank.labels is not None:
+                labels.copy_(torch.as_tensor(np.asarray(bank.labels, dtype=np.int64)))
+        collectives.broadcast_(projections)
+        collectives.broadcast_(labels)
+        self.memory = projections.unsqueeze(0).repeat(len(self.cfg.crops_for_assign), 1, 1)
+        self.sample_labels = labels
         self.assignments = self.assignments.new_full(
             (len(self.cfg.num_prototypes), bank.num_samples), IGNORE_LABEL
         )

@@ -53,7 +53,9 @@ class TrainContext(Protocol):
 
     def extract(self, module: nn.Module, *, name: str) -> FeatureBank:
         """Run ``module`` in eval mode over every training sample once (``eval`` view) and return the
-        (N, D) features, row i for global index i, complete on every rank."""
+        (N, D) features, row i for global index i. Every rank must call it (each embeds its share), but
+        under DDP only rank 0 receives the rows; the other ranks get ``FeatureBank.without_rows(N)``
+        and must not read its features or labels (``cluster_on_rank_zero`` reads them on rank 0)."""
         ...
 
     def set_sample_repeats(self, repeats: np.ndarray | None) -> None:
@@ -113,6 +115,13 @@ class Method(nn.Module):
     def frozen_parameters(self, ctx: TrainContext) -> Iterable[nn.Parameter]:
         """Parameters whose gradients the trainer drops at this step (after clipping, before the step):
         SwAV's prototypes for the first iterations, DINO's last layer during the first epoch."""
+        return ()
+
+    def replicated_buffers(self) -> tuple[str, ...]:
+        """Names (as ``named_buffers`` gives them) of the buffers that are the same on every rank: filled
+        on rank 0 and broadcast, or updated with every rank's rows. The checkpoint files of the ranks other
+        than 0 leave them out; a resume restores them on every rank from rank 0's checkpoint. None by
+        default."""
         return ()
 
     def feature_extractor(self) -> nn.Module:

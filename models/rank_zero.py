@@ -3,6 +3,7 @@
 DeepCluster, DeepCluster-v2 and PCL cluster the features of the whole training set at the start of an
 epoch. k-means run on several ranks could disagree (thread-order rounding) and would cost every rank the
 time, so rank 0 clusters alone, logs the clustering's statistics, and broadcasts the tensors it filled.
+Rank 0 is also the only rank the extraction pass hands the bank's rows to (``TrainContext.extract``).
 """
 
 from __future__ import annotations

@@ -81,11 +81,26 @@ class FeatureBank:
 
     features: (N, D) float32 array (possibly a read-only memmap); row i belongs to global index i.
     labels:   (N,) int64 class ids (-1 unknown), or None when the data has no labels.
+
+    Under DDP the rows are gathered to rank 0 only: a copy of the whole bank on every rank would cost
+    N × D floats each (10 GB for a ResNet-50 on ImageNet) for ranks that never read it. The other ranks
+    get ``without_rows(N)``: ``num_samples`` is still N (to size the tensors rank 0 broadcasts), but
+    ``features`` has no columns and there are no labels (``holds_rows`` is False).
     """
 
     features: np.ndarray
     labels: np.ndarray | None = None
 
+    @classmethod
+    def without_rows(cls, num_samples: int) -> FeatureBank:
+        """The bank of a rank that was not sent the rows: (N, 0) features, no labels."""
+        return cls(features=np.empty((num_samples, 0), dtype=np.float32))
+
     @property
     def num_samples(self) -> int:
         return int(self.features.shape[0])
+
+    @property
+    def holds_rows(self) -> bool:
+        """Whether this rank holds the features (rank 0, or a single process)."""
+        return self.features.shape[1] > 0

@@ -180,3 +180,43 @@ def test_ranks_that_see_different_checkpoints_refuse_to_resume(digits16: Path, t
     for result in results:
         assert "output_dir must be on storage all nodes share" in result["error"]
         assert "\n" not in result["error"]
+
+
+def deepcluster_v2_worker(rank: int, port: int, root: str, out_dir: str) -> None:
+    """A rank that trains DeepCluster-v2 for 2 epochs in one go, then for 1 epoch and resumed for 1 more."""
+    from clusterssl.pipeline.train.train_config import build_train_config
+    from clusterssl.pipeline.train.trainer import train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+
+    def config(run: str, epochs: int) -> Any:
+        """A constant learning rate: the schedule of a 1-epoch run is then the 2-epoch run's first epoch."""
+        trainer = {"epochs": epochs, "batch_size": 100, "device": "cpu", "threads": 1}
+        optim = {"lr": 0.1, "min_lr": 0.1, "reference_batch_size": 200, "warmup_epochs": 0}
+        tiny = tiny_config(Path(root), Path(out_dir) / run, "deepcluster_v2", trainer=trainer, optim=optim)
+        return build_train_config({**tiny, "data": {**tiny["data"], "val": None}})
+
+    train(config("reference", 2), progress=False)
+    train(config("resumed", 1), progress=False)
+    train(config("resumed", 2), resume=True, progress=False)
+    dist.destroy_process_group()
+
+
+def test_two_rank_deepcluster_v2_checkpoints_its_memory_once_and_resumes_exactly(
+    digits16: Path, tmp_path: Path
+) -> None:
+    """The memory bank is the same on both ranks: only rank 0's checkpoint holds it (rank 1's file keeps
+    its own buffers, BatchNorm statistics), and a run resumed from those files takes the same steps as one
+    never stopped (18 = 2 epochs × 9 batches of 100 per rank over 1,618 samples)."""
+    run_ranks(deepcluster_v2_worker, (free_port(), str(digits16), str(tmp_path)), WORLD_SIZE, TIMEOUT_S * 2)
+    rank0 = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["method"]
+    rank1 = torch.load(tmp_path / "resumed" / "checkpoint.rank1.pt", weights_only=True)["method"]
+    assert rank0["memory"].shape == (2, 1618, 16) and rank0["sample_labels"].shape == (1618,)
+    for name in ("memory", "memory_filled", "assignments", "sample_labels", "prototypes_0", "prototypes_1"):
+        assert name in rank0 and name not in rank1, name
+    assert any("running_mean" in name for name in rank1)  # the rank's own buffers are still there
+    expected = step_losses(tmp_path / "reference")
+    assert sorted(expected) == list(range(18))
+    assert step_losses(tmp_path / "resumed") == expected

@@ -1,8 +1,9 @@
 """Two real processes (gloo, CPU) for the memory-bank methods' distributed pieces.
 
-One spawn serves every test in the file: each rank runs the extraction pass (fresh, and continuing a
-bank that a one-process pass left unfinished on rank 0's disk), PCL's shuffled key forward and queue, and
-DeepCluster-v2's memory update, and saves what it got; the tests compare with one process.
+One spawn serves every test in the file: each rank runs the training run's extraction pass (fresh, and
+continuing a bank that a one-process pass left unfinished on rank 0's disk) and its evaluation, PCL's
+shuffled key forward and queue, and DeepCluster-v2's memory update, and saves what it got; the tests
+compare with one process.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ from fakes import TinyBackbone
 
 from clusterssl.models.deepcluster_v2 import DeepClusterV2, DeepClusterV2Config
 from clusterssl.models.pcl import PCL, PCLConfig, shuffled_key_forward
+from clusterssl.pipeline.data.datasets import resolve_data
+from clusterssl.pipeline.features import passes as passes_module
+from clusterssl.pipeline.features.evaluation import EvalResult
 from clusterssl.pipeline.features.extraction import ExtractionSettings, extract_features
+from clusterssl.pipeline.features.passes import RunPasses
 from clusterssl.pipeline.features.store import FeatureStore
 from clusterssl.pipeline.train.world import DistributedEnv
 
@@ -29,13 +34,27 @@ PARTIAL_BATCHES = 4
 LOCAL_BATCH = 5
 
 
-def worker(rank: int, init_file: str, out_dir: str, data: str) -> None:
+SETTINGS = ExtractionSettings(batch_size=100, backend="torch", num_workers=0)
+
+
+def run_passes(digits: Path, out: Path, env: DistributedEnv) -> RunPasses:
+    """A training run's passes over the 16-px digits, as the trainer builds them."""
+    train, val = (resolve_data(str(digits / split), split=split) for split in ("train", "val"))
+    return RunPasses(train, val, EVAL_SPEC, SETTINGS, torch.device("cpu"), env, out, progress=False)
+
+
+def evaluate(passes: RunPasses) -> EvalResult:
+    return passes.evaluate(tiny_module(), knn_k=20, knn_temperature=0.07, seed=0)
+
+
+def worker(rank: int, init_file: str, out_dir: str, digits: str) -> None:
     with gloo_process_group(rank, init_file, WORLD_SIZE, TIMEOUT_S):
         out = Path(out_dir)
         env = DistributedEnv(rank=rank, world_size=WORLD_SIZE)
+        passes = run_passes(Path(digits), out, env)
         results: dict[str, Any] = {}
 
-        # Every index each rank writes into its bank (the gathered rows of both ranks).
+        # Every index each rank writes into a bank (rank 0: the gathered rows of both ranks).
         written: list[np.ndarray] = []
         original_write = FeatureStore.write
 
@@ -43,29 +62,51 @@ def worker(rank: int, init_file: str, out_dir: str, data: str) -> None:
             written.append(np.asarray(indices).copy())
             original_write(self, indices, *args, **kwargs)
 
+        def written_indices() -> torch.Tensor:
+            indices = np.concatenate(written) if written else np.empty(0, dtype=np.int64)
+            written.clear()
+            return torch.from_numpy(indices)
+
         FeatureStore.write = recording_write  # type: ignore[method-assign]
-        common: dict[str, Any] = {
-            "spec": EVAL_SPEC,
-            "settings": ExtractionSettings(batch_size=100, backend="torch", num_workers=0),
-            "env": env,
-            "progress": False,
-        }
-        fresh = extract_features(tiny_module(), data, out_dir=out / "fresh", **common)
+        fresh = passes.extract(tiny_module(), name="fresh", epoch=0)
         results["fresh"] = torch.from_numpy(np.asarray(fresh.features, dtype=np.float32))
-        results["fresh_written"] = torch.from_numpy(np.concatenate(written))
-        written.clear()
+        results["fresh_num_samples"] = fresh.num_samples
+        results["fresh_written"] = written_indices()
         # Continue the bank a one-process pass left unfinished in rank 0's directory.
+        common: dict[str, Any] = {"spec": EVAL_SPEC, "settings": SETTINGS, "env": env, "progress": False}
         resumed = extract_features(
-            tiny_module(), data, out_dir=out / "partial", source={"test": "resume"}, **common
+            tiny_module(),
+            str(Path(digits) / "train"),
+            out_dir=out / "partial",
+            source={"test": "resume"},
+            **common,
         )
         results["resumed"] = torch.from_numpy(np.asarray(resumed.features, dtype=np.float32))
-        results["resumed_labels"] = torch.from_numpy(resumed.labels)
-        results["resumed_written"] = torch.from_numpy(np.concatenate(written))
+        results["resumed_shape"] = (resumed.meta.num_samples, resumed.meta.dim)
+        results["resumed_written"] = written_indices()
         FeatureStore.write = original_write  # type: ignore[method-assign]
 
+        results.update(evaluation_pieces(passes))
         results.update(pcl_pieces(rank))
         results.update(deepcluster_v2_pieces(rank))
         torch.save(results, out / f"rank{rank}.pt")
+
+
+def evaluation_pieces(passes: RunPasses) -> dict[str, Any]:
+    """The evaluation's metrics on this rank, and how many times this rank computed them."""
+    calls = []
+    original = passes_module.evaluate_features
+
+    def counting(*args: Any, **kwargs: Any) -> EvalResult:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    passes_module.evaluate_features = counting  # type: ignore[assignment]
+    try:
+        result = evaluate(passes)
+    finally:
+        passes_module.evaluate_features = original  # type: ignore[assignment]
+    return {"eval": result.metrics(), "eval_computed": len(calls)}
 
 
 def global_images(seed: int = 0) -> torch.Tensor:
@@ -103,58 +144,69 @@ def deepcluster_v2_pieces(rank: int) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def rank_results(digits16: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("ddp-extract")
-    data = str(digits16 / "train")
     # A one-process pass interrupted after a few batches: rank 0's directory holds the unfinished bank.
     extract_features(
         tiny_module(),
-        data,
+        str(digits16 / "train"),
         spec=EVAL_SPEC,
-        settings=ExtractionSettings(batch_size=100, backend="torch", num_workers=0),
+        settings=SETTINGS,
         out_dir=tmp / "partial",
         source={"test": "resume"},
         max_batches=PARTIAL_BATCHES,
         progress=False,
     )
-    run_ranks(worker, (str(tmp / "init"), str(tmp), data), WORLD_SIZE, TIMEOUT_S)
+    run_ranks(worker, (str(tmp / "init"), str(tmp), str(digits16)), WORLD_SIZE, TIMEOUT_S)
     results = load_rank_results(tmp, WORLD_SIZE)
     for result in results:
         result["dir"] = tmp
     return results
 
 
-def test_two_rank_bank_equals_the_one_rank_bank_and_writes_each_row_once(
+def test_rank_zero_alone_gets_the_bank_equal_to_the_one_rank_bank_each_row_once(
     rank_results: list[dict[str, Any]], sequential_bank: FeatureStore
 ) -> None:
+    rank0, rank1 = rank_results
     reference = torch.from_numpy(np.asarray(sequential_bank.features))
-    for result in rank_results:  # complete on every rank
-        torch.testing.assert_close(result["fresh"], reference, rtol=1e-6, atol=1e-6)
-        indices = result["fresh_written"].numpy()
-        real = indices[indices >= 0]
-        # Both ranks' rows, gathered: every index exactly once; the padding (-1) was never written.
-        assert real.size == 1618 and np.array_equal(np.sort(real), np.arange(1618))
-        assert (indices < 0).sum() == 2 * 9 * 100 - 1618  # 809 real + 91 padded slots per rank
-    on_disk = np.load(rank_results[0]["dir"] / "fresh" / "features.npy", mmap_mode="r")
+    torch.testing.assert_close(rank0["fresh"], reference, rtol=1e-6, atol=1e-6)
+    indices = rank0["fresh_written"].numpy()
+    real = indices[indices >= 0]
+    # Both ranks' rows, gathered on rank 0: every index exactly once; the padding (-1) was never written.
+    assert real.size == 1618 and np.array_equal(np.sort(real), np.arange(1618))
+    assert (indices < 0).sum() == 2 * 9 * 100 - 1618  # 809 real + 91 padded slots per rank
+    # Rank 1 embedded its share but holds no row: the bank's length only, to size what rank 0 broadcasts.
+    assert rank1["fresh"].shape == (1618, 0) and rank1["fresh_num_samples"] == 1618
+    assert rank1["fresh_written"].numel() == 0
+    on_disk = np.load(rank0["dir"] / "bank-fresh" / "features.npy", mmap_mode="r")
     np.testing.assert_allclose(on_disk, reference.numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_two_ranks_continue_the_bank_rank_zero_left_unfinished(
     rank_results: list[dict[str, Any]], sequential_bank: FeatureStore
 ) -> None:
+    rank0, rank1 = rank_results
     reference = torch.from_numpy(np.asarray(sequential_bank.features))
-    partial_rows = PARTIAL_BATCHES * 100
-    for rank, result in enumerate(rank_results):
-        torch.testing.assert_close(result["resumed"], reference, rtol=1e-6, atol=1e-6)
-        np.testing.assert_array_equal(result["resumed_labels"].numpy(), sequential_bank.labels)
-        indices = result["resumed_written"].numpy()
-        real = indices[indices >= 0]
-        # Rank 0 already holds the first rows on disk; rank 1 receives them (written once into its
-        # in-feature store); then both read only the missing rows, each exactly once.
-        handed_over = 0 if rank == 0 else partial_rows
-        assert real.size == 1618 - partial_rows + handed_over
-        assert np.unique(real).size == real.size
-    bank = FeatureStore.open(rank_results[0]["dir"] / "partial")
+    torch.testing.assert_close(rank0["resumed"], reference, rtol=1e-6, atol=1e-6)
+    # Rank 0 already holds the first rows on disk: both ranks read only the missing rows, which rank 0
+    # writes, each exactly once; rank 1 is sent none of the bank.
+    real = rank0["resumed_written"].numpy()
+    real = real[real >= 0]
+    assert real.size == 1618 - PARTIAL_BATCHES * 100 and np.unique(real).size == real.size
+    assert rank1["resumed"].shape == (1618, 0) and rank1["resumed_written"].numel() == 0
+    assert rank0["resumed_shape"] == rank1["resumed_shape"] == (1618, 8)
+    bank = FeatureStore.open(rank0["dir"] / "partial")
     assert bank.meta.complete
     np.testing.assert_allclose(bank.features, reference.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(bank.labels, sequential_bank.labels)
+
+
+def test_rank_zero_alone_evaluates_and_gets_the_one_process_figures(
+    rank_results: list[dict[str, Any]], digits16: Path, tmp_path: Path
+) -> None:
+    single = evaluate(run_passes(digits16, tmp_path, DistributedEnv())).metrics()
+    assert [result["eval_computed"] for result in rank_results] == [1, 0]
+    for result in rank_results:  # rank 1 receives rank 0's figures
+        assert result["eval"] == pytest.approx(single, abs=1e-6)
+    assert single["knn_top1"] > 0.2 and single["nmi"] > 0.1  # figures of real features, not of nothing
 
 
 def test_pcl_shuffled_keys_come_back_to_their_samples(rank_results: list[dict[str, Any]]) -> None:

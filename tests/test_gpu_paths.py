@@ -70,3 +70,38 @@ def test_cuda_runs_switch_on_cudnn_benchmark_and_tf32() -> None:
         assert (cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32) == (True, True, True)
     finally:  # process-wide switches: leave them as the other tests expect
         cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
+def test_faiss_clusters_on_the_calling_ranks_gpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """faiss-gpu seeing 4 GPUs, torch's current device 2 (the rank's, set by the process group): every
+    index k-means builds goes to GPU 2 alone, never to all of them. The placement is faked so that the
+    CPU index still runs the clustering here."""
+    import faiss
+
+    from clusterssl.models import clustering
+
+    placed: list[int] = []
+
+    def to_gpu(resources: object, device: int, index: object) -> object:
+        placed.append(device)
+        return index
+
+    def to_all_gpus(index: object, ngpu: int = -1) -> object:
+        raise AssertionError("an index was spread over every GPU")
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 4, raising=False)
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_all_gpus, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    clustering._gpu_resources.cache_clear()
+    try:
+        assert clustering.process_gpu() == 2
+        result = clustering.kmeans(torch.randn(200, 4).numpy(), 3, niter=2, init="kmeans++")
+    finally:
+        clustering._gpu_resources.cache_clear()  # holds the fake resources
+    assert result.assignments.shape == (200,)
+    assert placed and set(placed) == {2}  # the Lloyd index and the final assignment's
+    cpu_index = faiss.IndexFlatL2(4)
+    assert clustering.on_gpus(cpu_index, 0) is cpu_index  # no GPU asked for: the index stays on the CPU

@@ -128,8 +128,8 @@ def test_bundled_configs_load_and_name_their_method(name: str) -> None:
 )
 @pytest.mark.parametrize("method", ["deepcluster", "pcl"])
 def test_torchrun_two_ranks_agree_on_the_clustering(digits16: Path, tmp_path: Path, method: str) -> None:
-    """2 ranks (gloo): the extraction pass is complete on both, rank 0 clusters and broadcasts, and both
-    ranks end with the same cluster tables (rank 1 keeps its buffers beside the checkpoint)."""
+    """2 ranks (gloo): the extraction pass gathers its rows to rank 0, which clusters and broadcasts, and
+    both ranks end with the same cluster tables (rank 1 keeps its buffers beside the checkpoint)."""
     config = tiny_config(
         digits16,
         tmp_path / "run",

@@ -5,8 +5,9 @@ Rows are placed by the sample index carried in each Batch, never by loader posit
 same for any loader layout. Padding (index −1) is dropped; writing a row twice or leaving one out is an
 error, checked at the end. On disk the pass is resumable: the bank's written-bitmap is flushed every
 ``flush_every`` batches, and a re-run skips the rows already there (as per-sample repeats of 0, so they
-are not even decoded). Under DDP rank 0's bank on disk decides what is left and hands the rows already
-written to the other ranks, so that every rank reads the same remaining samples.
+are not even decoded). Under DDP every rank embeds its share and each batch's rows are gathered to rank
+0, the only rank that keeps the bank (the others return its shape only); rank 0's bank on disk decides
+what is left of a continued pass, so that every rank reads the same remaining samples.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from clusterssl.errors import PipelineError
-from clusterssl.models.collectives import all_gather_cat
+from clusterssl.models.collectives import gather_cat
 from clusterssl.models.types import Batch
 from clusterssl.pipeline.data.datasets import DataSource, dataset_size
 from clusterssl.pipeline.data.loader import build_loader
@@ -36,9 +37,6 @@ from clusterssl.pipeline.train.world import DistributedEnv
 from clusterssl.shards.tario import file_sha256
 
 log = logging.getLogger(__name__)
-
-ROWS_PER_BROADCAST = 65536
-"""Rows of a resumed bank sent from rank 0 to the other ranks at once (bounds the temporary memory)."""
 
 
 @dataclass(frozen=True)
@@ -94,11 +92,12 @@ def extract_features(
     """Run ``module`` ((batch, 3, H, W) → (batch, D)) over every sample of ``data`` once.
 
     Returns the complete (N, D) bank — on disk under ``out_dir`` (``features.npy`` etc.) when given,
-    else in memory. Under DDP every rank embeds its share, rows are all-gathered, every rank returns the
-    complete bank and rank 0 writes it to disk. A bank left unfinished in ``out_dir`` by the same producer
-    (same ``source``) is continued: only its missing rows are read. ``max_batches`` stops early (to test
-    resumption) and returns the unfinished bank. ``shuffle=False`` reads the shards in stored order; the
-    bank is the same either way.
+    else in memory. Under DDP every rank embeds its share and the rows are gathered to rank 0 alone,
+    which returns the complete bank and writes it to disk; the other ranks return
+    ``FeatureStore.without_rows`` (the bank's shape, no rows), so that no rank but 0 ever holds N × D
+    floats. A bank left unfinished in ``out_dir`` by the same producer (same ``source``) is continued:
+    only its missing rows are read. ``max_batches`` stops early (to test resumption) and returns the
+    unfinished bank. ``shuffle=False`` reads the shards in stored order; the bank is the same either way.
     """
     settings = settings or ExtractionSettings()
     env = env or DistributedEnv()
@@ -107,12 +106,11 @@ def extract_features(
     num_samples = dataset_size(data)
     source = dict(source or {})
     bank = resumable_bank(out_path, num_samples, source)
-    bank, already_written = _share_resumed_rows(bank, num_samples, dtype, env, device)
+    already_written, dim = _agree_on_resumed_rows(bank, num_samples, env, device)
     if bank is not None:
         bank.rows_resumed = int(already_written.sum())
-    if bank is not None and already_written.all():
-        bank.finalize()
-        return bank
+    if dim > 0 and already_written.all():
+        return _finished(bank, num_samples, dim, dtype, env)
     loader = build_loader(
         data,
         spec,
@@ -124,7 +122,7 @@ def extract_features(
         seed=0,
         epoch=0,
         device=device,
-        repeats=None if bank is None else (~already_written).astype(np.int64),
+        repeats=None if dim == 0 else (~already_written).astype(np.int64),
         shuffle=shuffle,
     )
     was_training = module.training
@@ -133,32 +131,24 @@ def extract_features(
         batches = tqdm(loader, desc="extract", unit="batch", disable=not progress, leave=False)
         for number, batch in enumerate(batches):
             features = embed_batch(module, batch, device, settings.precision)
-            index = batch.index.to(device)
-            labels = (batch.labels if batch.labels is not None else torch.full_like(batch.index, -1)).to(
-                device
-            )
-            if env.is_distributed:  # not for a rank-0-only pass inside a torchrun world
-                features, index, labels = (
-                    all_gather_cat(features),
-                    all_gather_cat(index),
-                    all_gather_cat(labels),
-                )
-            if bank is None:
-                bank = FeatureStore.create(
-                    num_samples, features.shape[1], directory=out_path, dtype=dtype, source=source
-                )
-            bank.write(index.cpu().numpy(), features.cpu().numpy(), labels.cpu().numpy())
-            if (number + 1) % flush_every == 0:
-                bank.flush()
+            dim = features.shape[1]
+            rows = _rows_for_rank_zero(features, batch, device, env)
+            if rows is not None:
+                if bank is None:
+                    bank = FeatureStore.create(
+                        num_samples, dim, directory=out_path, dtype=dtype, source=source
+                    )
+                bank.write(*(tensor.cpu().numpy() for tensor in rows))
+                if (number + 1) % flush_every == 0:
+                    bank.flush()
             if max_batches is not None and number + 1 >= max_batches:
+                if bank is None:  # a rank other than 0
+                    return FeatureStore.without_rows(num_samples, dim, dtype=dtype)
                 bank.flush()
                 return bank
     finally:
         module.train(was_training)
-    if bank is None:
-        raise PipelineError("the extraction pass saw no samples: is the data empty?")
-    bank.finalize()
-    return bank
+    return _finished(bank, num_samples, dim, dtype, env)
 
 
 def embed_batch(module: nn.Module, batch: Batch, device: torch.device, precision: str = "fp32") -> Tensor:
@@ -168,39 +158,56 @@ def embed_batch(module: nn.Module, batch: Batch, device: torch.device, precision
         return module(views).float()
 
 
-def _share_resumed_rows(
-    bank: FeatureStore | None, num_samples: int, dtype: str, env: DistributedEnv, device: torch.device
-) -> tuple[FeatureStore | None, np.ndarray]:
-    """Make every rank agree on a resumed bank: which rows are already written (rank 0's bank on disk
-    decides) and, on the other ranks, an in-feature store holding those rows, so that every rank reads the
-    same remaining samples and ends with the complete bank. Returns (bank or None, written (N,) bool)."""
-    written = bank.written.copy() if bank is not None else np.zeros(num_samples, dtype=bool)
+def _rows_for_rank_zero(
+    features: Tensor, batch: Batch, device: torch.device, env: DistributedEnv
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(index, features, labels) of this batch on every rank, gathered to rank 0; None on the others.
+
+    Without DDP (one process, or a rank-0-only pass inside a torchrun world) the batch's own rows.
+    Labels are -1 where the data has none; padding rows (index -1) are kept, the bank skips them.
+    """
+    index = batch.index.to(device)
+    labels = (batch.labels if batch.labels is not None else torch.full_like(batch.index, -1)).to(device)
     if not env.is_distributed:
-        return bank, written
-    header = torch.tensor([bank.meta.dim if bank is not None else 0], dtype=torch.long, device=device)
+        return index, features, labels
+    gathered_index, gathered_features, gathered_labels = (
+        gather_cat(tensor) for tensor in (index, features, labels)
+    )
+    if gathered_index is None or gathered_features is None or gathered_labels is None:
+        return None
+    return gathered_index, gathered_features, gathered_labels
+
+
+def _finished(
+    bank: FeatureStore | None, num_samples: int, dim: int, dtype: str, env: DistributedEnv
+) -> FeatureStore:
+    """Rank 0 checks and closes its bank (every row written once); the other ranks get its shape only."""
+    if not env.is_main:
+        return FeatureStore.without_rows(num_samples, dim, dtype=dtype)
+    if bank is None:
+        raise PipelineError("the extraction pass saw no samples: is the data empty?")
+    bank.finalize()
+    return bank
+
+
+def _agree_on_resumed_rows(
+    bank: FeatureStore | None, num_samples: int, env: DistributedEnv, device: torch.device
+) -> tuple[np.ndarray, int]:
+    """Which rows a continued bank already holds, and its width (0: no bank to continue), the same on
+    every rank: rank 0's bank on disk decides, so that every rank reads the same remaining samples. The
+    rows themselves stay on rank 0, the only rank that keeps the bank. Returns (written (N,) bool, D)."""
+    written = bank.written.copy() if bank is not None else np.zeros(num_samples, dtype=bool)
+    dim = bank.meta.dim if bank is not None else 0
+    if not env.is_distributed:
+        return written, dim
+    header = torch.tensor([dim], dtype=torch.long, device=device)
     dist.broadcast(header, src=0)
     dim = int(header[0])
     if dim == 0:
-        return None, written
+        return np.zeros(num_samples, dtype=bool), 0
     mask = torch.from_numpy(written.astype(np.uint8)).to(device)  # gloo has no bool collectives
     dist.broadcast(mask, src=0)
-    written = mask.cpu().numpy().astype(bool)
-    if not env.is_main:
-        bank = FeatureStore.create(num_samples, dim, directory=None, dtype=dtype)
-    assert bank is not None
-    rows = np.flatnonzero(written)
-    for start in range(0, rows.size, ROWS_PER_BROADCAST):
-        chunk = rows[start : start + ROWS_PER_BROADCAST]
-        features = torch.zeros(chunk.size, dim, dtype=torch.float32, device=device)
-        labels = torch.zeros(chunk.size, dtype=torch.long, device=device)
-        if env.is_main:
-            features.copy_(torch.from_numpy(np.asarray(bank.features[chunk], dtype=np.float32)))
-            labels.copy_(torch.from_numpy(bank.labels[chunk]))
-        dist.broadcast(features, src=0)
-        dist.broadcast(labels, src=0)
-        if not env.is_main:
-            bank.write(chunk, features.cpu().numpy(), labels.cpu().numpy())
-    return bank, written
+    return mask.cpu().numpy().astype(bool), dim
 
 
 def extract_checkpoint(
@@ -223,7 +230,8 @@ def extract_checkpoint(
     The bank's metadata names the checkpoint (path and sha256) and the shard set (directory, manifest
     hash and path), which is what ``cluster_bank`` reads sample images back from, and the view.
     Re-running after an interruption continues the bank (``bank.rows_resumed`` says how many rows were
-    already there). Under torchrun every rank embeds its share and rank 0 writes.
+    already there). Under torchrun every rank embeds its share and rank 0 writes (and returns) the bank;
+    the other ranks return ``FeatureStore.without_rows``.
     """
     from clusterssl.pipeline.data.datasets import resolve_data
     from clusterssl.pipeline.train.checkpoint import BACKBONE_NAME, LAST_NAME, load_feature_extractor

@@ -16,7 +16,7 @@ from clusterssl.pipeline.data.loader import build_loader
 from clusterssl.pipeline.data.spec import MultiCropSpec
 from clusterssl.pipeline.features.evaluation import EvalResult, evaluate_features, extract_eval_features
 from clusterssl.pipeline.features.extraction import ExtractionSettings, extract_features
-from clusterssl.pipeline.train.world import DistributedEnv
+from clusterssl.pipeline.train.world import DistributedEnv, on_rank0
 
 if TYPE_CHECKING:
     from clusterssl.pipeline.train.train_config import TrainConfig
@@ -61,7 +61,8 @@ class RunPasses:
 
     def extract(self, module: nn.Module, *, name: str, epoch: int) -> FeatureBank:
         """``module`` over every training sample once (eval view), row i for sample i; a pass interrupted
-        at the same ``epoch`` resumes from its store."""
+        at the same ``epoch`` resumes from its store. Under DDP only rank 0 gets the rows (the other
+        ranks: ``FeatureBank.without_rows``)."""
         bank = extract_features(
             module,
             self.train.source,
@@ -81,14 +82,21 @@ class RunPasses:
         return bank.as_feature_bank()
 
     def evaluate(self, extractor: nn.Module, *, knn_k: int, knn_temperature: float, seed: int) -> EvalResult:
-        """k-NN (val against train features) and k-means NMI/ARI (val) of ``extractor``."""
+        """k-NN (val against train features) and k-means NMI/ARI (val) of ``extractor``.
+
+        Under DDP every rank embeds its share of both sets and the rows are gathered to rank 0, which
+        alone evaluates (its k-means on its own GPU) and hands the result to every rank."""
         assert self.val is not None
         common: dict[str, Any] = dict(
             spec=self.eval_spec, settings=self.settings, device=self.device, env=self.env
         )
         train = extract_eval_features(extractor, self.train.source, **common)
         val = extract_eval_features(extractor, self.val.source, **common)
-        return evaluate_features(train, val, k=knn_k, temperature=knn_temperature, seed=seed)
+        return on_rank0(
+            self.env,
+            lambda: evaluate_features(train, val, k=knn_k, temperature=knn_temperature, seed=seed),
+            what="the evaluation",
+        )
 
     def val_images(self, count: int) -> torch.Tensor:
         """The first ``count`` val images under the eval view, (count, 3, H, W) on the device."""

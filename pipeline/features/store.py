@@ -102,6 +102,14 @@ class FeatureStore:
         return bank
 
     @classmethod
+    def without_rows(cls, num_samples: int, dim: int, *, dtype: str = "float32") -> FeatureStore:
+        """What an extraction pass returns on a rank other than 0 under DDP, where the rows were gathered
+        to rank 0: the bank's shape in ``meta`` ((N, D), complete), but (N, 0) features and no labels."""
+        meta = FeatureStoreMeta(num_samples=num_samples, dim=dim, dtype=dtype, complete=True)
+        features = np.empty((num_samples, 0), dtype=DTYPES[dtype])
+        return cls(meta, features, np.empty(0, dtype=np.int64), np.empty(0, dtype=bool), None)
+
+    @classmethod
     def open(cls, directory: str | Path, *, writable: bool = False) -> FeatureStore:
         directory = Path(directory)
         meta_path = directory / META_FILE
@@ -182,7 +190,14 @@ class FeatureStore:
         self.meta.complete = True
         self.flush()
 
+    @property
+    def holds_rows(self) -> bool:
+        """False for ``without_rows``' bank (a rank other than 0 under DDP)."""
+        return self.features.shape[1] == self.meta.dim
+
     def as_feature_bank(self) -> FeatureBank:
+        if not self.holds_rows:
+            return FeatureBank.without_rows(self.meta.num_samples)
         has_labels = bool((self.labels >= 0).any())
         return FeatureBank(features=self.features, labels=self.labels if has_labels else None)
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from clusterssl.errors import PipelineError
+from clusterssl.models.method import Method
 from clusterssl.pipeline.train.world import DistributedEnv, same_on_all_ranks
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,9 @@ class RunCheckpoints:
 
     Rank 0 writes ``checkpoint.pt``; under DDP every other rank keeps its own buffers beside it in
     ``checkpoint.rank{r}.pt`` (its queue differs from rank 0's), so that a resume on the same world size
-    restores each rank exactly.
+    restores each rank exactly. Buffers the method declares the same on every rank
+    (``Method.replicated_buffers``, e.g. DeepCluster-v2's memory bank) are left out of those files: every
+    rank loads ``checkpoint.pt`` on resume and takes them from there, that is from rank 0.
     """
 
     def __init__(self, output_dir: Path, env: DistributedEnv, device: torch.device) -> None:
@@ -310,9 +313,9 @@ class RunCheckpoints:
         config_yaml: str,
         extra: Mapping[str, Any],
     ) -> None:
-        """Rank 0 writes the checkpoint; every other rank writes its own buffers only."""
+        """Rank 0 writes the checkpoint; every other rank writes its own buffers only (``rank_own_buffers``)."""
         if not self.env.is_main:
-            buffers = dict(method.named_buffers())
+            buffers = rank_own_buffers(method)
             payload = make_checkpoint(
                 method_state=buffers, optimizer_state={}, scaler_state=None, position=position, config_yaml=""
             )
@@ -327,3 +330,9 @@ class RunCheckpoints:
             extra=extra,
         )
         atomic_save(payload, self.path)
+
+
+def rank_own_buffers(method: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a rank other than 0 checkpoints itself: all but those the same on every rank."""
+    replicated = set(method.replicated_buffers()) if isinstance(method, Method) else set()
+    return {name: buffer for name, buffer in method.named_buffers() if name not in replicated}
