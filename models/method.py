@@ -9,15 +9,17 @@ through state a hook stashes for a later call. Every attribute of a method is se
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from clusterssl.models.types import Batch, FeatureBank, LossOutput
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -65,6 +67,12 @@ class TrainContext(Protocol):
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         """Record metrics at the current step (rank 0 writes them; other ranks ignore the call)."""
+        ...
+
+    def on_rank_zero(self, work: Callable[[], T], *, what: str) -> T:
+        """Run ``work`` on rank 0 alone and hand its (picklable) result to every rank; the other ranks
+        wait on a process group whose timeout is sized for such work (``trainer.wait_timeout_s``), and
+        stop with one line naming ``what`` when rank 0 fails. ``work()`` itself in one process."""
         ...
 
     def reset_optimizer_state(self, parameters: Iterable[nn.Parameter]) -> None:

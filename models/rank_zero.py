@@ -22,10 +22,13 @@ def cluster_on_rank_zero(
     """On rank 0, ``cluster()`` fills ``results`` in place and returns metrics, which rank 0 logs; then
     every rank receives rank 0's ``results``.
 
-    Every rank must call this with tensors of the same shapes and dtypes, in the same order (they are
-    broadcast one by one); other ranks' values are overwritten.
+    The other ranks wait through ``ctx.on_rank_zero``: on a group whose timeout is sized for clustering
+    (minutes to hours at ImageNet scale, where one training step's collective timeout would end the job),
+    and stopped with one line if rank 0 fails. Every rank must call this with tensors of the same shapes
+    and dtypes, in the same order (they are broadcast one by one); other ranks' values are overwritten.
     """
+    metrics = ctx.on_rank_zero(cluster, what="the clustering")
     if ctx.rank == 0:
-        ctx.log_metrics(cluster())
+        ctx.log_metrics(metrics)
     for tensor in results:
         collectives.broadcast_(tensor)

@@ -7,8 +7,9 @@ so method tests can check parameters after a step without the pipeline package.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -16,6 +17,8 @@ from torch import Tensor, nn
 
 from clusterssl.models.method import Method, TrainContext
 from clusterssl.models.types import Batch, FeatureBank, LossOutput
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -58,6 +61,10 @@ class FakeContext:
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         self.logged.append(dict(metrics))
+
+    def on_rank_zero(self, work: Callable[[], T], *, what: str) -> T:
+        """One process: rank 0's work is done here."""
+        return work()
 
     def reset_optimizer_state(self, parameters: Iterable[nn.Parameter]) -> None:
         self.reset_parameters.append(list(parameters))

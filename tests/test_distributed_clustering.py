@@ -238,3 +238,65 @@ def test_deepcluster_v2_memory_takes_every_ranks_rows(rank_results: list[dict[st
         expected[:, index[real]] = embeddings[:, real]
     for result in rank_results:
         torch.testing.assert_close(result["dc2_memory"], expected)
+
+
+class _WaitingContext:
+    """The parts of a TrainContext ``cluster_on_rank_zero`` uses, waiting as the trainer's RunContext
+    does: on a group of its own with a long timeout."""
+
+    def __init__(self, rank: int, group: Any) -> None:
+        self.rank, self.group, self.logged = rank, group, []
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        self.logged.append(metrics)
+
+    def on_rank_zero(self, work: Any, *, what: str) -> Any:
+        from clusterssl.pipeline.train.world import on_rank0
+
+        return on_rank0(DistributedEnv(rank=self.rank, world_size=2), work, group=self.group, what=what)
+
+
+def _slow_clustering_worker(rank: int, init_file: str, out_dir: str, fail: bool) -> None:
+    import time
+
+    from clusterssl.errors import PipelineError
+    from clusterssl.models.rank_zero import cluster_on_rank_zero
+    from clusterssl.pipeline.train.world import waiting_group
+
+    # the default group gives up after 3 s; rank 0 clusters for 5
+    with gloo_process_group(rank, init_file, world_size=2, timeout_s=3):
+        ctx = _WaitingContext(rank, waiting_group(DistributedEnv(rank=rank, world_size=2), timeout_s=120))
+        table = torch.zeros(4, dtype=torch.long)
+
+        def cluster() -> dict[str, float]:
+            time.sleep(5)
+            if fail:
+                raise ValueError("k-means ran out of memory")
+            table.copy_(torch.arange(4) + 7)
+            return {"clustering/nmi": 0.5}
+
+        try:
+            cluster_on_rank_zero(ctx, cluster, [table])
+            outcome = "ok"
+        except (PipelineError, ValueError) as error:
+            outcome = str(error)
+        torch.save(
+            {"table": table, "logged": ctx.logged, "outcome": outcome}, Path(out_dir) / f"rank{rank}.pt"
+        )
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_ranks_wait_out_a_clustering_longer_than_a_step_timeout(tmp_path: Path, fail: bool) -> None:
+    """Rank 0's clustering outlasts the default group's timeout: the other rank waits on the waiting
+    group and gets the table; when rank 0 fails, it stops with one line naming the clustering."""
+    run_ranks(
+        _slow_clustering_worker, (str(tmp_path / "init"), str(tmp_path), fail), world_size=2, timeout_s=120
+    )
+    rank0, rank1 = load_rank_results(tmp_path, 2)
+    if fail:
+        assert rank0["outcome"] == "k-means ran out of memory"
+        assert rank1["outcome"] == "rank 0 failed during the clustering: k-means ran out of memory"
+        return
+    assert rank0["outcome"] == rank1["outcome"] == "ok"
+    assert rank0["table"].tolist() == rank1["table"].tolist() == [7, 8, 9, 10]
+    assert rank0["logged"] == [{"clustering/nmi": 0.5}] and rank1["logged"] == []

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from clusterssl.pipeline.data.spec import MultiCropSpec
 from clusterssl.pipeline.train.optim import OptimConfig, OptimizerStep, build_optimizer
 from clusterssl.pipeline.train.precision import autocast, resolve_precision
 
+T = TypeVar("T")
 STEADY_EPOCH, STEADY_EPOCHS = 50, 100
 """The run position the methods are timed at: after every warm-up and freeze of the default recipes."""
 
@@ -103,6 +104,10 @@ class BenchContext:
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         """Metrics are not recorded by a benchmark."""
+
+    def on_rank_zero(self, work: Callable[[], T], *, what: str) -> T:
+        """One process: rank 0's work is done here."""
+        return work()
 
     def reset_optimizer_state(self, parameters: Iterable[nn.Parameter]) -> None:
         if self.optimizer is not None:

@@ -35,6 +35,8 @@ class RunPasses:
     env: DistributedEnv
     output_dir: Path
     progress: bool
+    wait_group: Any = None
+    """The process group the other ranks wait on while rank 0 evaluates (None: the default group)."""
 
     @classmethod
     def for_run(
@@ -47,6 +49,7 @@ class RunPasses:
         env: DistributedEnv,
         *,
         progress: bool,
+        wait_group: Any = None,
     ) -> RunPasses:
         """The passes of a training run: they read and embed like the standalone extraction, with the
         run's data settings, ``trainer.eval_batch_size`` and the training precision."""
@@ -57,7 +60,8 @@ class RunPasses:
             precision=precision,
         )
         output_dir = Path(config.trainer.output_dir)
-        return cls(train, val, config.augment.eval_spec(), settings, device, env, output_dir, progress)
+        eval_spec = config.augment.eval_spec()
+        return cls(train, val, eval_spec, settings, device, env, output_dir, progress, wait_group)
 
     def extract(self, module: nn.Module, *, name: str, epoch: int) -> FeatureBank:
         """``module`` over every training sample once (eval view), row i for sample i; a pass interrupted
@@ -95,6 +99,7 @@ class RunPasses:
         return on_rank0(
             self.env,
             lambda: evaluate_features(train, val, k=knn_k, temperature=knn_temperature, seed=seed),
+            group=self.wait_group,
             what="the evaluation",
         )
 

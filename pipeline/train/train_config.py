@@ -98,6 +98,9 @@ class TrainerConfig:
     knn_temperature: float = 0.07
     threads: int | None = None
     """torch intra-op threads (default: torch's choice)."""
+    wait_timeout_s: float = 6 * 3600.0
+    """Under DDP, how long the other ranks wait while rank 0 clusters or evaluates alone (a CPU process
+    group of its own: the default group's timeout is sized for one training step)."""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

@@ -28,10 +28,10 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -68,11 +68,14 @@ from clusterssl.pipeline.train.world import (
     DistributedEnv,
     barrier,
     init_distributed,
+    on_rank0,
     resolve_device,
+    waiting_group,
     wrap_distributed,
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -119,6 +122,9 @@ class RunContext:
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         self.trainer.log_metrics(metrics, step=self.step)
+
+    def on_rank_zero(self, work: Callable[[], T], *, what: str) -> T:
+        return on_rank0(self.trainer.env, work, group=self.trainer.wait_group, what=what)
 
     def reset_optimizer_state(self, parameters: Iterable[nn.Parameter]) -> None:
         state = self.trainer.optimizer.state
@@ -265,6 +271,8 @@ class Trainer:
         self.env = DistributedEnv.from_environment()
         self.device = resolve_device(config.trainer.device, self.env)
         init_distributed(self.env, self.device)
+        self.wait_group = waiting_group(self.env, config.trainer.wait_timeout_s)
+        """Where ranks wait for rank 0's clustering and evaluation (None in one process)."""
         configure_cuda(self.device)
         if config.trainer.threads:
             torch.set_num_threads(config.trainer.threads)
@@ -291,7 +299,14 @@ class Trainer:
             self.method.backbone.compile()
         self.precision = resolve_precision(config.trainer.precision, self.device)
         self.passes = RunPasses.for_run(
-            config, self.data, self.val_data, self.precision, self.device, self.env, progress=progress
+            config,
+            self.data,
+            self.val_data,
+            self.precision,
+            self.device,
+            self.env,
+            progress=progress,
+            wait_group=self.wait_group,
         )
         self.optimizer = build_optimizer(config.optim, self.method)
         scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
