@@ -234,9 +234,18 @@ def test_classifier_is_reinitialised_and_its_optimizer_state_dropped_every_clust
     method, ctx = _clustered_method()
     assert ctx.images is not None
     optimizer = torch.optim.SGD(method.parameters(), lr=0.5, momentum=0.9)
+    from clusterssl.pipeline.train.world import DistributedEnv
+
+    trainer = SimpleNamespace(
+        optimizer=optimizer,
+        extract=ctx.extract,
+        log_metrics=lambda *a, **k: None,
+        env=DistributedEnv(),
+        wait_group=None,
+    )
     run_ctx = RunContext(
         epoch=0, epochs=3, step=0, steps_per_epoch=1, rank=0, world_size=1, device=torch.device("cpu"),
-        num_samples=48, trainer=SimpleNamespace(optimizer=optimizer, extract=ctx.extract, log_metrics=lambda *a, **k: None),
+        num_samples=48, trainer=trainer,
     )  # fmt: skip
     for epoch in range(2):
         batch = _views_of(ctx.images, torch.arange(48))
