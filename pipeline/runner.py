@@ -52,9 +52,11 @@ STAGES = ("convert", "pretrain", "extract", "cluster", "evaluate")
 @dataclass
 class ConvertSection:
     source: str = "digits"
-    """digits, imagefolder or list (as `clusterssl shards convert SOURCE`)."""
+    """digits, imagefolder, list or idx (as `clusterssl shards convert SOURCE`)."""
     path: str | None = None
-    """The image folder or list file (not for digits)."""
+    """The image folder, list file or directory of IDX files (not for digits). An IDX directory is split
+    already: its train pair becomes OUT/train and its test (t10k) pair OUT/test, the evaluation set, so
+    it takes no hold-out."""
     out: str = "data/digits"
     """Where the shard sets go; with a hold-out, OUT/train and OUT/val."""
     holdout: float | None = 0.1
@@ -333,24 +335,9 @@ class PipelineRunner:
     def _convert(self) -> StageResult:
         """Always asks the converter, which is a no-op (status `unchanged`) when the shards are current
         and resumes an interrupted conversion through its journal."""
-        from clusterssl.shards.convert import ConvertOptions, convert
-        from clusterssl.shards.sources import open_source
-
         section = self.config.convert
         started = time.perf_counter()
-        source = open_source(section.source, section.path, image_size=section.image_size)
-        outcome = convert(
-            source,
-            section.out,
-            ConvertOptions(
-                samples_per_shard=section.samples_per_shard,
-                holdout=section.holdout,
-                seed=section.seed,
-                workers=section.workers,
-            ),
-            progress=self.progress,
-        )
-        sets = {s.name or "train": s for s in outcome.sets}
+        outcome, sets = self._convert_sets()
         outputs: dict[str, Any] = {
             name: {
                 "dir": str(s.directory),
@@ -382,6 +369,39 @@ class PipelineRunner:
             record.run_id = child.run_id
         self._write_record(record)
         return StageResult(record, skipped=False)
+
+    def _convert_sets(self) -> tuple[Any, dict[str, Any]]:
+        """Run the converter; returns its outcome and the sets by role (``train``, ``val``)."""
+        from clusterssl.shards.convert import ConvertOptions, convert, merge_outcomes
+        from clusterssl.shards.idx import IdxSource, find_pairs
+        from clusterssl.shards.sources import open_source
+
+        section = self.config.convert
+        options = ConvertOptions(
+            samples_per_shard=section.samples_per_shard,
+            holdout=section.holdout,
+            seed=section.seed,
+            workers=section.workers,
+        )
+        out = Path(section.out)
+        if section.source == "idx" and section.path is not None and Path(section.path).is_dir():
+            if section.holdout is not None:
+                raise PipelineError(
+                    "convert.holdout splits one set; a directory of IDX pairs is split already"
+                )
+            pairs = find_pairs(Path(section.path))
+            if "train" not in pairs or "test" not in pairs:
+                raise PipelineError(f"{section.path} needs a train and a test (t10k) IDX pair")
+            outcomes = {
+                split: convert(IdxSource(pairs[split].images, pairs[split].labels), out / split, options,
+                               progress=self.progress)
+                for split in ("train", "test")
+            }  # fmt: skip
+            roles = {"train": outcomes["train"].sets[0], "val": outcomes["test"].sets[0]}
+            return merge_outcomes(list(outcomes.values())), roles
+        source = open_source(section.source, section.path, image_size=section.image_size)
+        outcome = convert(source, out, options, progress=self.progress)
+        return outcome, {s.name or "train": s for s in outcome.sets}
 
     def _train_config(self, convert: StageResult) -> Any:
         from clusterssl.config import resolve_config_path

@@ -434,13 +434,20 @@ class DigitsSource(Source):
         return render_digit(pixels[row], self.image_size, self.JPEG_QUALITY)
 
 
-SOURCE_KINDS = ("digits", "imagefolder", "list")
+SOURCE_KINDS = ("digits", "imagefolder", "list", "idx")
 
 
 def open_source(kind: str, location: str | Path | None = None, *, image_size: int = 32) -> Source:
-    """Build a source by name: ``imagefolder DIR``, ``list FILE`` or ``digits``."""
+    """Build a source by name: ``imagefolder DIR``, ``list FILE``, ``idx IMAGES_FILE`` (its label file
+    beside it) or ``digits``."""
     if kind == "digits":
         return DigitsSource(image_size)
+    if kind == "idx":
+        from clusterssl.shards.idx import IdxSource, labels_for
+
+        if location is None or not Path(location).is_file():
+            raise ShardsError(f"the idx source needs an '*-images-idx3-ubyte[.gz]' file, got {location}")
+        return IdxSource(location, labels_for(Path(location)))
     if kind in ("imagefolder", "list"):
         if location is None:
             raise ShardsError(f"the {kind} source needs a path")

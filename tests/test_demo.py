@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from clusterssl.tools.cli import cli
@@ -87,3 +88,46 @@ def test_summary_shows_one_random_init_row_per_backbone() -> None:
     assert floors[1].split()[:5] == ["random", "init:", "ibot", "0.4916", "0.2590"]
     one = render_demo_summary({"methods": [row("swav", resnet)], "tracking_uri": None})
     assert "(same backbone, untrained)" in one
+
+
+def test_fashion_mnist_not_installed_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLUSTERSSL_FASHION_MNIST", str(tmp_path / "missing"))
+    result = CliRunner().invoke(cli, ["demo", "--data", "fashion-mnist", "--no-track"])
+    assert result.exit_code == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(
+        f"Error: Fashion-MNIST is not in {tmp_path / 'missing'}: install it with 'apt-get "
+    )
+
+
+def test_fashion_mnist_demo_runs_the_methods_with_a_fashion_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a small stand-in of the IDX files: the pipeline converts train and t10k, trains the method's
+    Fashion-MNIST config and evaluates on the test set; a method without such a config is one line."""
+    import numpy as np
+    from idx_helpers import write_pair
+
+    from clusterssl.tools.demo_cmd import fashion_methods
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 300), ("t10k", 100)):
+        images = rng.integers(0, 256, (count, 28, 28))
+        write_pair(tmp_path / "fashion", split, images, np.arange(count) % 10, gz=True)
+    monkeypatch.setenv("CLUSTERSSL_FASHION_MNIST", str(tmp_path / "fashion"))
+    assert "swav" in fashion_methods()
+    args = ["demo", "--data", "fashion-mnist", "--methods", "swav", "--epochs", "1",
+            "--data-dir", str(tmp_path / "data"), "--workdir", str(tmp_path / "runs"), "--no-track", "--json"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout.strip().splitlines()[-1])["methods"]
+    assert row["method"] == "swav" and 0.0 <= row["knn_top1"] <= 1.0
+    stages = json.loads((tmp_path / "runs" / "swav-fashion" / "stages" / "convert.json").read_text())
+    assert (stages["outputs"]["train"]["count"], stages["outputs"]["val"]["count"]) == (300, 100)
+    missing = [m for m in ("dino", "pcl", "ibot", "deepcluster") if m not in fashion_methods()]
+    if missing:
+        refused = CliRunner().invoke(cli, ["demo", "--data", "fashion-mnist", "--methods", missing[0]])
+        assert refused.exit_code == 2
+        assert refused.stderr.strip().startswith(f"Error: no Fashion-MNIST config for method(s) {missing[0]}")

@@ -133,3 +133,31 @@ def test_demo_under_torchrun_stops_before_any_work(tmp_path: Path, monkeypatch: 
         and not (tmp_path / "data").exists()
         and not (tmp_path / "shards").exists()
     )
+
+
+def test_an_idx_directory_is_the_train_and_evaluation_sets(tmp_path: Path) -> None:
+    """convert.source idx over a directory of train and t10k pairs: train is trained on, test is the
+    evaluation set (no hold-out of its own), and a hold-out asked for anyway is one clear error."""
+    import numpy as np
+    from idx_helpers import write_pair
+
+    from clusterssl.errors import PipelineError
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 60), ("t10k", 20)):
+        write_pair(
+            tmp_path / "idx", split, rng.integers(0, 256, (count, 28, 28)), np.arange(count) % 10, gz=True
+        )
+    settings = pipeline_dict(tmp_path)
+    settings["convert"] = {"source": "idx", "path": str(tmp_path / "idx"), "out": str(tmp_path / "shards"),
+                           "holdout": None, "samples_per_shard": 16, "workers": 1}  # fmt: skip
+    settings["cluster"] = {"enabled": False}
+    settings["tracking"]["enabled"] = False
+    summary = run_pipeline(from_dict(PipelineConfig, settings), progress=False)
+    convert = summary.stages["convert"].record.outputs
+    assert (convert["train"]["count"], convert["val"]["count"]) == (60, 20)
+    assert convert["val"]["dir"] == str(tmp_path / "shards" / "test")
+    assert summary.stages["evaluate"].record.outputs["knn_top1"] >= 0.0
+    settings["convert"]["holdout"] = 0.1
+    with pytest.raises(PipelineError, match="a directory of IDX pairs is split already"):
+        run_pipeline(from_dict(PipelineConfig, settings), progress=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 from collections import Counter
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_helpers import invoke, one_error_line
+from idx_helpers import idx_bytes, random_split, write_pair
 from PIL import Image
 
 from clusterssl.shards.idx import read_idx
@@ -20,26 +20,6 @@ from clusterssl.shards.reader import iter_samples
 from clusterssl.shards.verify import verify
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """An array of unsigned bytes in the IDX layout (magic, big-endian dimensions, data)."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_pair(directory: Path, split: str, images: np.ndarray, labels: np.ndarray, gz: bool) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    suffix = ".gz" if gz else ""
-    for name, array in (("images-idx3", images), ("labels-idx1", labels)):
-        data = idx_bytes(array)
-        (directory / f"{split}-{name}-ubyte{suffix}").write_bytes(gzip.compress(data) if gz else data)
-    return directory / f"{split}-images-idx3-ubyte{suffix}"
-
-
-def random_split(seed: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (count, 9, 7), dtype=np.uint8), rng.integers(0, 10, count, dtype=np.uint8)
 
 
 def stored_rows(directory: Path) -> dict[int, object]:

@@ -4,10 +4,15 @@ For each method: convert the digits once (DATA_DIR/digits/{train,val}), pretrain
 config on a short schedule, extract the training set's features, cluster them, and evaluate k-NN and
 NMI on the hold-out — each method one MLflow pipeline run with a child run per stage. Re-running skips
 what is already done. Ends with a table (method, k-NN, NMI, time) and how to open the MLflow UI.
+
+``--data fashion-mnist`` runs the same pipeline on Fashion-MNIST from the IDX files of Debian's
+``dataset-fashion-mnist`` (or ``$CLUSTERSSL_FASHION_MNIST``): 60,000 training images, evaluated on the
+10,000 test images, for the methods that have a ``<method>_fashion`` config.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,26 +29,68 @@ DEMO_EPOCHS = {"swav": 8, "dino": 8, "deepcluster": 8, "pcl": 8, "ibot": 8}
 for the four, docs/results.md); the full digits configs (configs/<method>_digits.yaml) train 25-40 epochs."""
 
 
-def demo_pipeline(method: str, data_dir: Path, workdir: Path, epochs: int | None, track: bool) -> Any:
+FASHION_MNIST = "fashion-mnist"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+"""Where Debian's ``dataset-fashion-mnist`` puts the IDX files; ``$CLUSTERSSL_FASHION_MNIST`` overrides."""
+FASHION_DEMO_EPOCHS = 4
+"""Fashion-MNIST epochs are 60,000 images (some six minutes each of SwAV on 2 cores, docs/results.md)."""
+
+
+def fashion_mnist_dir() -> Path:
+    """The Fashion-MNIST IDX directory, or a one-line error saying how to install it."""
+    from clusterssl.errors import ShardsError
+
+    root = Path(os.environ.get("CLUSTERSSL_FASHION_MNIST") or FASHION_MNIST_DIR)
+    if not any(root.glob("train-images-idx3-ubyte*")) or not any(root.glob("t10k-images-idx3-ubyte*")):
+        raise ShardsError(
+            f"Fashion-MNIST is not in {root}: install it with 'apt-get install dataset-fashion-mnist' "
+            "(Debian, Ubuntu), or set CLUSTERSSL_FASHION_MNIST to a directory of its train-* and t10k-* "
+            "IDX files"
+        )
+    return root
+
+
+def fashion_methods() -> list[str]:
+    """The demo methods with a bundled ``<method>_fashion`` config."""
+    from clusterssl.config import bundled_config_names
+
+    names = set(bundled_config_names())
+    return [m for m in DEMO_METHODS if f"{m}_fashion" in names]
+
+
+def demo_convert_section(data: str, data_dir: Path) -> dict[str, Any]:
+    """The convert stage of ``data``: the built-in digits with a 10% hold-out, or Fashion-MNIST's IDX
+    files with their own test set."""
+    if data == FASHION_MNIST:
+        return {
+            "source": "idx",
+            "path": str(fashion_mnist_dir()),
+            "out": str(data_dir / FASHION_MNIST),
+            "holdout": None,
+            "samples_per_shard": 1000,
+        }
+    return {"source": "digits", "out": str(data_dir / "digits"), "holdout": 0.1, "samples_per_shard": 256}
+
+
+def demo_pipeline(
+    method: str, data_dir: Path, workdir: Path, epochs: int | None, track: bool, data: str = "digits"
+) -> Any:
     from clusterssl.config import from_dict
     from clusterssl.pipeline.runner import PipelineConfig
 
+    fashion = data == FASHION_MNIST
+    default_epochs = FASHION_DEMO_EPOCHS if fashion else DEMO_EPOCHS[method]
     return from_dict(
         PipelineConfig,
         {
-            "name": f"demo-{method}",
-            "workdir": str(workdir / method),
+            "name": f"demo-{method}" + ("-fashion" if fashion else ""),
+            "workdir": str(workdir / (f"{method}-fashion" if fashion else method)),
             "num_workers": 1,
-            "convert": {
-                "source": "digits",
-                "out": str(data_dir / "digits"),
-                "holdout": 0.1,
-                "samples_per_shard": 256,
-            },
+            "convert": demo_convert_section(data, data_dir),
             "pretrain": {
-                "config": f"{method}_digits",
+                "config": f"{method}_fashion" if fashion else f"{method}_digits",
                 "overrides": [
-                    f"trainer.epochs={epochs or DEMO_EPOCHS[method]}",
+                    f"trainer.epochs={epochs or default_epochs}",
                     "trainer.eval_every=0",
                 ],
             },
@@ -57,9 +104,8 @@ def demo_pipeline(method: str, data_dir: Path, workdir: Path, epochs: int | None
 @click.command()
 @click.option(
     "--methods",
-    default=",".join(DEFAULT_DEMO_METHODS),
-    show_default=True,
-    help="Comma-separated methods to run (swav, dino, deepcluster, pcl, ibot).",
+    help=f"Comma-separated methods to run (swav, dino, deepcluster, pcl, ibot); default: "
+    f"{','.join(DEFAULT_DEMO_METHODS)} on the digits, every method with a Fashion-MNIST config there.",
 )
 @click.option(
     "--epochs", type=click.IntRange(min=1), help="Pretraining epochs per method (default: a short schedule)."
@@ -78,29 +124,45 @@ def demo_pipeline(method: str, data_dir: Path, workdir: Path, epochs: int | None
     show_default=True,
     help="Where each method's stages write.",
 )
+@click.option(
+    "--data",
+    type=click.Choice(["digits", FASHION_MNIST]),
+    default="digits",
+    show_default=True,
+    help="The built-in digits, or Fashion-MNIST from Debian's dataset-fashion-mnist package.",
+)
 @click.option("--no-track", is_flag=True, help="Run without MLflow tracking.")
 @json_option
 def demo(
-    methods: str, epochs: int | None, data_dir: Path, workdir: Path, no_track: bool, as_json: bool
+    methods: str | None,
+    epochs: int | None,
+    data_dir: Path,
+    workdir: Path,
+    data: str,
+    no_track: bool,
+    as_json: bool,
 ) -> None:
     """Run the built-in demo: digits → shards → pretrain → extract → cluster → evaluate, per method."""
     from clusterssl.errors import ModelError
     from clusterssl.pipeline.runner import check_single_process, run_pipeline
 
     check_single_process()
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in DEMO_METHODS]
+    if data == FASHION_MNIST:
+        fashion_mnist_dir()  # not installed: say so before anything runs
+    known = fashion_methods() if data == FASHION_MNIST else list(DEMO_METHODS)
+    default = known if data == FASHION_MNIST else list(DEFAULT_DEMO_METHODS)
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else default
+    unknown = [m for m in chosen if m not in known]
     if unknown or not chosen:
-        raise ModelError(
-            f"unknown demo method(s) {', '.join(unknown) or '(none)'}; known: {', '.join(DEMO_METHODS)}"
-        )
+        what = "no Fashion-MNIST config for method(s)" if data == FASHION_MNIST else "unknown demo method(s)"
+        raise ModelError(f"{what} {', '.join(unknown) or '(none)'}; known: {', '.join(known) or '(none)'}")
     rows = []
     tracking_uri = experiment_id = None
     for method in chosen:
         if not as_json:
             click.echo(f"== {method}", err=True)
         summary = run_pipeline(
-            demo_pipeline(method, data_dir, workdir, epochs, not no_track), progress=not as_json
+            demo_pipeline(method, data_dir, workdir, epochs, not no_track, data), progress=not as_json
         )
         if summary.interrupted:
             raise SystemExit(130)
