@@ -373,7 +373,7 @@ class PipelineRunner:
     def _convert_sets(self) -> tuple[Any, dict[str, Any]]:
         """Run the converter; returns its outcome and the sets by role (``train``, ``val``)."""
         from clusterssl.shards.convert import ConvertOptions, convert, merge_outcomes
-        from clusterssl.shards.idx import IdxSource, find_pairs
+        from clusterssl.shards.idx import convert_idx_directory, find_pairs
         from clusterssl.shards.sources import open_source
 
         section = self.config.convert
@@ -389,14 +389,9 @@ class PipelineRunner:
                 raise PipelineError(
                     "convert.holdout splits one set; a directory of IDX pairs is split already"
                 )
-            pairs = find_pairs(Path(section.path))
-            if "train" not in pairs or "test" not in pairs:
+            if set(find_pairs(Path(section.path))) != {"train", "test"}:  # checked before converting any
                 raise PipelineError(f"{section.path} needs a train and a test (t10k) IDX pair")
-            outcomes = {
-                split: convert(IdxSource(pairs[split].images, pairs[split].labels), out / split, options,
-                               progress=self.progress)
-                for split in ("train", "test")
-            }  # fmt: skip
+            outcomes = convert_idx_directory(Path(section.path), out, options, progress=self.progress)
             roles = {"train": outcomes["train"].sets[0], "val": outcomes["test"].sets[0]}
             return merge_outcomes(list(outcomes.values())), roles
         source = open_source(section.source, section.path, image_size=section.image_size)

@@ -26,6 +26,8 @@ from clusterssl.shards.sources import InputItem, Listing, Source
 if TYPE_CHECKING:
     import numpy as np
 
+    from clusterssl.shards.convert import ConvertOptions, ConvertOutcome
+
 UBYTE = 0x08
 IMAGE_DIMS = 3
 LABEL_DIMS = 1
@@ -190,3 +192,18 @@ class IdxSource(Source):
     def read(self, ref: str) -> bytes:
         images, _ = self.load()
         return encode_jpeg(Image.fromarray(images[int(ref.rsplit("/", 1)[1])]), self.jpeg_quality)
+
+
+def convert_idx_directory(
+    directory: Path, out: Path, options: ConvertOptions, *, jpeg_quality: int = 100, progress: bool = False
+) -> dict[str, ConvertOutcome]:
+    """Every IDX pair of ``directory`` converted into ``out/<split>`` (``train``, ``test``), by split.
+    The files are split already, so ``options.holdout`` must be None (the callers say so in their terms)."""
+    from clusterssl.shards.convert import convert
+
+    return {
+        split: convert(
+            IdxSource(pair.images, pair.labels, jpeg_quality), out / split, options, progress=progress
+        )
+        for split, pair in sorted(find_pairs(directory).items())
+    }

@@ -205,7 +205,7 @@ def convert_idx(path: Path, out_dir: Path, labels: Path | None, **options: Any) 
     stored as greyscale JPEGs of --jpeg-quality (100 here unless given); labels are the class ids.
     """
     from clusterssl.shards.convert import merge_outcomes
-    from clusterssl.shards.idx import IdxSource, find_pairs, labels_for
+    from clusterssl.shards.idx import IdxSource, convert_idx_directory, labels_for
 
     quality = options["jpeg_quality"]
     if path.is_dir():
@@ -213,13 +213,11 @@ def convert_idx(path: Path, out_dir: Path, labels: Path | None, **options: Any) 
             raise ShardsError("--labels goes with an image file, not with a directory")
         if options["holdout"] is not None:
             raise ShardsError("--holdout splits one set; a directory of IDX pairs is already split")
-        pairs = find_pairs(path)
         as_json = options.pop("as_json")
-        outcomes = [
-            _run_conversion(IdxSource(pair.images, pair.labels, quality), out_dir / split, **options)
-            for split, pair in sorted(pairs.items())
-        ]
-        emit(conversion_summary(merge_outcomes(outcomes)), as_json, render_conversion)
+        outcomes = convert_idx_directory(
+            path, out_dir, _convert_options(**options), jpeg_quality=quality, progress=True
+        )
+        emit(conversion_summary(merge_outcomes(list(outcomes.values()))), as_json, render_conversion)
         return
     if not path.is_file():
         raise ShardsError(f"IDX source does not exist: {path}")
@@ -256,27 +254,29 @@ def _convert(source: Any, out_dir: Path, as_json: bool, **options: Any) -> None:
 
 
 def _run_conversion(source: Any, out_dir: Path, **options: Any) -> Any:
-    from clusterssl.shards.convert import ConvertOptions, convert
+    from clusterssl.shards.convert import convert
+
+    return convert(source, out_dir, _convert_options(**options), progress=True)
+
+
+def _convert_options(**options: Any) -> Any:
+    """The command line's conversion options as ``ConvertOptions``."""
+    from clusterssl.shards.convert import ConvertOptions
     from clusterssl.shards.images import PrepareOptions
 
-    return convert(
-        source,
-        out_dir,
-        ConvertOptions(
-            samples_per_shard=options["samples_per_shard"],
-            bytes_per_shard=options["bytes_per_shard"],
-            seed=options["seed"],
-            holdout=options["holdout"],
-            prepare=PrepareOptions(
-                options["check"],
-                options["max_side"],
-                options["jpeg_quality"],
-                options["max_pixels"] or None,
-            ),
-            workers=options["workers"],
-            overwrite=options["overwrite"],
+    return ConvertOptions(
+        samples_per_shard=options["samples_per_shard"],
+        bytes_per_shard=options["bytes_per_shard"],
+        seed=options["seed"],
+        holdout=options["holdout"],
+        prepare=PrepareOptions(
+            options["check"],
+            options["max_side"],
+            options["jpeg_quality"],
+            options["max_pixels"] or None,
         ),
-        progress=True,
+        workers=options["workers"],
+        overwrite=options["overwrite"],
     )
 
 
