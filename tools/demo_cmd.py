@@ -80,15 +80,16 @@ def demo_pipeline(
 
     fashion = data == FASHION_MNIST
     default_epochs = FASHION_DEMO_EPOCHS if fashion else DEMO_EPOCHS[method]
+    run = f"{method}-fashion" if fashion else method
     return from_dict(
         PipelineConfig,
         {
-            "name": f"demo-{method}" + ("-fashion" if fashion else ""),
-            "workdir": str(workdir / (f"{method}-fashion" if fashion else method)),
+            "name": f"demo-{run}",
+            "workdir": str(workdir / run),
             "num_workers": 1,
             "convert": demo_convert_section(data, data_dir),
             "pretrain": {
-                "config": f"{method}_fashion" if fashion else f"{method}_digits",
+                "config": f"{method}_{'fashion' if fashion else 'digits'}",
                 "overrides": [
                     f"trainer.epochs={epochs or default_epochs}",
                     "trainer.eval_every=0",

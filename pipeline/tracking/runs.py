@@ -326,9 +326,9 @@ def open_tracker(
     uri = resolve_tracking_uri(config.uri)
     try:
         client = MlflowClient(tracking_uri=uri)
-        if run_id is not None and _reopen(client, run_id):
-            experiment_id = client.get_run(run_id).info.experiment_id
-            return MlflowTracker(client, run_id, uri, config.system_metrics, experiment_id)
+        reopened = _reopen(client, run_id) if run_id is not None else None
+        if run_id is not None and reopened is not None:
+            return MlflowTracker(client, run_id, uri, config.system_metrics, reopened)
         experiment = client.get_experiment_by_name(config.experiment)
         if experiment is None:
             artifact_location = _default_artifact_location(uri, config.experiment)
@@ -348,17 +348,18 @@ def open_tracker(
     return MlflowTracker(client, run.info.run_id, uri, config.system_metrics, experiment_id)
 
 
-def _reopen(client: Any, run_id: str) -> bool:
-    """Mark an existing run as running again; False when the store does not know it."""
+def _reopen(client: Any, run_id: str) -> str | None:
+    """Mark an existing run as running again and return its experiment id; None when the store does
+    not know it."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client.get_run(run_id)
+        run = client.get_run(run_id)
     except MlflowException:
         log.warning("MLflow run %s is not in this store; starting a new run", run_id)
-        return False
+        return None
     client.update_run(run_id, status="RUNNING")
-    return True
+    return str(run.info.experiment_id)
 
 
 def _short(message: str, limit: int = 160) -> str:

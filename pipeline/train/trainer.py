@@ -266,8 +266,9 @@ class Trainer:
         self.progress = progress
         self.parent_run_id = parent_run_id
         self.dataset_prefix = dataset_prefix
-        self.model_id: str | None = None
         """Names the shard sets ``<prefix>/train`` and ``<prefix>/val`` in MLflow (default: their folders)."""
+        self.model_id: str | None = None
+        """The MLflow model logged from the final backbone (set at the end of a tracked run)."""
         self.env = DistributedEnv.from_environment()
         self.device = resolve_device(config.trainer.device, self.env)
         init_distributed(self.env, self.device)
@@ -383,9 +384,9 @@ class Trainer:
         ``digits/<split>`` for the built-in set and ``shards/<split>`` for URLs with no folder."""
         if self.dataset_prefix is not None:
             return f"{self.dataset_prefix}/{split}"
-        root = data.source.root
         if data.name == BUILTIN_DIGITS:
             return f"{BUILTIN_DIGITS}/{split}"
+        root = data.source.root
         if root is None:
             return f"shards/{split}"
         return f"{root.parent.name}/{root.name}"
@@ -551,9 +552,9 @@ class Trainer:
         backbone_path = save_backbone(extractor, dump_yaml(self.config), self.output_dir / BACKBONE_NAME)
         self.tracker.log_artifact(backbone_path)
         if self.tracker.run_id is not None:  # the runs table's Models column, runs:/<id>/backbone
-            self.model_id = self.tracker.log_model(
-                load_feature_extractor(backbone_path)[0].eval(), "backbone"
-            )
+            # the saved file read back: a plain CPU module, without the run's DDP or compile wrappers
+            module, _ = load_feature_extractor(backbone_path)
+            self.model_id = self.tracker.log_model(module.eval(), "backbone")
         self.tracker.log_artifact(self.output_dir / CONFIG_FILE)
         loss_plot = plot_loss_curve(self.losses, self.output_dir / "loss.png")
         if loss_plot is not None:
