@@ -124,3 +124,16 @@ def resolve_dataset(config: DataConfig, *, split: Split) -> Dataset:
 def dataset_size(data: DataSource) -> int:
     """N (global indices are 0..N-1) of a shard set given in any of the loader's forms."""
     return resolve_shards(data).num_indices
+
+
+def shard_set_name(data: Dataset, split: str, *, prefix: str | None = None) -> str:
+    """The set's name in MLflow: ``<prefix>/<split>`` when given; else its parent and own folder
+    (``fmnist/train``), ``digits/<split>`` for the built-in set, ``shards/<split>`` for URLs with no folder."""
+    if prefix is not None:
+        return f"{prefix}/{split}"
+    if data.name == BUILTIN_DIGITS:
+        return f"{BUILTIN_DIGITS}/{split}"
+    root = data.source.root
+    if root is None:
+        return f"shards/{split}"
+    return f"{root.parent.name}/{root.name}"

@@ -24,7 +24,6 @@ pictures ``tracking.plots``'.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import signal
 import time
@@ -42,7 +41,7 @@ from clusterssl.errors import PipelineError
 from clusterssl.models.factory import build_method
 from clusterssl.models.method import Method
 from clusterssl.models.types import Batch, FeatureBank
-from clusterssl.pipeline.data.datasets import BUILTIN_DIGITS, Dataset, resolve_dataset
+from clusterssl.pipeline.data.datasets import Dataset, resolve_dataset, shard_set_name
 from clusterssl.pipeline.data.loader import build_loader
 from clusterssl.pipeline.data.spec import MultiCropSpec
 from clusterssl.pipeline.features.evaluation import EvalResult
@@ -58,8 +57,8 @@ from clusterssl.pipeline.train.checkpoint import (
 )
 from clusterssl.pipeline.train.cuda_runtime import configure_cuda, to_device_layout
 from clusterssl.pipeline.train.lock import lock_directory
-from clusterssl.pipeline.train.metric_window import MetricWindow, WindowValues
-from clusterssl.pipeline.train.metrics_log import rewind_metrics
+from clusterssl.pipeline.train.metric_window import MetricWindow
+from clusterssl.pipeline.train.metrics_log import RunRecords
 from clusterssl.pipeline.train.optim import OptimizerStep, build_optimizer, build_schedules
 from clusterssl.pipeline.train.precision import autocast, resolve_precision
 from clusterssl.pipeline.train.progress import EpochProgress, wants_progress
@@ -176,7 +175,7 @@ class TrainSummary:
             steps=trainer.position.step,
             seconds=round(seconds, 2),
             images_per_s=round(images_seen / seconds, 1) if seconds > 0 else 0.0,
-            last_loss=trainer.losses[-1][1] if trainer.losses else None,
+            last_loss=trainer.records.last_loss,
             interrupted=interrupted,
             tracking_uri=tracker.tracking_uri if tracker else None,
             experiment_id=tracker.experiment_id if tracker else None,
@@ -323,10 +322,7 @@ class Trainer:
         )
         self.position = RunPosition(world_size=self.env.world_size, num_workers=config.data.num_workers)
         self.tracker: Tracker | None = None
-        self._metrics_file: Path = self.output_dir / METRICS_FILE
-        self._tracked_through: dict[str, int] = {}
-        """Per metric, the last step the resumed MLflow run holds (logged before a kill): not logged again."""
-        self.losses: list[tuple[int, float]] = []
+        self.records = RunRecords(self.output_dir / METRICS_FILE, is_main=self.env.is_main)
         self.ctx = RunContext.of(self)
         if self.checkpoint is not None:
             self.position = self.checkpoints.restore(
@@ -377,19 +373,8 @@ class Trainer:
         assert self.tracker is not None
         for split, context, data in (("train", "training", self.data), ("val", "evaluation", self.val_data)):
             if data is not None:
-                self.tracker.log_shard_set(data.source.manifest, self._shard_set_name(data, split), context)
-
-    def _shard_set_name(self, data: Dataset, split: str) -> str:
-        """``<prefix>/<split>`` when given; else the set's parent and own folder (``fmnist/train``), or
-        ``digits/<split>`` for the built-in set and ``shards/<split>`` for URLs with no folder."""
-        if self.dataset_prefix is not None:
-            return f"{self.dataset_prefix}/{split}"
-        if data.name == BUILTIN_DIGITS:
-            return f"{BUILTIN_DIGITS}/{split}"
-        root = data.source.root
-        if root is None:
-            return f"shards/{split}"
-        return f"{root.parent.name}/{root.name}"
+                name = shard_set_name(data, split, prefix=self.dataset_prefix)
+                self.tracker.log_shard_set(data.source.manifest, name, context)
 
     # -- things the method may ask for --------------------------------------------------------------
     def extract(self, module: nn.Module, *, name: str) -> FeatureBank:
@@ -397,18 +382,7 @@ class Trainer:
         return self.passes.extract(module, name=name, epoch=self.position.epoch)
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
-        if self.tracker is not None:
-            fresh = {
-                key: value for key, value in metrics.items() if step > self._tracked_through.get(key, -1)
-            }
-            if fresh:
-                self.tracker.log_metrics(fresh, step=step)
-        self._append_metrics([{"step": step, **metrics}])
-
-    def _append_metrics(self, records: Iterable[Mapping[str, Any]]) -> None:
-        if self.env.is_main:
-            with open(self._metrics_file, "a", encoding="utf-8") as handle:
-                handle.writelines(json.dumps(record) + "\n" for record in records)
+        self.records.log(metrics, step=step)
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> TrainSummary:
@@ -416,8 +390,8 @@ class Trainer:
         if self.env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / CONFIG_FILE).write_text(dump_yaml(cfg), encoding="utf-8")
-            if self.checkpoint is not None:  # steps logged after the checkpoint are about to run again
-                rewind_metrics(self._metrics_file, self.position.step)
+        if self.checkpoint is not None:  # steps logged after the checkpoint are about to run again
+            self.records.rewind(self.position.step)
         resumed_run = (self.checkpoint or {}).get("extra", {}).get("mlflow_run_id")
         self.tracker = open_tracker(
             cfg.tracking,
@@ -428,9 +402,8 @@ class Trainer:
             tags=run_tags(cfg, self.data.manifest_hash),
         )
         with tracking_run(self.tracker) as outcome, _StopRequest().installed() as stop:
-            if resumed_run is not None:
-                self._tracked_through = self.tracker.last_steps()
-            else:
+            self.records.attach(self.tracker, resumed=resumed_run is not None)
+            if resumed_run is None:
                 self.tracker.log_params(flatten(to_dict(cfg)))
                 self.tracker.log_text(dump_yaml(cfg), CONFIG_FILE)
                 self._log_shard_sets()
@@ -514,7 +487,7 @@ class Trainer:
         Returns the window's last loss (None for an empty window)."""
         values = window.read()
         bad = values.first_nonfinite()
-        self._record_steps(values, end=bad)
+        self.records.record_losses(values.epoch, values.steps[:bad], values.losses[:bad])
         if bad is not None:
             raise PipelineError(
                 f"the loss became {values.losses[bad]} at step {values.steps[bad]}; lower optim.lr or check "
@@ -524,14 +497,6 @@ class Trainer:
             lr, wd = schedule
             self.log_metrics({**values.summary, "lr": lr, "weight_decay": wd}, step=values.steps[-1])
         return values.losses[-1] if values.losses else None
-
-    def _record_steps(self, values: WindowValues, *, end: int | None) -> None:
-        steps, losses = values.steps[:end], values.losses[:end]
-        self._append_metrics(
-            {"step": step, "epoch": values.epoch, "loss": loss}
-            for step, loss in zip(steps, losses, strict=True)
-        )
-        self.losses.extend(zip(steps, losses, strict=True))
 
     # -- evaluation and the end of the run ------------------------------------------------------------
     def evaluate(self) -> EvalResult:
@@ -556,7 +521,7 @@ class Trainer:
             module, _ = load_feature_extractor(backbone_path)
             self.model_id = self.tracker.log_model(module.eval(), "backbone")
         self.tracker.log_artifact(self.output_dir / CONFIG_FILE)
-        loss_plot = plot_loss_curve(self.losses, self.output_dir / "loss.png")
+        loss_plot = plot_loss_curve(self.records.losses, self.output_dir / "loss.png")
         if loss_plot is not None:
             self.tracker.log_artifact(loss_plot, "plots")
         if self.val_data is not None and hasattr(extractor, "last_selfattention"):
