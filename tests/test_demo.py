@@ -131,3 +131,21 @@ def test_fashion_mnist_demo_runs_the_methods_with_a_fashion_config(
         refused = CliRunner().invoke(cli, ["demo", "--data", "fashion-mnist", "--methods", missing[0]])
         assert refused.exit_code == 2
         assert refused.stderr.strip().startswith(f"Error: no Fashion-MNIST config for method(s) {missing[0]}")
+
+
+@pytest.mark.parametrize("method", ["swav", "dino", "deepcluster", "pcl", "ibot"])
+def test_each_demo_method_builds_its_digits_config_with_the_demo_settings(
+    tmp_path: Path, method: str
+) -> None:
+    from clusterssl.pipeline.train.train_config import load_train_config
+    from clusterssl.tools.demo_cmd import DEMO_EPOCHS, demo_pipeline
+
+    pipeline = demo_pipeline(method, tmp_path / "data", tmp_path / "runs", None, track=False)
+    config = load_train_config(pipeline.pretrain.config, pipeline.pretrain.overrides)
+    assert config.method_name == method and config.trainer.epochs == DEMO_EPOCHS[method]
+    resnet = config.model.backbone == "resnet_tiny"
+    assert config.augment.global_size == (16 if resnet else 32)  # the 8x8 digits at 16 px; iBOT's ViT at 32
+    if method == "dino":
+        assert config.optim.lr == 0.3 and tuple(config.augment.global_scale) == (0.25, 1.0)
+    if method == "pcl":
+        assert config.trainer.batch_size == 64

@@ -24,9 +24,22 @@ from clusterssl.tools.options import emit, json_option
 DEMO_METHODS = ("swav", "dino", "deepcluster", "pcl", "ibot")
 DEFAULT_DEMO_METHODS = ("swav", "dino", "deepcluster", "pcl")
 """What `clusterssl demo` runs unless told: iBOT's ViT learns too slowly on 1,618 digits for a short demo."""
-DEMO_EPOCHS = {"swav": 8, "dino": 8, "deepcluster": 8, "pcl": 8, "ibot": 8}
-"""Short schedules so the four default methods finish in a few minutes on 2 cores (measured: 609 CPU seconds
-for the four, docs/results.md); the full digits configs (configs/<method>_digits.yaml) train 25-40 epochs."""
+DEMO_EPOCHS = {"swav": 8, "dino": 16, "deepcluster": 8, "pcl": 8, "ibot": 8}
+"""Short schedules so the four default methods finish in a few minutes on 2 cores (docs/results.md); the full
+digits configs (configs/<method>_digits.yaml) train 25-40 epochs."""
+DIGITS_AT_16_PX = "augment.global_size=16"
+"""The digits are 8×8 images: 16 px crops keep every pixel and cost a quarter of 32 px's positions, so the
+demo's ResNet methods train at 16 px (about twice as many images per second on 2 cores)."""
+DEMO_SETTINGS: dict[str, tuple[str, ...]] = {
+    "swav": (DIGITS_AT_16_PX,),
+    # the config's rate (0.6) and crops (0.4-1 of the image) are for 30 epochs; a short run learns more
+    # from a lower rate and harder crops
+    "dino": (DIGITS_AT_16_PX, "optim.lr=0.3", "augment.global_scale=[0.25,1.0]"),
+    "deepcluster": (DIGITS_AT_16_PX,),
+    "pcl": (DIGITS_AT_16_PX, "trainer.batch_size=64"),  # twice the steps of the config's batch of 128
+    "ibot": (),  # its ViT's patch grid is fixed at 32 px
+}
+"""Per method, what the digits demo changes in its ``<method>_digits`` config besides the epochs."""
 
 
 FASHION_MNIST = "fashion-mnist"
@@ -93,6 +106,7 @@ def demo_pipeline(
                 "overrides": [
                     f"trainer.epochs={epochs or default_epochs}",
                     "trainer.eval_every=0",
+                    *(() if fashion else DEMO_SETTINGS[method]),
                 ],
             },
             "cluster": {"k": [10]},
@@ -200,8 +214,8 @@ def render_demo_summary(summary: Mapping[str, Any]) -> str:
         lines.append(
             f"{row['method']:<15} {row['knn_top1']:>10.4f} {row['nmi']:>7.4f} {margins} {row['seconds']:>6.0f}s"
         )
-    # The digits configs share one backbone and seed, so one floor row usually serves every method; a
-    # method trained on another backbone gets its own row, since its floor is another network's.
+    # The digits demo runs share one backbone, seed and input size, so one floor row usually serves every
+    # method; a method trained on another backbone or size gets its own row, since its floor is another's.
     for (knn, nmi), methods in floors.items():
         label = "random init" if len(floors) == 1 else f"random init: {','.join(methods)}"
         lines.append(f"{label:<15} {knn:>10.4f} {nmi:>7.4f}   (same backbone, untrained)")
