@@ -326,9 +326,8 @@ def open_tracker(
     uri = resolve_tracking_uri(config.uri)
     try:
         client = MlflowClient(tracking_uri=uri)
-        reopened = _reopen(client, run_id) if run_id is not None else None
-        if run_id is not None and reopened is not None:
-            return MlflowTracker(client, run_id, uri, config.system_metrics, reopened)
+        if run_id is not None and (resumed_in := _reopen(client, run_id)) is not None:
+            return MlflowTracker(client, run_id, uri, config.system_metrics, resumed_in)
         experiment = client.get_experiment_by_name(config.experiment)
         if experiment is None:
             artifact_location = _default_artifact_location(uri, config.experiment)
